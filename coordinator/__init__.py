@@ -1,0 +1,1 @@
+"""The fedjewel coordinator: global model versions, rounds, node registry, catalog."""

@@ -1,0 +1,37 @@
+"""`python -m coordinator --host H --port P` (settings from COORDINATOR_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from shared.logging_setup import configure_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m coordinator",
+        description="Run the fedjewel coordinator. Configuration: COORDINATOR_* variables "
+        "(see README).",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--migrate-only", action="store_true", help="apply migrations and exit")
+    args = parser.parse_args(argv)
+    settings = CoordinatorSettings()
+    configure_logging(json_logs=settings.log_json)
+    if args.migrate_only:
+        from coordinator.db import Database
+
+        db = Database(settings.database_url)
+        db.migrate()
+        db.dispose()
+        return
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Aggregation math: pure functions over `dict[str, Tensor]`, keyed by parameter name.
+
+`aggregate_weighted_mean` streams: it holds one running sum the size of the
+model and reads updates one at a time, so memory is O(model), not
+O(model x updates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+class UpdateMismatchError(ValueError):
+    """An update does not fit the model it claims to update."""
+
+
+def check_compatible(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
+    """Same parameter names, shapes and dtypes as the reference; every value finite."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing parameters {missing[:5]}")
+        if extra:
+            parts.append(f"unexpected parameters {extra[:5]}")
+        raise UpdateMismatchError("; ".join(parts))
+    for name, ref in reference.items():
+        t = update[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise UpdateMismatchError(
+                f"parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+            )
+        if t.dtype != ref.dtype:
+            raise UpdateMismatchError(f"parameter {name!r} has dtype {t.dtype}, expected {ref.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateMismatchError(f"parameter {name!r} contains NaN or Inf")
+
+
+class WeightedMeanAccumulator:
+    """Running Σ n_k · Δ_k and Σ n_k; `result()` gives Σ n_k/n · Δ_k."""
+
+    def __init__(self) -> None:
+        self._sum: StateDict | None = None
+        self._reference: StateDict | None = None
+        self.total_examples = 0
+        self.count = 0
+
+    def add(self, update: Mapping[str, torch.Tensor], num_examples: int) -> None:
+        if num_examples <= 0:
+            raise ValueError("num_examples must be positive")
+        if self._sum is None:
+            self._sum = {k: v.to(torch.float64) * num_examples for k, v in update.items()}
+            self._reference = {k: v for k, v in update.items()}
+        else:
+            assert self._reference is not None
+            check_compatible(update, self._reference)
+            for name, value in update.items():
+                self._sum[name].add_(value.to(torch.float64), alpha=num_examples)
+        self.total_examples += num_examples
+        self.count += 1
+
+    def result(self) -> StateDict:
+        if self._sum is None or self._reference is None:
+            raise ValueError("no updates to aggregate")
+        n = float(self.total_examples)
+        return {k: (v / n).to(self._reference[k].dtype) for k, v in self._sum.items()}
+
+
+def aggregate_weighted_mean(updates: Iterable[tuple[Mapping[str, torch.Tensor], int]]) -> StateDict:
+    """Sample-weighted FedAvg: Σ n_k/n · w_k over (weights, num_examples) pairs."""
+    acc = WeightedMeanAccumulator()
+    for update, num_examples in updates:
+        acc.add(update, num_examples)
+    return acc.result()
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> StateDict:
+    check_compatible(delta, base)
+    return {name: base[name] + delta[name] for name in base}
+
+
+def compute_delta(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> StateDict:
+    check_compatible(new, base)
+    return {name: new[name] - base[name] for name in base}
+
+
+def weighted_metrics(metrics: Iterable[tuple[Mapping[str, float], int]]) -> dict[str, float]:
+    """Example-weighted mean of each metric name over the updates that report it."""
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for values, n in metrics:
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * n
+            weights[name] = weights.get(name, 0) + n
+    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}

@@ -1,0 +1,93 @@
+"""FastAPI dependencies, gathered in one place (Annotated aliases)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from coordinator.db import Database
+from coordinator.models import Node
+from coordinator.security import admin_token_matches, node_id_of, token_matches
+from coordinator.settings import CoordinatorSettings
+from shared.errors import Forbidden, Unauthorized
+
+
+def get_settings(request: Request) -> CoordinatorSettings:
+    settings: CoordinatorSettings = request.app.state.settings
+    return settings
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
+    with db.sessions() as session:
+        yield session
+
+
+SettingsDep = Annotated[CoordinatorSettings, Depends(get_settings)]
+DatabaseDep = Annotated[Database, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="Admin token or a node token.")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _token(creds: HTTPAuthorizationCredentials | None) -> str:
+    if creds is None or not creds.credentials:
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    return creds.credentials
+
+
+def _node_for_token(session: Session, token: str) -> Node | None:
+    node_id = node_id_of(token)
+    node = session.get(Node, node_id) if node_id else None
+    if node is None or not token_matches(token, node.token_hash):
+        return None
+    return node
+
+
+def require_admin(creds: BearerDep, settings: SettingsDep, session: SessionDep) -> None:
+    token = _token(creds)
+    if settings.admin_token and admin_token_matches(token, settings.admin_token):
+        return
+    if _node_for_token(session, token) is not None:
+        raise Forbidden("this endpoint needs the admin token; a node token is not enough")
+    if not settings.admin_token:
+        raise Forbidden("admin API disabled: set COORDINATOR_ADMIN_TOKEN")
+    raise Unauthorized("invalid bearer token")
+
+
+def require_node(creds: BearerDep, settings: SettingsDep, session: SessionDep) -> Node:
+    token = _token(creds)
+    node = _node_for_token(session, token)
+    if node is None:
+        if settings.admin_token and admin_token_matches(token, settings.admin_token):
+            raise Forbidden("this endpoint needs a node token, not the admin token")
+        raise Unauthorized("invalid bearer token")
+    if node.revoked_at is not None:
+        raise Forbidden(f"node {node.node_id!r} has been revoked")
+    return node
+
+
+def require_reader(creds: BearerDep, settings: SettingsDep, session: SessionDep) -> None:
+    """Admin or any non-revoked node (model weights, catalog)."""
+    token = _token(creds)
+    if settings.admin_token and admin_token_matches(token, settings.admin_token):
+        return
+    node = _node_for_token(session, token)
+    if node is None:
+        raise Unauthorized("invalid bearer token")
+    if node.revoked_at is not None:
+        raise Forbidden(f"node {node.node_id!r} has been revoked")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+NodeDep = Annotated[Node, Depends(require_node)]
+ReaderDep = Annotated[None, Depends(require_reader)]

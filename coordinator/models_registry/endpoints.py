@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from coordinator.deps import AdminDep, ReaderDep, SessionDep
+from coordinator.models_registry import service
+from coordinator.rounds.service import promote_version
+from shared.errors import NotFound, error_responses
+from shared.schemas import ModelVersionOut
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", summary="List model versions", description="Newest first.")
+def list_models(
+    session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[ModelVersionOut]:
+    return [service.to_out(v) for v in service.list_versions(session, limit)]
+
+
+@router.get(
+    "/latest",
+    summary="The active model version",
+    description="The version nodes should serve (the newest active one).",
+    responses=error_responses(404),
+)
+def latest_model(session: SessionDep) -> ModelVersionOut:
+    row = service.active_version(session)
+    if row is None:
+        raise NotFound("no model yet: upload a catalog first")
+    return service.to_out(row)
+
+
+@router.get(
+    "/{version}",
+    summary="One model version's metadata",
+    responses=error_responses(404, 422),
+)
+def get_model(version: int, session: SessionDep) -> ModelVersionOut:
+    return service.to_out(service.get_version(session, version))
+
+
+@router.get(
+    "/{version}/weights",
+    summary="Download a version's weights",
+    description=(
+        "Safetensors bytes keyed by parameter name. `ETag` is the sha256 of the body; "
+        "a matching `If-None-Match` answers 304. Needs a node or the admin token."
+    ),
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "Safetensors."},
+        304: {"description": "Not modified."},
+        **error_responses(401, 403, 404, 422),
+    },
+)
+def get_weights(
+    version: int,
+    session: SessionDep,
+    _: ReaderDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    row = service.get_version(session, version)
+    etag = f'"{row.sha256}"'
+    if if_none_match is not None and if_none_match.strip() in (etag, row.sha256):
+        return Response(status_code=304, headers={"ETag": etag})
+    data = service.weights_bytes(session, version)
+    return Response(
+        content=data,
+        media_type="application/octet-stream",
+        headers={"ETag": etag, "X-Model-Version": str(version)},
+    )
+
+
+@router.post(
+    "/{version}/promote",
+    summary="Promote or roll back to a version",
+    description="Admin only. Makes the version active; nodes follow the active version. "
+    "The open round is rebased on it (its updates, made against another base, are dropped).",
+    responses=error_responses(401, 403, 404, 409),
+)
+def promote(version: int, _: AdminDep, session: SessionDep) -> ModelVersionOut:
+    return service.to_out(promote_version(session, version))

@@ -1,0 +1,68 @@
+"""Node registry: registration (token shown once), revocation, last-seen bookkeeping."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.models import Node
+from coordinator.security import hash_token, new_node_token
+from shared.errors import Conflict, NotFound
+from shared.schemas import NodeCredentials, NodeInfo, NodeRegistration, utcnow
+
+
+def register_node(session: Session, body: NodeRegistration) -> NodeCredentials:
+    if session.get(Node, body.node_id) is not None:
+        raise Conflict(f"node {body.node_id!r} is already registered")
+    token = new_node_token(body.node_id)
+    session.add(
+        Node(
+            node_id=body.node_id,
+            region=body.region,
+            token_hash=hash_token(token),
+            created_at=utcnow(),
+            last_seen_at=None,
+            revoked_at=None,
+            last_model_version=None,
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError as exc:  # a concurrent registration of the same id
+        session.rollback()
+        raise Conflict(f"node {body.node_id!r} is already registered") from exc
+    return NodeCredentials(node_id=body.node_id, region=body.region, token=token)
+
+
+def node_info(node: Node) -> NodeInfo:
+    return NodeInfo(
+        node_id=node.node_id,
+        region=node.region,
+        created_at=node.created_at,
+        last_seen_at=node.last_seen_at,
+        revoked=node.revoked_at is not None,
+        last_model_version=node.last_model_version,
+    )
+
+
+def list_nodes(session: Session) -> list[NodeInfo]:
+    return [node_info(n) for n in session.scalars(select(Node).order_by(Node.node_id))]
+
+
+def revoke_node(session: Session, node_id: str) -> NodeInfo:
+    node = session.get(Node, node_id)
+    if node is None:
+        raise NotFound(f"no node {node_id!r}")
+    if node.revoked_at is None:
+        node.revoked_at = utcnow()
+        session.commit()
+    return node_info(node)
+
+
+def touch_node(session: Session, node: Node, model_version: int | None = None) -> None:
+    """Record that the node was seen (and which version it fetched)."""
+    node.last_seen_at = utcnow()
+    if model_version is not None:
+        node.last_model_version = model_version
+    session.commit()

@@ -1,0 +1,361 @@
+"""Training rounds: open, collect updates (exactly once per node), close by aggregation.
+
+Closing a round, storing the new version and opening the next round happen in
+one transaction, under a row lock on the round (SQLite: `BEGIN IMMEDIATE`).
+A crash at any point leaves either the old state or the new one; on restart the
+closer finds the still-open round with its stored updates and closes it, and
+aggregation is deterministic (updates in node-id order), so the result equals an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.aggregation import (
+    UpdateMismatchError,
+    WeightedMeanAccumulator,
+    apply_delta,
+    check_compatible,
+    weighted_metrics,
+)
+from coordinator.catalog.service import catalog_size
+from coordinator.models import ModelVersion, Node, Round, Update
+from coordinator.models_registry.service import (
+    WeightCache,
+    active_version,
+    create_version,
+    load_state,
+    promote,
+)
+from coordinator.settings import CoordinatorSettings
+from shared.errors import Conflict, NotFound, Unprocessable
+from shared.model import ModelConfig, grow_state, init_state
+from shared.schemas import RoundOut, UpdateReceipt, utcnow
+from shared.serialization import bytes_to_state, sha256_hex
+
+log = logging.getLogger("fedjewel.coordinator.rounds")
+
+
+def _aware(ts: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    from datetime import UTC
+
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def open_round(session: Session, settings: CoordinatorSettings, base_version: int) -> Round:
+    now = utcnow()
+    r = Round(
+        base_version=base_version,
+        state="open",
+        created_at=now,
+        deadline=now + timedelta(seconds=settings.round_deadline_seconds),
+        closed_at=None,
+        result_version=None,
+    )
+    session.add(r)
+    session.flush()
+    log.info("round %s opened on version %s", r.id, base_version, extra={"round_id": r.id})
+    return r
+
+
+def bootstrap_model_if_needed(
+    session: Session, settings: CoordinatorSettings, num_items: int
+) -> ModelVersion | None:
+    """Version 1 (a seeded initialization) and round 1, on the first catalog upload."""
+    if session.scalar(select(func.count()).select_from(ModelVersion)):
+        return None
+    config = ModelConfig(
+        num_items=num_items, embedding_dim=settings.embedding_dim, seed=settings.model_seed
+    )
+    v = create_version(
+        session, init_state(config), config, metrics={}, round_id=None, status="active"
+    )
+    open_round(session, settings, v.version)
+    return v
+
+
+def current_round(session: Session) -> Round | None:
+    return session.scalars(
+        select(Round).where(Round.state == "open").order_by(Round.id.desc()).limit(1)
+    ).first()
+
+
+def get_round(session: Session, round_id: int) -> Round:
+    r = session.get(Round, round_id)
+    if r is None:
+        raise NotFound(f"no round {round_id}")
+    return r
+
+
+def round_out(session: Session, r: Round, settings: CoordinatorSettings) -> RoundOut:
+    participants = list(
+        session.scalars(select(Update.node_id).where(Update.round_id == r.id).order_by(Update.node_id))
+    )
+    return RoundOut(
+        round_id=r.id,
+        base_version=r.base_version,
+        state="open" if r.state == "open" else "closed",
+        created_at=_aware(r.created_at),
+        deadline=_aware(r.deadline),
+        closed_at=_aware(r.closed_at) if r.closed_at else None,
+        result_version=r.result_version,
+        updates_received=len(participants),
+        min_updates=settings.min_updates,
+        target_updates=settings.effective_target_updates,
+        participants=participants,
+    )
+
+
+def list_rounds(session: Session, limit: int = 100) -> list[Round]:
+    return list(session.scalars(select(Round).order_by(Round.id.desc()).limit(limit)))
+
+
+def parse_metrics_header(raw: str | None) -> dict[str, float]:
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise Unprocessable(f"X-Update-Metrics is not valid JSON: {exc.msg}") from exc
+    if not isinstance(data, dict) or len(data) > 64:
+        raise Unprocessable("X-Update-Metrics must be a JSON object of at most 64 numbers")
+    out: dict[str, float] = {}
+    for k, v in data.items():
+        if not isinstance(v, int | float) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
+            raise Unprocessable(f"X-Update-Metrics[{k!r}] must be a finite number")
+        out[str(k)[:64]] = float(v)
+    return out
+
+
+def _receipt(u: Update, updates_received: int, duplicate: bool) -> UpdateReceipt:
+    return UpdateReceipt(
+        round_id=u.round_id,
+        node_id=u.node_id,
+        num_examples=u.num_examples,
+        sha256=u.sha256,
+        accepted_at=_aware(u.created_at),
+        updates_received=updates_received,
+        duplicate=duplicate,
+    )
+
+
+def _count_updates(session: Session, round_id: int) -> int:
+    return int(
+        session.scalar(select(func.count()).select_from(Update).where(Update.round_id == round_id))
+        or 0
+    )
+
+
+def _existing_update(session: Session, round_id: int, node_id: str) -> Update | None:
+    return session.scalars(
+        select(Update).where(Update.round_id == round_id, Update.node_id == node_id)
+    ).first()
+
+
+def _replay_or_conflict(session: Session, existing: Update, sha: str) -> UpdateReceipt:
+    if existing.sha256 == sha:
+        return _receipt(existing, _count_updates(session, existing.round_id), duplicate=True)
+    raise Conflict(
+        f"node {existing.node_id!r} already submitted a different update to round "
+        f"{existing.round_id}; a node counts once per round"
+    )
+
+
+def submit_update(
+    session: Session,
+    settings: CoordinatorSettings,
+    cache: WeightCache,
+    node: Node,
+    *,
+    round_id: int,
+    base_version: int,
+    num_examples: int,
+    payload: bytes,
+    sha256_claimed: str | None,
+    metrics: dict[str, float],
+    encoding: str = "dense",
+) -> UpdateReceipt:
+    """Validate and store one node's delta. Stores nothing unless everything checks out."""
+    r = get_round(session, round_id)
+    sha = sha256_hex(payload)
+    if sha256_claimed is not None and sha256_claimed.lower() != sha:
+        raise Unprocessable(
+            f"payload sha256 is {sha}, X-Content-SHA256 says {sha256_claimed}: body corrupted"
+        )
+    existing = _existing_update(session, round_id, node.node_id)
+    if existing is not None:
+        return _replay_or_conflict(session, existing, sha)
+    if r.state != "open":
+        raise Conflict(f"round {round_id} is closed; fetch /v1/rounds/current")
+    if base_version != r.base_version:
+        raise Conflict(
+            f"stale base version {base_version}: round {round_id} trains on version "
+            f"{r.base_version}"
+        )
+    if num_examples > settings.max_num_examples:
+        raise Unprocessable(
+            f"num_examples {num_examples} exceeds the limit of {settings.max_num_examples}"
+        )
+    if encoding != "dense":
+        raise Unprocessable(f"unsupported update encoding {encoding!r}")
+    try:
+        delta = bytes_to_state(payload)
+        base_state, _ = load_state(session, r.base_version, cache)
+        check_compatible(delta, base_state)
+    except (ValueError, UpdateMismatchError) as exc:
+        raise Unprocessable(f"update rejected: {exc}") from exc
+
+    # Lock the round row, re-check it is open, then insert (unique per round and node).
+    locked = session.get(Round, round_id, with_for_update=True, populate_existing=True)
+    assert locked is not None
+    if locked.state != "open":
+        session.rollback()
+        raise Conflict(f"round {round_id} closed while the update was uploading")
+    u = Update(
+        round_id=round_id,
+        node_id=node.node_id,
+        base_version=base_version,
+        num_examples=num_examples,
+        sha256=sha,
+        size_bytes=len(payload),
+        encoding=encoding,
+        payload=payload,
+        metrics=metrics,
+        created_at=utcnow(),
+    )
+    session.add(u)
+    node.last_seen_at = utcnow()
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent retry of the same node won the race: answer as it would have.
+        session.rollback()
+        existing = _existing_update(session, round_id, node.node_id)
+        if existing is None:
+            raise
+        return _replay_or_conflict(session, existing, sha)
+    log.info(
+        "update accepted from %s for round %s (%d examples)",
+        node.node_id,
+        round_id,
+        num_examples,
+        extra={"round_id": round_id, "node_id": node.node_id},
+    )
+    return _receipt(u, _count_updates(session, round_id), duplicate=False)
+
+
+def _ready(session: Session, r: Round, settings: CoordinatorSettings, now: datetime) -> bool:
+    count = _count_updates(session, r.id)
+    if count >= settings.effective_target_updates:
+        return True
+    return now >= _aware(r.deadline) and count >= settings.min_updates
+
+
+def try_close_current_round(
+    session: Session, settings: CoordinatorSettings, cache: WeightCache
+) -> int | None:
+    """Close the open round if it is ready. Returns the new version number, if any."""
+    r = current_round(session)
+    if r is None:
+        session.rollback()
+        return None
+    now = utcnow()
+    r = session.get(Round, r.id, with_for_update=True, populate_existing=True)
+    assert r is not None
+    if r.state != "open":
+        session.rollback()
+        return None
+    if not _ready(session, r, settings, now):
+        if now >= _aware(r.deadline):
+            # Not enough updates by the deadline: give the round another period.
+            r.deadline = now + timedelta(seconds=settings.round_deadline_seconds)
+            session.commit()
+            log.info("round %s extended: quorum not reached", r.id, extra={"round_id": r.id})
+        else:
+            session.rollback()
+        return None
+    version = _close_round(session, settings, cache, r, now)
+    session.commit()
+    return version
+
+
+def _close_round(
+    session: Session,
+    settings: CoordinatorSettings,
+    cache: WeightCache,
+    r: Round,
+    now: datetime,
+) -> int:
+    base_state, config = load_state(session, r.base_version, cache)
+    rows = session.execute(
+        select(Update.id, Update.node_id, Update.num_examples, Update.metrics)
+        .where(Update.round_id == r.id)
+        .order_by(Update.node_id)
+    ).all()
+    acc = WeightedMeanAccumulator()
+    for update_id, _node_id, num_examples, _metrics in rows:
+        # One payload in memory at a time.
+        payload = session.scalar(select(Update.payload).where(Update.id == update_id))
+        assert payload is not None
+        acc.add(bytes_to_state(payload), int(num_examples))
+    new_state = apply_delta(base_state, acc.result())
+    new_state, new_config = grow_state(new_state, config, catalog_size(session))
+    metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m in rows)
+    metrics["num_examples"] = float(acc.total_examples)
+    metrics["num_updates"] = float(acc.count)
+    v = create_version(
+        session, new_state, new_config, metrics=metrics, round_id=r.id, status="active"
+    )
+    r.state = "closed"
+    r.closed_at = now
+    r.result_version = v.version
+    r.close_reason = "target" if acc.count >= settings.effective_target_updates else "deadline"
+    open_round(session, settings, v.version)
+    log.info(
+        "round %s closed with %d updates -> version %s",
+        r.id,
+        acc.count,
+        v.version,
+        extra={"round_id": r.id},
+    )
+    return v.version
+
+
+def promote_version(session: Session, version: int) -> ModelVersion:
+    """Make a version active and rebase the open round on it, in one transaction."""
+    row = promote(session, version)
+    r = current_round(session)
+    if r is not None and r.base_version != version:
+        r.state = "closed"
+        r.closed_at = utcnow()
+        r.close_reason = "superseded"
+        deadline_s = (_aware(r.deadline) - _aware(r.created_at)).total_seconds()
+        nr = Round(
+            base_version=version,
+            state="open",
+            created_at=utcnow(),
+            deadline=utcnow() + timedelta(seconds=deadline_s),
+            closed_at=None,
+            result_version=None,
+        )
+        session.add(nr)
+    session.commit()
+    return row
+
+
+__all__ = [
+    "active_version",
+    "bootstrap_model_if_needed",
+    "current_round",
+    "promote_version",
+    "submit_update",
+    "try_close_current_round",
+]

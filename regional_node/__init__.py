@@ -1,0 +1,1 @@
+"""A fedjewel regional node: private event store, local trainer, storefront recommendations."""

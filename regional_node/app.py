@@ -1,0 +1,149 @@
+"""The regional node's app factory and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Body, FastAPI, Query
+from sqlalchemy import text
+
+from regional_node import service
+from regional_node.deps import ApiKeyDep, RuntimeDep, SettingsDep, StoreDep
+from regional_node.participation import NodeRuntime, Participant
+from regional_node.recommender import Filters
+from regional_node.settings import NodeSettings
+from regional_node.store import EventStore
+from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
+from shared.schemas import EventIn, EventsAccepted, NodeStatus, RecommendResponse
+
+log = logging.getLogger("fedjewel.node")
+
+
+def create_app(settings: NodeSettings | None = None, *, participate: bool = True) -> FastAPI:
+    settings = settings or NodeSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = EventStore(settings.database_url)
+        await asyncio.to_thread(store.migrate)
+        app.state.store = store
+        participant: Participant | None = None
+        task: asyncio.Task[None] | None = None
+        if participate and settings.coordinator_url:
+            participant = Participant(settings, store, app.state.runtime)
+            app.state.participant = participant
+            task = asyncio.create_task(participant.run_forever())
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if participant is not None:
+                await participant.aclose()
+            store.dispose()
+
+    app = FastAPI(
+        title=f"fedjewel regional node ({settings.region})",
+        version="0.1.0",
+        summary="Private event store, local training and recommendations for one region.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runtime = NodeRuntime()
+    install_error_handlers(app)
+
+    @app.post(
+        "/v1/events",
+        tags=["events"],
+        summary="Record storefront behaviour events",
+        description="A JSON batch of events. Events already stored (same user, item, type "
+        "and timestamp) are ignored, so retries are safe. The batch is stored all or nothing. "
+        "Item ids not in the catalog are reported back.",
+        responses=error_responses(401, 413, 422),
+    )
+    def post_events(
+        events: Annotated[list[EventIn], Body()],
+        _: ApiKeyDep,
+        store: StoreDep,
+        runtime: RuntimeDep,
+        s: SettingsDep,
+    ) -> EventsAccepted:
+        return service.ingest_events(store, runtime, s, events)
+
+    @app.get(
+        "/v1/recommend",
+        tags=["recommend"],
+        summary="Recommendations for a shopper",
+        description=(
+            "Top-k items from the latest global model, scored from the user's history in this "
+            "region plus the optional session context. Purchased items are excluded. A "
+            "brand-new user with a session (`session_items`) gets model-based "
+            "recommendations; with no history at all the answer is regional popularity "
+            "(`strategy: popularity`)."
+        ),
+        responses=error_responses(401, 422),
+    )
+    def get_recommend(
+        _: ApiKeyDep,
+        store: StoreDep,
+        runtime: RuntimeDep,
+        user_id: Annotated[str | None, Query(max_length=128)] = None,
+        k: Annotated[int, Query(ge=1, le=200)] = 10,
+        country: Annotated[str | None, Query(max_length=8)] = None,
+        session_items: Annotated[
+            str | None,
+            Query(max_length=8192, description="Comma-separated item ids seen this session."),
+        ] = None,
+        category: Annotated[str | None, Query(max_length=64)] = None,
+        material: Annotated[str | None, Query(max_length=64)] = None,
+        gemstone: Annotated[str | None, Query(max_length=64)] = None,
+        max_price: Annotated[float | None, Query(ge=0)] = None,
+        min_price: Annotated[float | None, Query(ge=0)] = None,
+    ) -> RecommendResponse:
+        session = [s.strip() for s in (session_items or "").split(",") if s.strip()]
+        return service.recommend_for(
+            store,
+            runtime,
+            user_id=user_id,
+            k=k,
+            country=country.upper() if country else None,
+            session_items=session[:100],
+            filters=Filters(
+                category=category,
+                material=material,
+                gemstone=gemstone,
+                max_price=max_price,
+                min_price=min_price,
+            ),
+        )
+
+    @app.get("/v1/status", tags=["status"], summary="Node state")
+    def get_status(s: SettingsDep, store: StoreDep, runtime: RuntimeDep) -> NodeStatus:
+        return service.node_status(s, store, runtime)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: the event store answers",
+        responses=error_responses(503),
+    )
+    def readyz(store: StoreDep) -> dict[str, str]:
+        try:
+            with store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            raise ServiceUnavailable(f"event store unreachable: {type(exc).__name__}") from exc
+        return {"status": "ready"}
+
+    return app

@@ -1,0 +1,41 @@
+"""The node's private tables. Nothing here ever leaves the region."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Integer, MetaData, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shared.db import NAMING_CONVENTION
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: DateTime(timezone=True)}
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("user_id", "item_id", "event_type", "ts", name="uq_events_natural_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    item_id: Mapped[str] = mapped_column(String(128))
+    event_type: Mapped[str] = mapped_column(String(16))
+    ts: Mapped[datetime]
+    country: Mapped[str | None] = mapped_column(String(8))
+
+
+class Participation(Base):
+    """Rounds this node submitted to, so a restart does not train the same round twice."""
+
+    __tablename__ = "participation"
+
+    round_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    base_version: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    num_examples: Mapped[int] = mapped_column(BigInteger)
+    submitted_at: Mapped[datetime]

@@ -1,0 +1,230 @@
+"""The node's round loop: follow the active model, train on open rounds, push deltas.
+
+Training runs in a separate worker process (one at a time), so the serving
+process's event loop and GIL stay free for `/v1/recommend`. Failures to reach
+the coordinator never take serving down: the node keeps its last model and
+retries with exponential backoff plus jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import random
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+
+from regional_node.client import CoordinatorClient, CoordinatorError, Weights
+from regional_node.recommender import ServingModel, build_serving_model
+from regional_node.settings import NodeSettings
+from regional_node.store import EventStore
+from regional_node.trainer import TrainJob, TrainOutcome, run_train_job
+from shared.model import ModelConfig
+from shared.schemas import CatalogOut
+from shared.serialization import bytes_to_state
+from shared.training import TrainConfig
+
+log = logging.getLogger("fedjewel.node")
+
+
+@dataclass
+class NodeRuntime:
+    """Mutable node state shared by the loop and the endpoints (swapped atomically)."""
+
+    serving: ServingModel | None = None
+    catalog: CatalogOut | None = None
+    catalog_etag: str | None = None
+    weights: Weights | None = None
+    coordinator_reachable: bool = False
+    last_error: str | None = None
+    training: bool = False
+    consecutive_failures: int = 0
+    next_retry_seconds: float | None = None
+    rounds_joined: set[int] = field(default_factory=set)
+    last_round_joined: int | None = None
+
+
+def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**failures))."""
+    return rng.uniform(0, min(cap, base * (2 ** min(failures, 30))))
+
+
+class Participant:
+    def __init__(self, settings: NodeSettings, store: EventStore, runtime: NodeRuntime) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        assert settings.coordinator_url is not None
+        self.client = CoordinatorClient(settings.coordinator_url, settings.token)
+        self._pool: ProcessPoolExecutor | None = None
+        self._rng = random.Random()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._pool
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run_forever(self) -> None:
+        rt = self.runtime
+        rt.rounds_joined = await asyncio.to_thread(self.store.joined_rounds)
+        rt.last_round_joined = max(rt.rounds_joined) if rt.rounds_joined else None
+        while True:
+            try:
+                await self.step()
+                rt.coordinator_reachable = True
+                rt.last_error = None
+                rt.consecutive_failures = 0
+                rt.next_retry_seconds = None
+                delay = self.settings.poll_seconds
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                rt.consecutive_failures += 1
+                unreachable = isinstance(exc, httpx.TransportError)
+                if unreachable:
+                    rt.coordinator_reachable = False
+                rt.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                delay = backoff_seconds(
+                    rt.consecutive_failures,
+                    self.settings.poll_seconds,
+                    self.settings.backoff_max_seconds,
+                    self._rng,
+                )
+                rt.next_retry_seconds = delay
+                log.warning(
+                    "round loop failed (%s); retrying in %.1fs",
+                    rt.last_error,
+                    delay,
+                    extra={"node_id": self.settings.id},
+                )
+            await asyncio.sleep(delay)
+
+    async def step(self) -> None:
+        """One pass: sync catalog and active model, then train if a round needs us."""
+        await self.sync_model()
+        rnd = await self.client.current_round()
+        if rnd is None or rnd.state != "open" or rnd.round_id in self.runtime.rounds_joined:
+            return
+        if self.settings.id in rnd.participants:
+            self._mark_joined(rnd.round_id)
+            return
+        await self.train_and_submit(rnd.round_id, rnd.base_version)
+
+    def _mark_joined(self, round_id: int) -> None:
+        self.runtime.rounds_joined.add(round_id)
+        last = self.runtime.last_round_joined
+        self.runtime.last_round_joined = round_id if last is None else max(last, round_id)
+
+    async def sync_catalog(self) -> CatalogOut | None:
+        catalog, etag = await self.client.catalog(self.runtime.catalog_etag)
+        if catalog is not None:
+            self.runtime.catalog = catalog
+            self.runtime.catalog_etag = etag
+        return self.runtime.catalog
+
+    async def sync_model(self) -> None:
+        """Serve the coordinator's active version (or the newest catalog) as soon as it exists."""
+        catalog_before = self.runtime.catalog
+        catalog = await self.sync_catalog()
+        active = await self.client.active_model()
+        if active is None or catalog is None:
+            return
+        serving = self.runtime.serving
+        if serving is not None and serving.version == active.version and catalog is catalog_before:
+            return
+        weights = await self.client.weights(active.version, self.runtime.weights)
+        config = ModelConfig.model_validate(active.config)
+        new_serving = await asyncio.to_thread(
+            build_serving_model,
+            active.version,
+            weights.sha256,
+            config,
+            bytes_to_state(weights.data),
+            catalog.items,
+            catalog.inactive_item_ids,
+        )
+        self.runtime.weights = weights
+        self.runtime.serving = new_serving  # atomic reference swap
+        log.info(
+            "serving model version %s", active.version, extra={"model_version": active.version}
+        )
+
+    async def train_and_submit(self, round_id: int, base_version: int) -> None:
+        catalog = self.runtime.catalog
+        if catalog is None:
+            return
+        meta = await self.client.model(base_version)
+        base = await self.client.weights(base_version, self.runtime.weights)
+        if self.runtime.weights is None or self.runtime.weights.version != base_version:
+            self.runtime.weights = base
+        s = self.settings
+        job = TrainJob(
+            database_url=s.database_url,
+            catalog=[item.model_dump() for item in catalog.items],
+            base_weights=base.data,
+            model_config=meta.config,
+            train_config=TrainConfig(
+                epochs=s.local_epochs,
+                lr=s.learning_rate,
+                batch_size=s.batch_size,
+                num_negatives=s.num_negatives,
+                fedprox_mu=s.fedprox_mu,
+                seed=round_id,
+            ),
+            holdout_eval=s.holdout_eval,
+            min_users_for_metrics=s.min_users_for_metrics,
+            threads=s.train_threads,
+        )
+        self.runtime.training = True
+        log.info("training round %s on version %s", round_id, base_version,
+                 extra={"round_id": round_id, "node_id": s.id})
+        try:
+            loop = asyncio.get_running_loop()
+            outcome: TrainOutcome | None = await loop.run_in_executor(
+                self._executor(), run_train_job, job
+            )
+        finally:
+            self.runtime.training = False
+        if outcome is None:
+            log.info("no training examples yet; skipping round %s", round_id)
+            return
+        try:
+            receipt = await self.client.submit_update(
+                round_id,
+                base_version=base_version,
+                num_examples=outcome.num_examples,
+                payload=outcome.delta,
+                sha256=outcome.sha256,
+                metrics=outcome.metrics,
+            )
+        except CoordinatorError as exc:
+            if exc.status_code == 409:
+                # The round moved on (closed or rebased) or we already counted: do not retry it.
+                log.info("round %s refused our update: %s", round_id, exc.detail)
+                self._mark_joined(round_id)
+                return
+            raise
+        await asyncio.to_thread(
+            self.store.record_participation,
+            round_id,
+            base_version,
+            receipt.sha256,
+            receipt.num_examples,
+        )
+        self._mark_joined(round_id)
+        log.info(
+            "submitted update to round %s (%d examples)",
+            round_id,
+            outcome.num_examples,
+            extra={"round_id": round_id, "node_id": s.id},
+        )

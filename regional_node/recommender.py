@@ -1,0 +1,143 @@
+"""Scoring and filtering for `/v1/recommend`.
+
+Everything that does not depend on the request is computed once per model
+version and catalog: item vectors, row lookup, filter masks, prices. A
+`ServingModel` is immutable; the node swaps the whole object atomically when a
+new version arrives, so a request sees one version from start to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.features import build_item_features, country_bucket
+from shared.model import EVENT_TYPE_IDS, HybridTwoTower, ModelConfig
+from shared.schemas import CatalogItem
+from shared.serialization import StateDict
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    version: int
+    sha256: str
+    model: HybridTwoTower
+    item_ids: list[str]
+    row_of: dict[str, int]
+    item_vecs: torch.Tensor  # (n, d)
+    active: torch.Tensor  # (n,) bool: recommendable
+    price: torch.Tensor  # (n,) float, NaN when unknown
+    masks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # field -> value -> mask
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def build_serving_model(
+    version: int,
+    sha256: str,
+    config: ModelConfig,
+    state: StateDict,
+    catalog: Sequence[CatalogItem],
+    inactive_item_ids: Sequence[str] = (),
+) -> ServingModel:
+    model = HybridTwoTower(config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    features = build_item_features(catalog, config.content_buckets)
+    with torch.no_grad():
+        item_vecs = model.item_vectors(features).contiguous()
+    inactive = set(inactive_item_ids)
+    active = torch.tensor([it.item_id not in inactive for it in catalog], dtype=torch.bool)
+    price = torch.tensor(
+        [float("nan") if it.price_usd is None else it.price_usd for it in catalog],
+        dtype=torch.float32,
+    )
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for name in ("category", "material", "gemstone"):
+        values: dict[str, list[int]] = {}
+        for row, it in enumerate(catalog):
+            value = getattr(it, name)
+            if value:
+                values.setdefault(value, []).append(row)
+        per_value: dict[str, torch.Tensor] = {}
+        for value, rows in values.items():
+            mask = torch.zeros(len(catalog), dtype=torch.bool)
+            mask[torch.tensor(rows)] = True
+            per_value[value] = mask
+        masks[name] = per_value
+    return ServingModel(
+        version=version,
+        sha256=sha256,
+        model=model,
+        item_ids=[it.item_id for it in catalog],
+        row_of={it.item_id: i for i, it in enumerate(catalog)},
+        item_vecs=item_vecs,
+        active=active,
+        price=price,
+        masks=masks,
+    )
+
+
+@dataclass(frozen=True)
+class Filters:
+    category: str | None = None
+    material: str | None = None
+    gemstone: str | None = None
+    max_price: float | None = None
+    min_price: float | None = None
+
+
+def candidate_mask(serving: ServingModel, filters: Filters, exclude: Sequence[str]) -> torch.Tensor:
+    mask = serving.active.clone()
+    for name in ("category", "material", "gemstone"):
+        value = getattr(filters, name)
+        if value:
+            value_mask = serving.masks[name].get(value.lower())
+            if value_mask is None:
+                return torch.zeros_like(mask)
+            mask &= value_mask
+    if filters.max_price is not None:
+        mask &= serving.price <= filters.max_price  # NaN compares False: unknown price excluded
+    if filters.min_price is not None:
+        mask &= serving.price >= filters.min_price
+    rows = [serving.row_of[i] for i in exclude if i in serving.row_of]
+    if rows:
+        mask[torch.tensor(rows)] = False
+    return mask
+
+
+@torch.no_grad()
+def recommend(
+    serving: ServingModel,
+    history: Sequence[tuple[str, str]],  # (item_id, event_type), oldest first
+    country: str | None,
+    k: int,
+    filters: Filters,
+    exclude: Sequence[str],
+) -> list[tuple[str, float]]:
+    """Top-k items for a user vector built from the history; topk, never a full sort."""
+    cfg = serving.model.config
+    known = [(serving.row_of[i], EVENT_TYPE_IDS[t]) for i, t in history if i in serving.row_of]
+    known = known[-cfg.max_history :]
+    hist = torch.zeros(1, cfg.max_history, dtype=torch.long)
+    types = torch.zeros(1, cfg.max_history, dtype=torch.long)
+    if known:
+        hist[0, -len(known) :] = torch.tensor([r for r, _ in known])
+        types[0, -len(known) :] = torch.tensor([t for _, t in known])
+    countries = torch.tensor([country_bucket(country, cfg.country_buckets)])
+    user = serving.model.user_vectors(serving.item_vecs[hist], types, countries)  # (1, d)
+    scores = serving.item_vecs @ user[0]  # (n,)
+    mask = candidate_mask(serving, filters, exclude)
+    available = int(mask.sum())
+    if available == 0:
+        return []
+    scores = scores.masked_fill(~mask, float("-inf"))
+    top = torch.topk(scores, min(k, available))
+    return [
+        (serving.item_ids[int(r)], float(s))
+        for s, r in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+    ]

@@ -1,0 +1,116 @@
+"""The node's request logic (endpoints stay thin)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from regional_node.participation import NodeRuntime
+from regional_node.recommender import Filters, candidate_mask, recommend
+from regional_node.settings import NodeSettings
+from regional_node.store import EventStore
+from shared.errors import PayloadTooLarge
+from shared.schemas import (
+    EventIn,
+    EventsAccepted,
+    NodeStatus,
+    RecommendedItem,
+    RecommendResponse,
+)
+
+
+def ingest_events(
+    store: EventStore, runtime: NodeRuntime, settings: NodeSettings, events: Sequence[EventIn]
+) -> EventsAccepted:
+    if len(events) > settings.max_events_per_batch:
+        raise PayloadTooLarge(
+            f"batch of {len(events)} events exceeds the limit of {settings.max_events_per_batch}"
+        )
+    unknown: list[str] = []
+    catalog = runtime.catalog
+    if catalog is not None:
+        known = {it.item_id for it in catalog.items}
+        unknown = sorted({e.item_id for e in events if e.item_id not in known})
+    inserted = store.add_events(events)
+    return EventsAccepted(
+        received=len(events),
+        inserted=inserted,
+        duplicates=len(events) - inserted,
+        unknown_item_ids=unknown[:1000],
+    )
+
+
+def recommend_for(
+    store: EventStore,
+    runtime: NodeRuntime,
+    *,
+    user_id: str | None,
+    k: int,
+    country: str | None,
+    session_items: Sequence[str],
+    filters: Filters,
+) -> RecommendResponse:
+    serving = runtime.serving  # one version for the whole request
+    history: list[tuple[str, str]] = []
+    purchased: set[str] = set()
+    if user_id is not None:
+        max_history = serving.model.config.max_history if serving else 50
+        events = store.user_events(user_id, max_history)
+        history = [(item, etype) for item, etype, _ts, _c in events]
+        if country is None:
+            country = next((c for *_, c in reversed(events) if c), None)
+        purchased = store.purchased_items(user_id)
+    history += [(item, "view") for item in session_items]
+    exclude = sorted(purchased | set(session_items))
+    if serving is not None and history:
+        items = recommend(serving, history, country, k, filters, exclude)
+        return RecommendResponse(
+            user_id=user_id,
+            model_version=serving.version,
+            strategy="model",
+            items=[RecommendedItem(item_id=i, score=s) for i, s in items],
+        )
+    # No history yet: regional popularity, still honouring filters and exclusions.
+    ranked = store.popularity()
+    excluded = set(exclude)
+    allowed = None
+    if serving is not None:
+        mask = candidate_mask(serving, filters, exclude)
+        allowed = {serving.item_ids[i] for i in mask.nonzero().flatten().tolist()}
+    picks: list[RecommendedItem] = []
+    for item_id, score in ranked:
+        if item_id in excluded or (allowed is not None and item_id not in allowed):
+            continue
+        picks.append(RecommendedItem(item_id=item_id, score=score))
+        if len(picks) == k:
+            break
+    if len(picks) < k and allowed is not None and serving is not None:
+        # A new region with little data: fill with catalog items the filters allow.
+        chosen = {p.item_id for p in picks}
+        for item_id in serving.item_ids:
+            if item_id in allowed and item_id not in chosen:
+                picks.append(RecommendedItem(item_id=item_id, score=0.0))
+                if len(picks) == k:
+                    break
+    return RecommendResponse(
+        user_id=user_id,
+        model_version=serving.version if serving else None,
+        strategy="popularity",
+        items=picks,
+    )
+
+
+def node_status(
+    settings: NodeSettings, store: EventStore, runtime: NodeRuntime
+) -> NodeStatus:
+    return NodeStatus(
+        node_id=settings.id,
+        region=settings.region,
+        model_version=runtime.serving.version if runtime.serving else None,
+        last_round_joined=runtime.last_round_joined,
+        event_count=store.count(),
+        coordinator_reachable=runtime.coordinator_reachable,
+        last_error=runtime.last_error,
+        training=runtime.training,
+        consecutive_failures=runtime.consecutive_failures,
+        next_retry_seconds=runtime.next_retry_seconds,
+    )

@@ -1,0 +1,53 @@
+"""Regional node settings, read once from the environment (prefix `NODE_`)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NODE_", extra="ignore")
+
+    id: str = Field(default="node-1", description="This node's id, as registered.")
+    region: str = Field(default="default")
+    coordinator_url: str | None = Field(
+        default=None, description="Base URL of the coordinator; unset = serve only."
+    )
+    token: str | None = Field(default=None, description="The node token from registration.")
+    database_url: str = Field(default="sqlite:///./fedjewel-node.db")
+    poll_seconds: float = Field(default=5.0, gt=0)
+    local_epochs: int = Field(default=2, ge=1, le=100)
+    learning_rate: float = Field(default=0.01, gt=0, le=10)
+    batch_size: int = Field(default=256, ge=1, le=65536)
+    num_negatives: int = Field(default=1024, ge=1)
+    fedprox_mu: float = Field(default=0.0, ge=0)
+    train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
+    holdout_eval: bool = Field(
+        default=True, description="Hold out each user's last item to report held-out HR@10."
+    )
+    min_users_for_metrics: int = Field(
+        default=20, ge=1, description="Metrics over fewer users are not sent to the coordinator."
+    )
+    api_keys: str = Field(
+        default="", description="Comma-separated storefront API keys (X-API-Key header)."
+    )
+    allow_anonymous: bool = Field(
+        default=False, description="Serve /v1/recommend and /v1/events without an API key."
+    )
+    max_events_per_batch: int = Field(default=10_000, ge=1)
+    backoff_max_seconds: float = Field(default=60.0, gt=0)
+    log_json: bool = False
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @model_validator(mode="after")
+    def _need_keys_or_anonymous(self) -> NodeSettings:
+        if not self.api_key_list and not self.allow_anonymous:
+            raise ValueError(
+                "no storefront API keys: set NODE_API_KEYS, or NODE_ALLOW_ANONYMOUS=true to "
+                "serve without authentication"
+            )
+        return self

@@ -1,0 +1,151 @@
+"""The node's private event store (its own database; nothing here leaves the region)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from regional_node.models import Event, Participation
+from shared.db import make_engine, make_session_factory, upgrade_to_head
+from shared.schemas import EventIn
+
+# How much each event type says about interest, for regional popularity.
+POPULARITY_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
+_INSERT_CHUNK = 2000
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+class EventStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self._popularity: tuple[float, list[tuple[str, float]]] | None = None
+        self._lock = threading.Lock()
+
+    def migrate(self) -> None:
+        upgrade_to_head("node", self.url)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def _insert(self):  # type: ignore[no-untyped-def]
+        dialect = self.engine.dialect.name
+        return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Event)
+
+    def add_events(self, events: Sequence[EventIn]) -> int:
+        """Insert events, ignoring ones already stored (same user, item, type, time).
+
+        All or nothing: the whole batch is one transaction. Returns rows inserted.
+        """
+        inserted = 0
+        with self.sessions() as session, session.begin():
+            for start in range(0, len(events), _INSERT_CHUNK):
+                chunk = events[start : start + _INSERT_CHUNK]
+                rows = [
+                    {
+                        "user_id": e.user_id,
+                        "item_id": e.item_id,
+                        "event_type": e.event_type,
+                        "ts": e.timestamp,
+                        "country": e.country,
+                    }
+                    for e in chunk
+                ]
+                stmt = self._insert().values(rows).on_conflict_do_nothing()
+                result = session.execute(stmt)
+                inserted += max(int(result.rowcount or 0), 0)  # type: ignore[attr-defined]
+        if inserted:
+            self._popularity = None
+        return inserted
+
+    def count(self) -> int:
+        with self.sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(Event)) or 0)
+
+    def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, datetime, str | None]]:
+        """The user's most recent events, oldest first: (item_id, event_type, ts, country)."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Event.item_id, Event.event_type, Event.ts, Event.country)
+                .where(Event.user_id == user_id)
+                .order_by(Event.ts.desc(), Event.id.desc())
+                .limit(limit)
+            ).all()
+        return [(r[0], r[1], _aware(r[2]), r[3]) for r in reversed(rows)]
+
+    def purchased_items(self, user_id: str) -> set[str]:
+        with self.sessions() as session:
+            return set(
+                session.scalars(
+                    select(Event.item_id).where(
+                        Event.user_id == user_id, Event.event_type == "purchase"
+                    )
+                )
+            )
+
+    def iter_events(self) -> Iterator[tuple[str, str, str, float, str | None]]:
+        """All events as (user_id, item_id, event_type, unix_time, country), for training."""
+        with self.sessions() as session:
+            result = session.execute(
+                select(Event.user_id, Event.item_id, Event.event_type, Event.ts, Event.country)
+                .order_by(Event.id)
+                .execution_options(yield_per=10_000)
+            )
+            for user_id, item_id, etype, ts, country in result:
+                yield user_id, item_id, etype, _aware(ts).timestamp(), country
+
+    def popularity(self, ttl_seconds: float = 30.0) -> list[tuple[str, float]]:
+        """Items by weighted event count in this region, most popular first (cached)."""
+        now = time.monotonic()
+        cached = self._popularity
+        if cached is not None and now - cached[0] < ttl_seconds:
+            return cached[1]
+        with self._lock:
+            with self.sessions() as session:
+                rows = session.execute(
+                    select(Event.item_id, Event.event_type, func.count()).group_by(
+                        Event.item_id, Event.event_type
+                    )
+                ).all()
+            scores: dict[str, float] = {}
+            for item_id, etype, n in rows:
+                scores[item_id] = scores.get(item_id, 0.0) + POPULARITY_WEIGHTS[etype] * int(n)
+            ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+            self._popularity = (now, ranked)
+            return ranked
+
+    # Participation bookkeeping ------------------------------------------------------------
+
+    def joined_rounds(self) -> set[int]:
+        with self.sessions() as session:
+            return set(session.scalars(select(Participation.round_id)))
+
+    def last_round_joined(self) -> int | None:
+        with self.sessions() as session:
+            return session.scalar(select(func.max(Participation.round_id)))
+
+    def record_participation(
+        self, round_id: int, base_version: int, sha256: str, num_examples: int
+    ) -> None:
+        with self.sessions() as session, session.begin():
+            if session.get(Participation, round_id) is None:
+                session.add(
+                    Participation(
+                        round_id=round_id,
+                        base_version=base_version,
+                        sha256=sha256,
+                        num_examples=num_examples,
+                        submitted_at=datetime.now(UTC),
+                    )
+                )
+

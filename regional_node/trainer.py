@@ -1,0 +1,97 @@
+"""Local training for one round. Pure computation, no HTTP; runs in a worker process.
+
+The worker reads the node's events straight from the node's database, so no
+event ever passes through the serving process's memory or the network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from coordinator.aggregation import compute_delta
+from regional_node.store import EventStore
+from shared.features import build_item_features
+from shared.metrics import summarize_ranks
+from shared.model import HybridTwoTower, ModelConfig
+from shared.schemas import CatalogItem
+from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
+from shared.training import (
+    TrainConfig,
+    build_sequences,
+    make_examples,
+    rank_held_out,
+    split_leave_last_out,
+    train_local,
+)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    database_url: str
+    catalog: list[dict[str, Any]]  # CatalogItem dumps in row order
+    base_weights: bytes
+    model_config: dict[str, Any]
+    train_config: TrainConfig
+    holdout_eval: bool
+    min_users_for_metrics: int
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    delta: bytes  # safetensors
+    sha256: str
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def run_train_job(job: TrainJob) -> TrainOutcome | None:
+    """Train from the base weights on this node's events; None when there is nothing to learn."""
+    torch.set_num_threads(job.threads)
+    config = ModelConfig.model_validate(job.model_config)
+    items = [CatalogItem.model_validate(d) for d in job.catalog]
+    row_of = {item.item_id: i for i, item in enumerate(items)}
+    features = build_item_features(items, config.content_buckets)
+    store = EventStore(job.database_url)
+    try:
+        sequences = build_sequences(
+            (
+                (user, row_of[item], etype, ts, country)
+                for user, item, etype, ts, country in store.iter_events()
+                if item in row_of
+            ),
+            country_buckets=config.country_buckets,
+        )
+    finally:
+        store.dispose()
+    base_state = bytes_to_state(job.base_weights)
+    model = HybridTwoTower(config)
+    model.load_state_dict(base_state)
+
+    metrics: dict[str, float] = {}
+    train_seqs = sequences
+    if job.holdout_eval:
+        train_seqs, held_out = split_leave_last_out(sequences)
+        if len(held_out) >= job.min_users_for_metrics:
+            # How well the *global* model (before local training) predicts this region.
+            ranks = rank_held_out(model, features, train_seqs, held_out)
+            summary = summarize_ranks(ranks.values(), k=10)
+            metrics["hr@10"] = float(summary["hr@10"])
+            metrics["ndcg@10"] = float(summary["ndcg@10"])
+            metrics["eval_users"] = float(summary["users"])
+    examples = make_examples(train_seqs.values(), config.max_history)
+    if len(examples) == 0:
+        return None
+    result = train_local(model, features, examples, job.train_config)
+    if len(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
+        metrics["train_loss"] = result.loss
+    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    delta = compute_delta(new_state, base_state)
+    data = state_to_bytes(delta)
+    return TrainOutcome(
+        delta=data, sha256=sha256_hex(data), num_examples=result.num_examples, metrics=metrics
+    )

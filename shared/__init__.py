@@ -1,0 +1,1 @@
+"""What the coordinator and the regional nodes must agree on."""

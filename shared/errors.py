@@ -1,0 +1,72 @@
+"""Errors that are part of the API: each maps to a 4xx with a JSON `detail`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+
+class ApiError(Exception):
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadRequest(ApiError):
+    status_code = 400
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+
+
+class Forbidden(ApiError):
+    status_code = 403
+
+
+class NotFound(ApiError):
+    status_code = 404
+
+
+class Conflict(ApiError):
+    status_code = 409
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+
+
+class Unprocessable(ApiError):
+    status_code = 422
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    app.add_exception_handler(ApiError, handle)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses=` entries for the listed error codes."""
+    from shared.schemas import ErrorBody
+
+    text = {
+        400: "Malformed request.",
+        401: "Missing or invalid bearer token / API key.",
+        403: "Authenticated, but not allowed to do this.",
+        404: "No such resource.",
+        409: "Conflicts with the current state (stale or duplicate).",
+        413: "Body larger than the configured limit.",
+        422: "Request well-formed but invalid; `detail` says what is wrong.",
+        503: "A dependency (the database, the coordinator) is not available.",
+    }
+    return {code: {"model": ErrorBody, "description": text.get(code, "Error.")} for code in codes}

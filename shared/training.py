@@ -1,0 +1,278 @@
+"""Turning behaviour events into training examples, local training and evaluation.
+
+Pure functions over tensors: the node's trainer, `fedjewel simulate` and the
+benchmarks all call these, so what is evaluated is exactly what is deployed.
+
+A user's *interaction sequence* is the list of distinct items the user touched,
+in order of first contact, each with the strongest event type seen for it.
+Training predicts each next new item from the items before it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.features import ItemFeatures, country_bucket
+from shared.model import EVENT_TYPE_IDS, HybridTwoTower, sampled_softmax_loss
+
+
+@dataclass
+class UserSequence:
+    items: list[int] = field(default_factory=list)  # catalog rows, first-contact order
+    types: list[int] = field(default_factory=list)  # strongest event type id per item
+    country: int = 0  # country bucket of the latest event
+
+
+def build_sequences(
+    events: Iterable[tuple[str, int, str, float, str | None]],
+    *,
+    country_buckets: int,
+) -> dict[str, UserSequence]:
+    """Events are (user_key, item_row, event_type, unix_time, country), in any order."""
+    rows = sorted(events, key=lambda e: (e[0], e[3]))
+    out: dict[str, UserSequence] = {}
+    position: dict[str, dict[int, int]] = {}
+    for user, item, etype, _ts, country in rows:
+        seq = out.get(user)
+        if seq is None:
+            seq = out[user] = UserSequence()
+            position[user] = {}
+        type_id = EVENT_TYPE_IDS[etype]
+        pos = position[user].get(item)
+        if pos is None:
+            position[user][item] = len(seq.items)
+            seq.items.append(item)
+            seq.types.append(type_id)
+        elif type_id > seq.types[pos]:
+            seq.types[pos] = type_id
+        if country:
+            seq.country = country_bucket(country, country_buckets)
+    return out
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Next-item examples, histories left-padded so the last column is the newest."""
+
+    history: torch.Tensor  # (n, L) item rows, 0 where padded
+    history_types: torch.Tensor  # (n, L) event type ids, 0 = padding
+    country: torch.Tensor  # (n,)
+    target: torch.Tensor  # (n,)
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+
+def _pack(
+    histories: Sequence[tuple[Sequence[int], Sequence[int]]], max_history: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(histories)
+    hist = np.zeros((n, max_history), dtype=np.int64)
+    types = np.zeros((n, max_history), dtype=np.int64)
+    for i, (items, tys) in enumerate(histories):
+        items = items[-max_history:]
+        tys = tys[-max_history:]
+        if items:
+            hist[i, -len(items) :] = items
+            types[i, -len(tys) :] = tys
+    return torch.from_numpy(hist), torch.from_numpy(types)
+
+
+def make_examples(sequences: Iterable[UserSequence], max_history: int) -> Examples:
+    """Every position after the first becomes a target predicted from what came before."""
+    histories: list[tuple[Sequence[int], Sequence[int]]] = []
+    countries: list[int] = []
+    targets: list[int] = []
+    for seq in sequences:
+        for t in range(1, len(seq.items)):
+            lo = max(0, t - max_history)
+            histories.append((seq.items[lo:t], seq.types[lo:t]))
+            countries.append(seq.country)
+            targets.append(seq.items[t])
+    hist, types = _pack(histories, max_history)
+    return Examples(
+        history=hist,
+        history_types=types,
+        country=torch.tensor(countries, dtype=torch.long),
+        target=torch.tensor(targets, dtype=torch.long),
+    )
+
+
+def split_leave_last_out(
+    sequences: dict[str, UserSequence],
+) -> tuple[dict[str, UserSequence], dict[str, int]]:
+    """Hold out each user's last new item (users with at least two items)."""
+    train: dict[str, UserSequence] = {}
+    held_out: dict[str, int] = {}
+    for user, seq in sequences.items():
+        if len(seq.items) >= 2:
+            train[user] = UserSequence(seq.items[:-1], seq.types[:-1], seq.country)
+            held_out[user] = seq.items[-1]
+        else:
+            train[user] = seq
+    return train, held_out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 256
+    num_negatives: int = 1024  # shared uniform negatives per batch
+    fedprox_mu: float = 0.0  # proximal term towards the round's base weights
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    num_examples: int
+    steps: int
+
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+def train_local(
+    model: HybridTwoTower,
+    features: ItemFeatures,
+    examples: Examples,
+    config: TrainConfig,
+    *,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train in place with sampled softmax; returns the mean loss of the last epoch."""
+    n = len(examples)
+    if n == 0:
+        return TrainResult(loss=float("nan"), num_examples=0, steps=0)
+    g = torch.Generator().manual_seed(config.seed)
+    base = (
+        {k: v.detach().clone() for k, v in model.named_parameters()}
+        if config.fedprox_mu > 0
+        else None
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model.train()
+    num_rows = features.num_items
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    step = 0
+    epoch_loss = 0.0
+    for _epoch in range(config.epochs):
+        perm = torch.randperm(n, generator=g)
+        epoch_loss = 0.0
+        batches = 0
+        for start in range(0, n, config.batch_size):
+            if step >= total_steps:
+                break
+            idx = perm[start : start + config.batch_size]
+            hist = examples.history[idx]
+            types = examples.history_types[idx]
+            target = examples.target[idx]
+            k = min(config.num_negatives, num_rows)
+            neg = torch.randint(0, num_rows, (k,), generator=g)
+            rows, inverse = torch.unique(
+                torch.cat([hist.reshape(-1), target, neg]), return_inverse=True
+            )
+            vecs = model.item_vectors(features, rows)  # (u, d)
+            nh = hist.numel()
+            hist_vecs = vecs[inverse[:nh]].reshape(*hist.shape, -1)
+            pos_vecs = vecs[inverse[nh : nh + target.numel()]]
+            neg_vecs = vecs[inverse[nh + target.numel() :]]
+            users = model.user_vectors(hist_vecs, types, examples.country[idx])
+            loss = sampled_softmax_loss(users, pos_vecs, neg_vecs, target, neg)
+            if base is not None:
+                prox = sum(((p - base[name]) ** 2).sum() for name, p in model.named_parameters())
+                loss = loss + 0.5 * config.fedprox_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            batches += 1
+            epoch_loss += float(loss.detach())
+            if progress is not None:
+                progress(step, total_steps, float(loss.detach()))
+        epoch_loss = epoch_loss / max(batches, 1)
+        if step >= total_steps:
+            break
+    model.eval()
+    return TrainResult(loss=epoch_loss, num_examples=n, steps=step)
+
+
+@torch.no_grad()
+def score_users(
+    model: HybridTwoTower,
+    item_vecs: torch.Tensor,  # (num_rows, d) precomputed
+    histories: Sequence[tuple[Sequence[int], Sequence[int]]],
+    countries: Sequence[int],
+) -> torch.Tensor:
+    """Scores of every catalog row for each user. -> (b, num_rows)"""
+    hist, types = _pack(histories, model.config.max_history)
+    users = model.user_vectors(item_vecs[hist], types, torch.tensor(countries, dtype=torch.long))
+    return users @ item_vecs.T
+
+
+@torch.no_grad()
+def rank_held_out(
+    model: HybridTwoTower,
+    features: ItemFeatures,
+    train: dict[str, UserSequence],
+    held_out: dict[str, int],
+    *,
+    batch_size: int = 512,
+) -> dict[str, int]:
+    """0-based rank of each user's held-out item over the full catalog minus training items."""
+    model.eval()
+    item_vecs = model.item_vectors(features)
+    users = list(held_out)
+    ranks: dict[str, int] = {}
+    for start in range(0, len(users), batch_size):
+        chunk = users[start : start + batch_size]
+        seqs = [train[u] for u in chunk]
+        scores = score_users(
+            model, item_vecs, [(s.items, s.types) for s in seqs], [s.country for s in seqs]
+        )
+        ranks.update(_ranks_from_scores(scores, chunk, seqs, held_out))
+    return ranks
+
+
+def _ranks_from_scores(
+    scores: torch.Tensor,
+    users: Sequence[str],
+    seqs: Sequence[UserSequence],
+    held_out: dict[str, int],
+) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i, (user, seq) in enumerate(zip(users, seqs, strict=True)):
+        row = scores[i].clone()
+        if seq.items:
+            row[torch.tensor(seq.items, dtype=torch.long)] = float("-inf")
+        target = held_out[user]
+        out[user] = int((row > row[target]).sum())
+    return out
+
+
+def rank_with_scores(
+    scores_fn: Callable[[Sequence[str]], torch.Tensor],
+    train: dict[str, UserSequence],
+    held_out: dict[str, int],
+    *,
+    batch_size: int = 512,
+) -> dict[str, int]:
+    """Same protocol as `rank_held_out` for any scorer (popularity, ALS, ...)."""
+    users = list(held_out)
+    ranks: dict[str, int] = {}
+    for start in range(0, len(users), batch_size):
+        chunk = users[start : start + batch_size]
+        scores = scores_fn(chunk)
+        ranks.update(_ranks_from_scores(scores, chunk, [train[u] for u in chunk], held_out))
+    return ranks
