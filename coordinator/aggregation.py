@@ -18,7 +18,9 @@ class UpdateMismatchError(ValueError):
     """An update does not fit the model it claims to update."""
 
 
-def check_compatible(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
+def check_compatible(
+    update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> None:
     """Same parameter names, shapes and dtypes as the reference; every value finite."""
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
@@ -36,7 +38,9 @@ def check_compatible(update: Mapping[str, torch.Tensor], reference: Mapping[str,
                 f"parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
             )
         if t.dtype != ref.dtype:
-            raise UpdateMismatchError(f"parameter {name!r} has dtype {t.dtype}, expected {ref.dtype}")
+            raise UpdateMismatchError(
+                f"parameter {name!r} has dtype {t.dtype}, expected {ref.dtype}"
+            )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UpdateMismatchError(f"parameter {name!r} contains NaN or Inf")
 

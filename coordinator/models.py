@@ -23,7 +23,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
 from shared.db import NAMING_CONVENTION
 
 
-
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}

@@ -20,9 +20,8 @@ def _settings() -> NodeSettings:
 
 
 def import_events(path: str, settings: NodeSettings) -> int:
-    from shared.data import DataFormatError, event_record_to_event_in, read_events_csv
-
     from regional_node.store import EventStore
+    from shared.data import DataFormatError, event_record_to_event_in, read_events_csv
 
     try:
         records = read_events_csv(path)
@@ -38,7 +37,9 @@ def import_events(path: str, settings: NodeSettings) -> int:
             f"(this node is {settings.region!r})",
             file=sys.stderr,
         )
-    mine = [event_record_to_event_in(r) for r in records if not r.region or r.region == settings.region]
+    mine = [
+        event_record_to_event_in(r) for r in records if not r.region or r.region == settings.region
+    ]
     inserted = store.add_events(mine)
     store.dispose()
     print(f"imported {inserted} new events ({len(mine) - inserted} already present) from {path}")

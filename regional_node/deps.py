@@ -36,9 +36,7 @@ RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="Storefront API key.")
 
 
-def require_api_key(
-    settings: SettingsDep, key: Annotated[str | None, Depends(_api_key)]
-) -> None:
+def require_api_key(settings: SettingsDep, key: Annotated[str | None, Depends(_api_key)]) -> None:
     keys = settings.api_key_list
     if not keys and settings.allow_anonymous:
         return

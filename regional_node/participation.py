@@ -186,8 +186,12 @@ class Participant:
             threads=s.train_threads,
         )
         self.runtime.training = True
-        log.info("training round %s on version %s", round_id, base_version,
-                 extra={"round_id": round_id, "node_id": s.id})
+        log.info(
+            "training round %s on version %s",
+            round_id,
+            base_version,
+            extra={"round_id": round_id, "node_id": s.id},
+        )
         try:
             loop = asyncio.get_running_loop()
             outcome: TrainOutcome | None = await loop.run_in_executor(

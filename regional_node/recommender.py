@@ -29,7 +29,9 @@ class ServingModel:
     item_vecs: torch.Tensor  # (n, d)
     active: torch.Tensor  # (n,) bool: recommendable
     price: torch.Tensor  # (n,) float, NaN when unknown
-    masks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # field -> value -> mask
+    masks: dict[str, dict[str, torch.Tensor]] = field(
+        default_factory=dict
+    )  # field -> value -> mask
 
     @property
     def num_items(self) -> int:

@@ -99,9 +99,7 @@ def recommend_for(
     )
 
 
-def node_status(
-    settings: NodeSettings, store: EventStore, runtime: NodeRuntime
-) -> NodeStatus:
+def node_status(settings: NodeSettings, store: EventStore, runtime: NodeRuntime) -> NodeStatus:
     return NodeStatus(
         node_id=settings.id,
         region=settings.region,

@@ -148,4 +148,3 @@ class EventStore:
                         submitted_at=datetime.now(UTC),
                     )
                 )
-

@@ -8,6 +8,8 @@ import sys
 args = [sys.executable, "-m", "pytest", *sys.argv[1:]]
 code = subprocess.call(args)
 if code == 5:
-    print("error: pytest collected no tests; a run that tests nothing is a failure", file=sys.stderr)
+    print(
+        "error: pytest collected no tests; a run that tests nothing is a failure", file=sys.stderr
+    )
     sys.exit(1)
 sys.exit(code)

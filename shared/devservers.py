@@ -73,7 +73,9 @@ class ServiceProcess:
             except httpx.HTTPError as exc:
                 last = repr(exc)
             time.sleep(0.2)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s ({last}); log:\n{self.tail_log()}")
+        raise TimeoutError(
+            f"{self.name} not ready after {timeout}s ({last}); log:\n{self.tail_log()}"
+        )
 
     def tail_log(self, lines: int = 40) -> str:
         try:

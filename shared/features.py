@@ -24,7 +24,7 @@ NUM_PRICE_BANDS = 10
 def price_band(price_usd: float | None) -> int | None:
     if price_usd is None or price_usd <= 0:
         return None
-    band = int(math.floor(math.log2(max(price_usd, 1e-9) / _PRICE_BAND_BASE))) + 1
+    band = math.floor(math.log2(max(price_usd, 1e-9) / _PRICE_BAND_BASE)) + 1
     return max(0, min(NUM_PRICE_BANDS - 1, band))
 
 

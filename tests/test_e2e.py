@@ -104,7 +104,9 @@ def test_three_nodes_three_rounds(db_url: str, tmp_path: Path) -> None:
         )
         ids = {c["item_id"] for c in catalog}
         for n, (node_id, _region, _m) in zip(nodes, REGIONS, strict=True):
-            rec = httpx.get(n.url + "/v1/recommend", params={"user_id": f"{node_id}-user-1", "k": 10})
+            rec = httpx.get(
+                n.url + "/v1/recommend", params={"user_id": f"{node_id}-user-1", "k": 10}
+            )
             assert rec.status_code == 200, rec.text
             body = rec.json()
             items = [it["item_id"] for it in body["items"]]

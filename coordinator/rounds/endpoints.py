@@ -56,7 +56,9 @@ def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> Roun
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
         }
     },
     responses=error_responses(401, 403, 404, 409, 413, 422),

@@ -97,7 +97,9 @@ def get_round(session: Session, round_id: int) -> Round:
 
 def round_out(session: Session, r: Round, settings: CoordinatorSettings) -> RoundOut:
     participants = list(
-        session.scalars(select(Update.node_id).where(Update.round_id == r.id).order_by(Update.node_id))
+        session.scalars(
+            select(Update.node_id).where(Update.round_id == r.id).order_by(Update.node_id)
+        )
     )
     return RoundOut(
         round_id=r.id,
@@ -129,7 +131,12 @@ def parse_metrics_header(raw: str | None) -> dict[str, float]:
         raise Unprocessable("X-Update-Metrics must be a JSON object of at most 64 numbers")
     out: dict[str, float] = {}
     for k, v in data.items():
-        if not isinstance(v, int | float) or isinstance(v, bool) or v != v or abs(v) == float("inf"):
+        if (
+            not isinstance(v, int | float)
+            or isinstance(v, bool)
+            or v != v
+            or abs(v) == float("inf")
+        ):
             raise Unprocessable(f"X-Update-Metrics[{k!r}] must be a finite number")
         out[str(k)[:64]] = float(v)
     return out

@@ -1,4 +1,7 @@
-"""Alembic environment for the regional node's private event store (version table `alembic_version_node`)."""
+"""Alembic environment for the regional node's private event store.
+
+Its version table is `alembic_version_node`, apart from the coordinator's.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,12 @@ target_metadata = Base.metadata
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=url, target_metadata=target_metadata, render_as_batch=True, version_table="alembic_version_node")
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        render_as_batch=True,
+        version_table="alembic_version_node",
+    )
     with context.begin_transaction():
         context.run_migrations()
 
