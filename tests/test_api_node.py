@@ -1,0 +1,132 @@
+"""Regional node API: events, recommendations, status, API keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from regional_node.app import create_app
+from regional_node.recommender import build_serving_model
+from regional_node.settings import NodeSettings
+from shared.model import ModelConfig, init_state
+from shared.schemas import CatalogItem, CatalogOut
+from tests.conftest import tiny_catalog, tiny_events
+
+KEY = {"X-API-Key": "shop-key"}
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[TestClient]:
+    settings = NodeSettings(
+        id="eu-1",
+        region="EU",
+        database_url=f"sqlite:///{tmp_path / 'node.db'}",
+        api_keys="shop-key,other-key",
+    )
+    app = create_app(settings, participate=False)
+    with TestClient(app) as c:
+        yield c
+
+
+def _install_model(client: TestClient, n: int = 60) -> None:
+    items = [CatalogItem.model_validate(d) for d in tiny_catalog(n)]
+    config = ModelConfig(num_items=n, embedding_dim=8)
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    runtime.catalog = CatalogOut(catalog_version=1, items=items)
+    runtime.serving = build_serving_model(7, "0" * 64, config, init_state(config), items)
+
+
+def test_settings_refuse_to_run_without_keys() -> None:
+    with pytest.raises(ValueError, match="NODE_API_KEYS"):
+        NodeSettings(api_keys="", allow_anonymous=False)
+    assert NodeSettings(api_keys="", allow_anonymous=True).allow_anonymous
+
+
+def test_api_key_required(node: TestClient) -> None:
+    assert node.get("/v1/recommend").status_code == 401
+    assert node.get("/v1/recommend", headers={"X-API-Key": "nope"}).status_code == 401
+    assert node.post("/v1/events", json=[]).status_code == 401
+    assert node.get("/v1/recommend", headers={"X-API-Key": "other-key"}).status_code == 200
+    # Health and status stay open for probes.
+    assert node.get("/healthz").status_code == 200
+    assert node.get("/readyz").status_code == 200
+
+
+def test_events_ingest_validates_and_dedupes(node: TestClient) -> None:
+    events = tiny_events("eu", users=5, material="gold", seed=1)
+    r = node.post("/v1/events", json=events, headers=KEY)
+    assert r.status_code == 200 and r.json()["inserted"] == len(events)
+    again = node.post("/v1/events", json=events, headers=KEY).json()
+    assert again["inserted"] == 0 and again["duplicates"] == len(events)
+    assert node.get("/v1/status").json()["event_count"] == len(events)
+
+    bad = [*events[:2], {**events[0], "event_type": "buy"}]
+    r = node.post("/v1/events", json=bad, headers=KEY)
+    assert r.status_code == 422 and "event_type" in str(r.json()["detail"])
+    r = node.post("/v1/events", json=[{**events[0], "timestamp": "yesterday"}], headers=KEY)
+    assert r.status_code == 422
+    r = node.post("/v1/events", json=[{**events[0], "secret": 1}], headers=KEY)
+    assert r.status_code == 422
+    assert node.get("/v1/status").json()["event_count"] == len(events)
+
+
+def test_recommend_popularity_without_model(node: TestClient) -> None:
+    events = tiny_events("eu", users=10, material="gold", seed=2)
+    node.post("/v1/events", json=events, headers=KEY)
+    body = node.get("/v1/recommend", params={"user_id": "new-user", "k": 5}, headers=KEY).json()
+    assert body["strategy"] == "popularity" and body["model_version"] is None
+    assert len(body["items"]) == 5
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_recommend_with_model_excludes_purchases(node: TestClient) -> None:
+    _install_model(node)
+    events = [
+        {
+            "user_id": "u1",
+            "item_id": f"I{i:03d}",
+            "event_type": etype,
+            "timestamp": f"2026-10-01T10:0{i}:00Z",
+            "country": "DE",
+        }
+        for i, etype in [(1, "view"), (2, "purchase"), (3, "add_to_cart")]
+    ]
+    node.post("/v1/events", json=events, headers=KEY)
+    body = node.get("/v1/recommend", params={"user_id": "u1", "k": 10}, headers=KEY).json()
+    assert body["strategy"] == "model" and body["model_version"] == 7
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == 10 and len(set(ids)) == 10 and "I002" not in ids
+    catalog_ids = {c["item_id"] for c in tiny_catalog(60)}
+    assert set(ids) <= catalog_ids
+
+
+def test_recommend_session_context_and_filters(node: TestClient) -> None:
+    _install_model(node)
+    params = {"session_items": "I004,I008", "country": "fr", "k": 10, "category": "ring"}
+    body = node.get("/v1/recommend", params=params, headers=KEY).json()
+    assert body["strategy"] == "model" and body["user_id"] is None
+    by_id = {c["item_id"]: c for c in tiny_catalog(60)}
+    ids = [i["item_id"] for i in body["items"]]
+    assert ids and all(by_id[i]["category"] == "ring" for i in ids)
+    assert "I004" not in ids and "I008" not in ids
+    capped = node.get(
+        "/v1/recommend", params={"session_items": "I001", "max_price": 300, "k": 50}, headers=KEY
+    ).json()["items"]
+    assert capped and all(by_id[i["item_id"]]["price_usd"] <= 300 for i in capped)
+    none = node.get(
+        "/v1/recommend", params={"session_items": "I001", "category": "tiara"}, headers=KEY
+    ).json()
+    assert none["items"] == []
+    assert node.get("/v1/recommend", params={"k": 0}, headers=KEY).status_code == 422
+    assert node.get("/v1/recommend", params={"k": 1000}, headers=KEY).status_code == 422
+
+
+def test_status(node: TestClient) -> None:
+    status = node.get("/v1/status").json()
+    assert status["node_id"] == "eu-1" and status["region"] == "EU"
+    assert status["model_version"] is None and status["event_count"] == 0
+    assert status["coordinator_reachable"] is False
