@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from coordinator.catalog.endpoints import router as catalog_router
 from coordinator.db import Database
@@ -19,7 +18,8 @@ from coordinator.nodes.endpoints import router as nodes_router
 from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
 from coordinator.settings import CoordinatorSettings
-from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
+from shared.db import database_ready
+from shared.errors import error_responses, install_error_handlers
 
 log = logging.getLogger("fedjewel.coordinator")
 
@@ -87,11 +87,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     )
     def readyz() -> dict[str, str]:
         db: Database = app.state.db
-        try:
-            with db.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            raise ServiceUnavailable(f"database unreachable: {type(exc).__name__}") from exc
+        database_ready(db.engine)
         return {"status": "ready"}
 
     return app

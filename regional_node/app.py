@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Body, FastAPI, Query
-from sqlalchemy import text
 
 from regional_node import service
 from regional_node.deps import ApiKeyDep, RuntimeDep, SettingsDep, StoreDep
@@ -18,7 +17,8 @@ from regional_node.participation import NodeRuntime, Participant
 from regional_node.recommender import Filters
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
-from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
+from shared.db import database_ready
+from shared.errors import error_responses, install_error_handlers
 from shared.schemas import EventIn, EventsAccepted, NodeStatus, RecommendResponse
 
 log = logging.getLogger("fedjewel.node")
@@ -139,11 +139,7 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         responses=error_responses(503),
     )
     def readyz(store: StoreDep) -> dict[str, str]:
-        try:
-            with store.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        except Exception as exc:
-            raise ServiceUnavailable(f"event store unreachable: {type(exc).__name__}") from exc
+        database_ready(store.engine)
         return {"status": "ready"}
 
     return app

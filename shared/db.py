@@ -7,7 +7,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, pool, text
 from sqlalchemy.orm import Session, sessionmaker
 
 NAMING_CONVENTION = {
@@ -63,3 +63,38 @@ def alembic_config(service: str, url: str) -> Config:
 
 def upgrade_to_head(service: str, url: str) -> None:
     command.upgrade(alembic_config(service, url), "head")
+
+
+def run_alembic_env(
+    context: Any, metadata: MetaData, url: str, version_table: str = "alembic_version"
+) -> None:
+    """The body of both services' `env.py`: offline or online, batch mode for SQLite."""
+    opts: dict[str, Any] = {
+        "target_metadata": metadata,
+        "render_as_batch": True,
+        "version_table": version_table,
+    }
+    if context.is_offline_mode():
+        context.configure(url=url, **opts)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            context.configure(connection=connection, **opts)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+def database_ready(engine: Engine) -> None:
+    """Raise `ServiceUnavailable` unless the database answers a trivial query."""
+    from shared.errors import ServiceUnavailable
+
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise ServiceUnavailable(f"database unreachable: {type(exc).__name__}") from exc
