@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,13 +13,16 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from coordinator.catalog.endpoints import router as catalog_router
+from coordinator.dashboard.endpoints import install_dashboard
 from coordinator.db import Database
 from coordinator.models_registry.endpoints import router as models_router
 from coordinator.models_registry.service import WeightCache
 from coordinator.nodes.endpoints import router as nodes_router
+from coordinator.observability import install_coordinator_observability
 from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
 from coordinator.settings import CoordinatorSettings
+from shared.docs_offline import install_offline_docs
 from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
 
 log = logging.getLogger("fedjewel.coordinator")
@@ -26,8 +30,14 @@ log = logging.getLogger("fedjewel.coordinator")
 
 def _close_ready_round(app: FastAPI) -> int | None:
     db: Database = app.state.db
+    started = time.perf_counter()
     with db.sessions() as session:
-        return try_close_current_round(session, app.state.settings, app.state.weight_cache)
+        version = try_close_current_round(session, app.state.settings, app.state.weight_cache)
+        if version is not None:
+            app.state.coordinator_metrics.round_closed(
+                session, version, time.perf_counter() - started
+            )
+        return version
 
 
 async def _round_closer(app: FastAPI) -> None:
@@ -68,12 +78,17 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Global model versions, training rounds, node registry and product catalog.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.weight_cache = WeightCache(maxsize=2)
     install_error_handlers(app)
     for router in (nodes_router, catalog_router, models_router, rounds_router):
         app.include_router(router)
+    install_dashboard(app)
+    install_offline_docs(app)
+    install_coordinator_observability(app)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process is up")
     def healthz() -> dict[str, str]:

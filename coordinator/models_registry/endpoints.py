@@ -6,6 +6,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from coordinator.deps import AdminDep, ReaderDep, SessionDep
 from coordinator.models_registry import service
+from coordinator.nodes.service import touch_node
 from coordinator.rounds.service import promote_version
 from shared.errors import NotFound, error_responses
 from shared.schemas import ModelVersionOut
@@ -59,10 +60,12 @@ def get_model(version: int, session: SessionDep) -> ModelVersionOut:
 def get_weights(
     version: int,
     session: SessionDep,
-    _: ReaderDep,
+    reader: ReaderDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     row = service.get_version(session, version)
+    if reader is not None:  # a node: record when it was seen and what it fetched
+        touch_node(session, reader, version)
     etag = f'"{row.sha256}"'
     if if_none_match is not None and if_none_match.strip() in (etag, row.sha256):
         return Response(status_code=304, headers={"ETag": etag})
