@@ -90,7 +90,13 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     install_offline_docs(app)
     install_coordinator_observability(app)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up")
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="Liveness: the process is up",
+        description="Always 200 while the process serves HTTP; no database access.",
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -98,7 +104,12 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         "/readyz",
         tags=["health"],
         summary="Readiness: the database answers",
-        responses=error_responses(503),
+        description="200 once the database answers a query (migrations ran at start-up); "
+        "503 while it does not. Use it as the load balancer's and compose's healthcheck.",
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+            **error_responses(503),
+        },
     )
     def readyz() -> dict[str, str]:
         db: Database = app.state.db

@@ -130,11 +130,24 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
             ),
         )
 
-    @app.get("/v1/status", tags=["status"], summary="Node state")
+    @app.get(
+        "/v1/status",
+        tags=["status"],
+        summary="Node state",
+        description="The model version served, the last round joined, the number of stored "
+        "events, and the participation loop's health (coordinator reachable, last error, "
+        "retry back-off). Counts only: no user data.",
+    )
     def get_status(s: SettingsDep, store: StoreDep, runtime: RuntimeDep) -> NodeStatus:
         return service.node_status(s, store, runtime)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up")
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="Liveness: the process is up",
+        description="Always 200 while the process serves HTTP; no database access.",
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -142,7 +155,13 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         "/readyz",
         tags=["health"],
         summary="Readiness: the event store answers",
-        responses=error_responses(503),
+        description="200 once the node's own event database answers a query; 503 while it "
+        "does not. Serving does not wait for the coordinator (popularity until a model "
+        "arrives).",
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+            **error_responses(503),
+        },
     )
     def readyz(store: StoreDep) -> dict[str, str]:
         try:
