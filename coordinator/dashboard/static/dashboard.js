@@ -154,7 +154,7 @@
       }
       svgEl.appendChild(svg("rect", { x: legendX, y: 8, width: 12, height: 4, rx: 2, fill: color }));
       svgEl.appendChild(svg("text", { x: legendX + 16, y: 14, class: "legend" }, s.label));
-      legendX += 24 + s.label.length * 7;
+      legendX += 36 + s.label.length * 8;
     }
     svgEl.dataset.points = String(all.length);
   }
@@ -177,7 +177,7 @@
 
     $("kpi-version").textContent = data.active_version ?? "–";
     $("kpi-round").textContent = openRound
-      ? `#${openRound.round_id} · ${openRound.participants.length} in` : "–";
+      ? `#${openRound.round_id} · ${openRound.participants.length} updates` : "–";
     $("kpi-closed").textContent = fmt.num(closed.filter((r) => r.result_version !== null).length);
     $("kpi-nodes").textContent = `${healthy} / ${data.nodes.filter((n) => n.health !== "revoked").length}`;
     $("kpi-loss").textContent = latest ? fmt.num(latest.metrics.train_loss, 3) : "–";
@@ -269,9 +269,26 @@
     c.className = `pill ${cls}`;
   }
 
+  // Whether GET v1/insights exists, learnt once from the OpenAPI document (so the page does
+  // not fill the console with 404s); without the document it probes the endpoint once.
+  let insightsAvailable = null;
+  async function discoverInsights() {
+    try {
+      const r = await fetch("openapi.json");
+      if (r.ok) {
+        const spec = await r.json();
+        return Boolean(spec.paths && spec.paths["/v1/insights"] && spec.paths["/v1/insights"].get);
+      }
+    } catch (_err) { /* fall through to probing */ }
+    return true;
+  }
+
   async function loadInsights() {
+    if (insightsAvailable === null) insightsAvailable = await discoverInsights();
+    if (!insightsAvailable) { $("insights").hidden = true; return; }
     try {
       const r = await fetch("v1/insights", { headers: authHeaders() });
+      if (r.status === 404) insightsAvailable = false;
       if (!r.ok || !(r.headers.get("content-type") || "").includes("json")) {
         $("insights").hidden = true;
         return;
