@@ -57,7 +57,10 @@ def _ensure_chromium() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def browser(
+    tmp_path_factory: pytest.TempPathFactory, launched: dict[str, ServiceProcess]
+) -> Iterator[Any]:
+    """Chromium starts while the service processes are still importing torch."""
     chromium, chromedriver = _ensure_chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -87,11 +90,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
-    """A coordinator with three rounds closed from hand-made updates, and a serve-only node.
-
-    Both processes start at once (each spends seconds importing torch).
-    """
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+    """A coordinator and a serve-only node, started at once (each spends seconds importing
+    torch); not yet ready."""
     tmp = tmp_path_factory.mktemp("services")
     procs = {
         "coordinator": ServiceProcess(
@@ -123,15 +124,21 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
     try:
         for proc in procs.values():
             proc.start()
-        for proc in procs.values():
-            proc.wait_ready()
-        with httpx.Client(base_url=procs["coordinator"].url, timeout=30) as client:
-            (token,) = bootstrap(client)
-            run_rounds(client, token, ROUND_METRICS)
         yield procs
     finally:
         for proc in procs.values():
             proc.stop()
+
+
+@pytest.fixture(scope="module")
+def services(launched: dict[str, ServiceProcess], browser: Any) -> dict[str, ServiceProcess]:
+    """Both ready, and three rounds closed on the coordinator from hand-made updates."""
+    for proc in launched.values():
+        proc.wait_ready()
+    with httpx.Client(base_url=launched["coordinator"].url, timeout=30) as client:
+        (token,) = bootstrap(client)
+        run_rounds(client, token, ROUND_METRICS)
+    return launched
 
 
 @pytest.fixture(scope="module")
