@@ -13,16 +13,14 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from coordinator.catalog.endpoints import router as catalog_router
-from coordinator.dashboard.endpoints import install_dashboard
 from coordinator.db import Database
 from coordinator.models_registry.endpoints import router as models_router
 from coordinator.models_registry.service import WeightCache
 from coordinator.nodes.endpoints import router as nodes_router
-from coordinator.observability import install_coordinator_observability
+from coordinator.operator_tools import install_operator_tools
 from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
 from coordinator.settings import CoordinatorSettings
-from shared.docs_offline import install_offline_docs
 from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
 
 log = logging.getLogger("fedjewel.coordinator")
@@ -86,9 +84,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (nodes_router, catalog_router, models_router, rounds_router):
         app.include_router(router)
-    install_dashboard(app)
-    install_offline_docs(app)
-    install_coordinator_observability(app)
+    install_operator_tools(app)
 
     @app.get(
         "/healthz",

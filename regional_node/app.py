@@ -14,12 +14,11 @@ from sqlalchemy import text
 
 from regional_node import service
 from regional_node.deps import ApiKeyDep, RuntimeDep, SettingsDep, StoreDep
-from regional_node.observability import install_node_observability
+from regional_node.operator_tools import install_operator_tools
 from regional_node.participation import NodeRuntime, Participant
 from regional_node.recommender import Filters
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
-from shared.docs_offline import install_offline_docs
 from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
 from shared.schemas import EventIn, EventsAccepted, NodeStatus, RecommendResponse
 
@@ -62,8 +61,7 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
     app.state.settings = settings
     app.state.runtime = NodeRuntime()
     install_error_handlers(app)
-    install_offline_docs(app)
-    install_node_observability(app, app.state.runtime)
+    install_operator_tools(app, app.state.runtime)
 
     @app.post(
         "/v1/events",
