@@ -164,6 +164,12 @@ def _assert_same_origin_only(driver: Any, origin: str) -> None:
     assert not severe, severe
 
 
+def _screenshot_dir(proc: ServiceProcess) -> Path:
+    shots = Path(os.environ.get("FEDJEWEL_SCREENSHOT_DIR", proc.log_path.parent))
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
 def _path_points(d: str) -> int:
     return len(re.findall(r"[ML]", d))
 
@@ -209,9 +215,7 @@ def test_dashboard_shows_rounds_chart_versions_and_nodes(
     # No /v1/insights on this coordinator: the regional-insights panel stays hidden.
     assert not browser.find_element(By.ID, "insights").is_displayed()
 
-    shots = Path(os.environ.get("FEDJEWEL_SCREENSHOT_DIR", coordinator.log_path.parent))
-    shots.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(shots / "dashboard.png"))
+    assert browser.save_screenshot(str(_screenshot_dir(coordinator) / "dashboard.png"))
     _assert_same_origin_only(browser, coordinator.url)
 
     # The coordinator ran with COORDINATOR_LOG_JSON=true: JSON lines with round ids.
@@ -242,4 +246,5 @@ def test_docs_render_every_operation_offline(
     }
     assert rendered == expected
     assert spec["info"]["title"] in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+    assert browser.save_screenshot(str(_screenshot_dir(proc) / f"docs-{service}.png"))
     _assert_same_origin_only(browser, proc.url)
