@@ -10,19 +10,24 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from shared.devservers import ServiceProcess
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from shared.devservers import ServiceProcess, free_port
 from tests.conftest import IN_CI
 from tests.hand_made_rounds import ADMIN, ROUND_METRICS, bootstrap, run_rounds
 
@@ -248,3 +253,50 @@ def test_docs_render_every_operation_offline(
     assert spec["info"]["title"] in browser.find_element(By.CSS_SELECTOR, ".info .title").text
     assert browser.save_screenshot(str(_screenshot_dir(proc) / f"docs-{service}.png"))
     _assert_same_origin_only(browser, proc.url)
+
+
+@pytest.fixture
+def coordinator_with_insights(tmp_path: Path) -> Iterator[str]:
+    """An in-process coordinator (uvicorn in a thread) that also has a GET /v1/insights."""
+    app = create_app(CoordinatorSettings(database_url=f"sqlite:///{tmp_path / 'c.db'}"))
+
+    @app.get("/v1/insights")
+    def insights() -> list[dict[str, object]]:
+        return [
+            {"region": "EU", "top_category": "ring", "hr@10": 0.2},
+            {"region": "NA", "top_category": "necklace", "hr@10": 0.25},
+        ]
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "in-process coordinator did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_regional_insights_panel_appears_when_the_endpoint_exists(
+    browser: Any, coordinator_with_insights: str
+) -> None:
+    browser.get(coordinator_with_insights + "/dashboard")
+    panel = _wait(
+        browser,
+        lambda d: (
+            d.find_element(By.ID, "insights").is_displayed() and d.find_element(By.ID, "insights")
+        ),
+        "the regional insights panel",
+    )
+    rows = panel.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert [r.text.split()[0] for r in rows] == ["EU", "NA"]
+    headers = [h.text for h in panel.find_elements(By.CSS_SELECTOR, "th")]
+    assert headers == ["region", "top_category", "hr@10"]
+    # No rounds yet: the empty states say what to do.
+    assert "upload a catalog" in browser.find_element(By.ID, "rounds").text
+    _assert_same_origin_only(browser, coordinator_with_insights)
