@@ -87,16 +87,6 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     install_operator_tools(app)
 
     @app.get(
-        "/healthz",
-        tags=["health"],
-        summary="Liveness: the process is up",
-        description="Always 200 while the process serves HTTP; no database access.",
-        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
-    )
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
         "/readyz",
         tags=["health"],
         summary="Readiness: the database answers",

@@ -140,16 +140,6 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         return service.node_status(s, store, runtime)
 
     @app.get(
-        "/healthz",
-        tags=["health"],
-        summary="Liveness: the process is up",
-        description="Always 200 while the process serves HTTP; no database access.",
-        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
-    )
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
         "/readyz",
         tags=["health"],
         summary="Readiness: the event store answers",

@@ -1,10 +1,10 @@
-"""Prometheus metrics for both services: one registry per app, no global state.
+"""Prometheus metrics and liveness for both services: one registry per app, no global state.
 
 `install_observability(app, service=...)` gives the app a `CollectorRegistry`
 (`app.state.metrics_registry`), an ASGI middleware that times every request by
 route *template* (`/v1/rounds/{round_id}`, never the raw path, so label
-cardinality stays bounded) and a `GET /metrics` endpoint in the Prometheus text
-format. Service-specific metrics hook into the same middleware through
+cardinality stays bounded), a `GET /metrics` endpoint in the Prometheus text
+format and `GET /healthz`. Service-specific metrics hook into the same middleware through
 `ResponseHook`s (see `coordinator/observability.py`, `regional_node/observability.py`),
 so endpoints stay free of metric code.
 """
@@ -119,6 +119,17 @@ def install_observability(
     def metrics(request: Request) -> Response:
         reg: CollectorRegistry = request.app.state.metrics_registry
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="Liveness: the process is up",
+        description="Always 200 while the process serves HTTP; no database access. "
+        "`/readyz` says whether the service can do its work.",
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
 
     return registry
 

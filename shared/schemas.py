@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import JsonDict
 
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 EventType = Literal["view", "click", "add_to_cart", "purchase"]
@@ -30,24 +31,22 @@ class ErrorBody(BaseModel):
     detail: str | list[dict[str, object]] = Field(description="What was wrong with the request.")
 
 
+CATALOG_ITEM_EXAMPLE: JsonDict = {
+    "item_id": "R-1001",
+    "title": "Solitaire ring",
+    "category": "ring",
+    "material": "platinum",
+    "gemstone": "diamond",
+    "style_tags": ["classic", "bridal"],
+    "price_usd": 2450.0,
+}
+
+
 class CatalogItem(BaseModel):
     """One product. Only `item_id` is required: real catalogs are incomplete."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "item_id": "R-1001",
-                    "title": "Solitaire ring",
-                    "category": "ring",
-                    "material": "platinum",
-                    "gemstone": "diamond",
-                    "style_tags": ["classic", "bridal"],
-                    "price_usd": 2450.0,
-                }
-            ]
-        },
+        extra="forbid", json_schema_extra={"examples": [CATALOG_ITEM_EXAMPLE]}
     )
 
     item_id: Identifier
@@ -206,17 +205,7 @@ class CatalogOut(BaseModel):
             "examples": [
                 {
                     "catalog_version": 2,
-                    "items": [
-                        {
-                            "item_id": "R-1001",
-                            "title": "Solitaire ring",
-                            "category": "ring",
-                            "material": "platinum",
-                            "gemstone": "diamond",
-                            "style_tags": ["classic", "bridal"],
-                            "price_usd": 2450.0,
-                        }
-                    ],
+                    "items": [CATALOG_ITEM_EXAMPLE],
                     "inactive_item_ids": ["R-0999"],
                 }
             ]
