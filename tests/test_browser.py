@@ -6,6 +6,7 @@ needed a CDN would fail to render here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -255,18 +256,9 @@ def test_docs_render_every_operation_offline(
     _assert_same_origin_only(browser, proc.url)
 
 
-@pytest.fixture
-def coordinator_with_insights(tmp_path: Path) -> Iterator[str]:
-    """An in-process coordinator (uvicorn in a thread) that also has a GET /v1/insights."""
-    app = create_app(CoordinatorSettings(database_url=f"sqlite:///{tmp_path / 'c.db'}"))
-
-    @app.get("/v1/insights")
-    def insights() -> list[dict[str, object]]:
-        return [
-            {"region": "EU", "top_category": "ring", "hr@10": 0.2},
-            {"region": "NA", "top_category": "necklace", "hr@10": 0.25},
-        ]
-
+@contextlib.contextmanager
+def _serve_in_thread(app: Any) -> Iterator[str]:
+    """uvicorn in a thread of this process: for apps a test extends with its own routes."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -280,6 +272,22 @@ def coordinator_with_insights(tmp_path: Path) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture
+def coordinator_with_insights(tmp_path: Path) -> Iterator[str]:
+    """A coordinator that also has a GET /v1/insights (as another component will add)."""
+    app = create_app(CoordinatorSettings(database_url=f"sqlite:///{tmp_path / 'c.db'}"))
+
+    @app.get("/v1/insights")
+    def insights() -> list[dict[str, object]]:
+        return [
+            {"region": "EU", "top_category": "ring", "hr@10": 0.2},
+            {"region": "NA", "top_category": "necklace", "hr@10": 0.25},
+        ]
+
+    with _serve_in_thread(app) as url:
+        yield url
 
 
 def test_regional_insights_panel_appears_when_the_endpoint_exists(
@@ -300,3 +308,24 @@ def test_regional_insights_panel_appears_when_the_endpoint_exists(
     # No rounds yet: the empty states say what to do.
     assert "upload a catalog" in browser.find_element(By.ID, "rounds").text
     _assert_same_origin_only(browser, coordinator_with_insights)
+
+
+def test_private_dashboard_asks_for_the_admin_token(browser: Any, tmp_path: Path) -> None:
+    settings = CoordinatorSettings(
+        database_url=f"sqlite:///{tmp_path / 'c.db'}", admin_token=ADMIN, dashboard_public=False
+    )
+    with _serve_in_thread(create_app(settings)) as url:
+        browser.get(url + "/dashboard")
+        form = _wait(browser, lambda d: d.find_element(By.ID, "auth").is_displayed(), "the prompt")
+        assert form and not browser.find_element(By.ID, "main").is_displayed()
+        browser.find_element(By.ID, "token").send_keys("not-the-token")
+        browser.find_element(By.CSS_SELECTOR, "#auth-form button").click()
+        _wait(browser, lambda d: d.find_element(By.ID, "auth-error").text, "the refusal")
+        assert "invalid bearer token" in browser.find_element(By.ID, "auth-error").text
+        token = browser.find_element(By.ID, "token")
+        token.clear()
+        token.send_keys(ADMIN)
+        browser.find_element(By.CSS_SELECTOR, "#auth-form button").click()
+        _wait(browser, lambda d: d.find_element(By.ID, "main").is_displayed(), "the dashboard")
+        assert not browser.find_element(By.ID, "auth").is_displayed()
+        assert "no rounds yet" in browser.find_element(By.ID, "rounds").text
