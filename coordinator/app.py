@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from coordinator.db import Database
 from coordinator.models_registry.endpoints import router as models_router
 from coordinator.models_registry.service import WeightCache
 from coordinator.nodes.endpoints import router as nodes_router
+from coordinator.operator_tools import install_operator_tools
 from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
 from coordinator.settings import CoordinatorSettings
@@ -26,8 +28,14 @@ log = logging.getLogger("fedjewel.coordinator")
 
 def _close_ready_round(app: FastAPI) -> int | None:
     db: Database = app.state.db
+    started = time.perf_counter()
     with db.sessions() as session:
-        return try_close_current_round(session, app.state.settings, app.state.weight_cache)
+        version = try_close_current_round(session, app.state.settings, app.state.weight_cache)
+        if version is not None:
+            app.state.coordinator_metrics.round_closed(
+                session, version, time.perf_counter() - started
+            )
+        return version
 
 
 async def _round_closer(app: FastAPI) -> None:
@@ -68,22 +76,26 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Global model versions, training rounds, node registry and product catalog.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.weight_cache = WeightCache(maxsize=2)
     install_error_handlers(app)
     for router in (nodes_router, catalog_router, models_router, rounds_router):
         app.include_router(router)
-
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    install_operator_tools(app)
 
     @app.get(
         "/readyz",
         tags=["health"],
         summary="Readiness: the database answers",
-        responses=error_responses(503),
+        description="200 once the database answers a query (migrations ran at start-up); "
+        "503 while it does not. Use it as the load balancer's and compose's healthcheck.",
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+            **error_responses(503),
+        },
     )
     def readyz() -> dict[str, str]:
         db: Database = app.state.db

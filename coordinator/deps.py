@@ -76,18 +76,19 @@ def require_node(creds: BearerDep, settings: SettingsDep, session: SessionDep) -
     return node
 
 
-def require_reader(creds: BearerDep, settings: SettingsDep, session: SessionDep) -> None:
-    """Admin or any non-revoked node (model weights, catalog)."""
+def require_reader(creds: BearerDep, settings: SettingsDep, session: SessionDep) -> Node | None:
+    """Admin (None) or any non-revoked node (the node), e.g. for model weights."""
     token = _token(creds)
     if settings.admin_token and admin_token_matches(token, settings.admin_token):
-        return
+        return None
     node = _node_for_token(session, token)
     if node is None:
         raise Unauthorized("invalid bearer token")
     if node.revoked_at is not None:
         raise Forbidden(f"node {node.node_id!r} has been revoked")
+    return node
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
 NodeDep = Annotated[Node, Depends(require_node)]
-ReaderDep = Annotated[None, Depends(require_reader)]
+ReaderDep = Annotated[Node | None, Depends(require_reader)]

@@ -37,6 +37,11 @@ class CoordinatorSettings(BaseSettings):
     model_seed: int = 0
     migrate_on_start: bool = True
     log_json: bool = False
+    dashboard_public: bool = Field(
+        default=True,
+        description="Serve /v1/dashboard/summary without a token (ids, counts, metrics only); "
+        "false requires the admin token.",
+    )
 
     @model_validator(mode="after")
     def _target_at_least_min(self) -> CoordinatorSettings:

@@ -13,6 +13,7 @@ from fastapi import Body, FastAPI, Query
 
 from regional_node import service
 from regional_node.deps import ApiKeyDep, RuntimeDep, SettingsDep, StoreDep
+from regional_node.operator_tools import install_operator_tools
 from regional_node.participation import NodeRuntime, Participant
 from regional_node.recommender import Filters
 from regional_node.settings import NodeSettings
@@ -54,10 +55,13 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         version="0.1.0",
         summary="Private event store, local training and recommendations for one region.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.runtime = NodeRuntime()
     install_error_handlers(app)
+    install_operator_tools(app, app.state.runtime)
 
     @app.post(
         "/v1/events",
@@ -124,19 +128,28 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
             ),
         )
 
-    @app.get("/v1/status", tags=["status"], summary="Node state")
+    @app.get(
+        "/v1/status",
+        tags=["status"],
+        summary="Node state",
+        description="The model version served, the last round joined, the number of stored "
+        "events, and the participation loop's health (coordinator reachable, last error, "
+        "retry back-off). Counts only: no user data.",
+    )
     def get_status(s: SettingsDep, store: StoreDep, runtime: RuntimeDep) -> NodeStatus:
         return service.node_status(s, store, runtime)
-
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.get(
         "/readyz",
         tags=["health"],
         summary="Readiness: the event store answers",
-        responses=error_responses(503),
+        description="200 once the node's own event database answers a query; 503 while it "
+        "does not. Serving does not wait for the coordinator (popularity until a model "
+        "arrives).",
+        responses={
+            200: {"content": {"application/json": {"example": {"status": "ready"}}}},
+            **error_responses(503),
+        },
     )
     def readyz(store: StoreDep) -> dict[str, str]:
         database_ready(store.engine)

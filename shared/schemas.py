@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import JsonDict
 
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 EventType = Literal["view", "click", "add_to_cart", "purchase"]
@@ -25,27 +26,27 @@ Identifier = Annotated[
 class ErrorBody(BaseModel):
     """Every 4xx answer of both services has this shape."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "invalid bearer token"}]})
+
     detail: str | list[dict[str, object]] = Field(description="What was wrong with the request.")
+
+
+CATALOG_ITEM_EXAMPLE: JsonDict = {
+    "item_id": "R-1001",
+    "title": "Solitaire ring",
+    "category": "ring",
+    "material": "platinum",
+    "gemstone": "diamond",
+    "style_tags": ["classic", "bridal"],
+    "price_usd": 2450.0,
+}
 
 
 class CatalogItem(BaseModel):
     """One product. Only `item_id` is required: real catalogs are incomplete."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "item_id": "R-1001",
-                    "title": "Solitaire ring",
-                    "category": "ring",
-                    "material": "platinum",
-                    "gemstone": "diamond",
-                    "style_tags": ["classic", "bridal"],
-                    "price_usd": 2450.0,
-                }
-            ]
-        },
+        extra="forbid", json_schema_extra={"examples": [CATALOG_ITEM_EXAMPLE]}
     )
 
     item_id: Identifier
@@ -133,12 +134,39 @@ class NodeRegistration(BaseModel):
 
 
 class NodeCredentials(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "node_id": "eu-1",
+                    "region": "EU",
+                    "token": "eu-1.Zq3v9mJ4cXy1kP0wT2rB8sN6dF5gH7jL0aE3uI9oW1Q",
+                }
+            ]
+        }
+    )
+
     node_id: str
     region: str
     token: str = Field(description="Shown once. The coordinator keeps only its hash.")
 
 
 class NodeInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "node_id": "eu-1",
+                    "region": "EU",
+                    "created_at": "2026-11-20T09:00:00Z",
+                    "last_seen_at": "2026-11-25T22:29:52Z",
+                    "revoked": False,
+                    "last_model_version": 3,
+                }
+            ]
+        }
+    )
+
     node_id: str
     region: str
     created_at: datetime
@@ -148,6 +176,21 @@ class NodeInfo(BaseModel):
 
 
 class CatalogInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": 2500,
+                    "active_items": 2480,
+                    "catalog_version": 2,
+                    "added": 40,
+                    "updated": 12,
+                    "deactivated": 20,
+                }
+            ]
+        }
+    )
+
     items: int
     active_items: int
     catalog_version: int
@@ -157,6 +200,18 @@ class CatalogInfo(BaseModel):
 
 
 class CatalogOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "catalog_version": 2,
+                    "items": [CATALOG_ITEM_EXAMPLE],
+                    "inactive_item_ids": ["R-0999"],
+                }
+            ]
+        }
+    )
+
     catalog_version: int
     items: list[CatalogItem]
     inactive_item_ids: list[str] = Field(
@@ -169,6 +224,30 @@ ModelStatus = Literal["candidate", "active", "retired"]
 
 
 class ModelVersionOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "version": 3,
+                    "created_at": "2026-11-25T22:29:50Z",
+                    "round_id": 2,
+                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                    "size_bytes": 512345,
+                    "status": "active",
+                    "config": {"num_items": 2500, "embedding_dim": 48, "seed": 0},
+                    "metrics": {
+                        "train_loss": 3.91,
+                        "hr@10": 0.21,
+                        "ndcg@10": 0.11,
+                        "num_examples": 5400.0,
+                        "num_updates": 3.0,
+                    },
+                    "num_items": 2500,
+                }
+            ]
+        }
+    )
+
     version: int
     created_at: datetime
     round_id: int | None
@@ -184,6 +263,26 @@ RoundState = Literal["open", "closed"]
 
 
 class RoundOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "round_id": 3,
+                    "base_version": 3,
+                    "state": "open",
+                    "created_at": "2026-11-25T22:29:50Z",
+                    "deadline": "2026-11-25T22:34:50Z",
+                    "closed_at": None,
+                    "result_version": None,
+                    "updates_received": 1,
+                    "min_updates": 3,
+                    "target_updates": 3,
+                    "participants": ["eu-1"],
+                }
+            ]
+        }
+    )
+
     round_id: int
     base_version: int
     state: RoundState
@@ -198,6 +297,22 @@ class RoundOut(BaseModel):
 
 
 class UpdateReceipt(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "round_id": 3,
+                    "node_id": "eu-1",
+                    "num_examples": 1800,
+                    "sha256": "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+                    "accepted_at": "2026-11-25T22:30:12Z",
+                    "updates_received": 2,
+                    "duplicate": False,
+                }
+            ]
+        }
+    )
+
     round_id: int
     node_id: str
     num_examples: int
@@ -215,6 +330,22 @@ class RecommendedItem(BaseModel):
 
 
 class RecommendResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u-42",
+                    "model_version": 3,
+                    "strategy": "model",
+                    "items": [
+                        {"item_id": "R-1001", "score": 7.25},
+                        {"item_id": "N-2040", "score": 6.9},
+                    ],
+                }
+            ]
+        }
+    )
+
     user_id: str | None
     model_version: int | None
     strategy: Literal["model", "popularity"]
@@ -222,6 +353,25 @@ class RecommendResponse(BaseModel):
 
 
 class NodeStatus(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "node_id": "eu-1",
+                    "region": "EU",
+                    "model_version": 3,
+                    "last_round_joined": 2,
+                    "event_count": 184220,
+                    "coordinator_reachable": True,
+                    "last_error": None,
+                    "training": False,
+                    "consecutive_failures": 0,
+                    "next_retry_seconds": None,
+                }
+            ]
+        }
+    )
+
     node_id: str
     region: str
     model_version: int | None
@@ -235,6 +385,12 @@ class NodeStatus(BaseModel):
 
 
 class EventsAccepted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"received": 3, "inserted": 2, "duplicates": 1, "unknown_item_ids": []}]
+        }
+    )
+
     received: int
     inserted: int
     duplicates: int

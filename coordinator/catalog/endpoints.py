@@ -44,7 +44,7 @@ def put_catalog(
     description="Public product data, in model-row order (an item's position is its row). "
     "Supports `If-None-Match` with the catalog version as ETag.",
     response_model=CatalogOut,
-    responses={304: {"description": "Not modified."}},
+    responses={304: {"description": "Not modified."}, **error_responses(422)},
 )
 def get_catalog(
     session: SessionDep,

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Header, Query, Response
 
 from coordinator.deps import AdminDep, ReaderDep, SessionDep
 from coordinator.models_registry import service
+from coordinator.nodes.service import touch_node
 from coordinator.rounds.service import promote_version
 from shared.errors import NotFound, error_responses
 from shared.schemas import ModelVersionOut
@@ -13,7 +14,13 @@ from shared.schemas import ModelVersionOut
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", summary="List model versions", description="Newest first.")
+@router.get(
+    "",
+    summary="List model versions",
+    description="Newest first, with status (candidate / active / retired), sha256 and the "
+    "aggregate metrics of the round that produced each version.",
+    responses=error_responses(422),
+)
 def list_models(
     session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[ModelVersionOut]:
@@ -36,6 +43,8 @@ def latest_model(session: SessionDep) -> ModelVersionOut:
 @router.get(
     "/{version}",
     summary="One model version's metadata",
+    description="Status, sha256 and size of the weights, model config, the round that "
+    "produced it and the aggregate metrics the nodes reported in that round.",
     responses=error_responses(404, 422),
 )
 def get_model(version: int, session: SessionDep) -> ModelVersionOut:
@@ -59,10 +68,12 @@ def get_model(version: int, session: SessionDep) -> ModelVersionOut:
 def get_weights(
     version: int,
     session: SessionDep,
-    _: ReaderDep,
+    reader: ReaderDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     row = service.get_version(session, version)
+    if reader is not None:  # a node: record when it was seen and what it fetched
+        touch_node(session, reader, version)
     etag = f'"{row.sha256}"'
     if if_none_match is not None and if_none_match.strip() in (etag, row.sha256):
         return Response(status_code=304, headers={"ETag": etag})
@@ -79,7 +90,7 @@ def get_weights(
     summary="Promote or roll back to a version",
     description="Admin only. Makes the version active; nodes follow the active version. "
     "The open round is rebased on it (its updates, made against another base, are dropped).",
-    responses=error_responses(401, 403, 404, 409),
+    responses=error_responses(401, 403, 404, 409, 422),
 )
 def promote(version: int, _: AdminDep, session: SessionDep) -> ModelVersionOut:
     return service.to_out(promote_version(session, version))

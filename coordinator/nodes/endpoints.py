@@ -36,7 +36,7 @@ def list_nodes(_: AdminDep, session: SessionDep) -> list[NodeInfo]:
     "/{node_id}/revoke",
     summary="Revoke a node",
     description="Admin only. A revoked node's token is refused from then on.",
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 422),
 )
 def revoke_node(node_id: str, _: AdminDep, session: SessionDep) -> NodeInfo:
     return service.revoke_node(session, node_id)

@@ -27,7 +27,12 @@ def current_round(session: SessionDep, settings: SettingsDep) -> RoundOut:
     return service.round_out(session, r, settings)
 
 
-@router.get("", summary="List rounds", description="Newest first, with participants.")
+@router.get(
+    "",
+    summary="List rounds",
+    description="Newest first, with participants.",
+    responses=error_responses(422),
+)
 def list_rounds(
     session: SessionDep,
     settings: SettingsDep,
@@ -36,7 +41,12 @@ def list_rounds(
     return [service.round_out(session, r, settings) for r in service.list_rounds(session, limit)]
 
 
-@router.get("/{round_id}", summary="One round", responses=error_responses(404, 422))
+@router.get(
+    "/{round_id}",
+    summary="One round",
+    description="State, base and result versions, deadline and the nodes that contributed.",
+    responses=error_responses(404, 422),
+)
 def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> RoundOut:
     return service.round_out(session, service.get_round(session, round_id), settings)
 
