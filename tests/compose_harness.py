@@ -264,6 +264,15 @@ class ComposeHarness:
             value = re.sub(rf"(?<![\w.-]){re.escape(target)}(?=/|$)", str(local_dir), value)
         return value
 
+    def rewrite_argv(self, service: str, argv: tuple[str, ...]) -> list[str]:
+        """`rewrite` per token, and for exec-form pairs like `--port`, `8100`."""
+        out: list[str] = []
+        for token in argv:
+            if out and out[-1] in ("--port", "--host"):
+                token = self.rewrite(service, f"{out[-1]} {token}").split(" ", 1)[1]
+            out.append(self.rewrite(service, token))
+        return out
+
     def volume_dir(self, source: str) -> Path:
         path = self.workdir / "volumes" / source.strip("./").replace("/", "_")
         path.mkdir(parents=True, exist_ok=True)
@@ -287,11 +296,17 @@ class ComposeHarness:
         port = ports[container_port] if container_port is not None else next(iter(ports.values()))
         return f"http://127.0.0.1:{port}"
 
-    def up(self, timeout: float = 120.0) -> None:
+    def up(self, timeout: float = 120.0, *, wait: bool = True) -> None:
+        """Start every service; with `wait`, like `docker compose up --wait`, return once all
+        services that have a healthcheck are healthy."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             for name in start_order(self.services):
                 self._start(name, timeout)
+            if wait:
+                for name, run in self.running.items():
+                    if run.process is not None and run.service.healthcheck is not None:
+                        self.wait_healthy(name, timeout)
         except BaseException:
             self.down()
             raise
@@ -316,7 +331,7 @@ class ComposeHarness:
             log_path=self.workdir / "logs" / f"{name}.log",
             port=next(iter(ports.values()), 0),
             cwd=self.compose_file.parent / (svc.build or "."),
-            command=tuple(self.rewrite(name, part) for part in svc.command),
+            command=tuple(self.rewrite_argv(name, svc.command)),
         ).start()
         self.running[name] = _Running(svc, process, ports)
 
@@ -337,7 +352,7 @@ class ComposeHarness:
             raise ComposeError(f"{name} has no healthcheck but a dependant waits for it")
         try:
             done = subprocess.run(
-                [self.rewrite(name, a) for a in check.argv],
+                self.rewrite_argv(name, check.argv),
                 env=self.process_env(name),
                 cwd=run.process.cwd,
                 timeout=check.timeout,
