@@ -28,6 +28,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -61,9 +62,9 @@ class DemoConfig:
     workdir: Path = Path(".demo")
     seed: int = 7
     regions: int = 3
-    users: int = 4500
+    users: int = 3600
     items: int = 1200
-    rounds: int = 8
+    rounds: int = 6
     local_epochs: int = 2
     embedding_dim: int = 32
     min_users_for_metrics: int = 20
@@ -346,6 +347,7 @@ class Demo:
         # The first catalog upload makes version 1 and opens round 1: training starts now.
         http.put("/v1/catalog", json=[i.model_dump() for i in catalog]).raise_for_status()
         self._follow_rounds(http, len(nodes))
+        self._wait_nodes_serve_latest(http, nodes)
 
         versions = [
             ModelVersionOut.model_validate(v)
@@ -429,26 +431,36 @@ class Demo:
         events_by_region: dict[str, list[EventRecord]],
     ) -> None:
         batch = 2000
-        with Progress(console=self.console, transient=True) as progress:
-            for node, region in zip(nodes, regions, strict=True):
-                events = events_by_region[region]
-                task = progress.add_task(
-                    f"posting {region} events to {node.name}", total=len(events)
-                )
-                with NodeClient(node.url, timeout=120) as client:
-                    for start in range(0, len(events), batch):
-                        chunk = [
-                            EventIn(
-                                user_id=e.user_id,
-                                item_id=e.item_id,
-                                event_type=e.event_type,  # type: ignore[arg-type]
-                                timestamp=e.timestamp,
-                                country=e.country,
-                            )
-                            for e in events[start : start + batch]
-                        ]
-                        client.send_events(chunk, batch_size=batch)
-                        progress.advance(task, len(chunk))
+
+        def post_region(node: ServiceProcess, region: str, progress: Progress) -> None:
+            events = events_by_region[region]
+            task = progress.add_task(f"{region}: posting events to {node.name}", total=len(events))
+            with NodeClient(node.url, timeout=120) as client:
+                for start in range(0, len(events), batch):
+                    chunk = [
+                        EventIn(
+                            user_id=e.user_id,
+                            item_id=e.item_id,
+                            event_type=e.event_type,  # type: ignore[arg-type]
+                            timestamp=e.timestamp,
+                            country=e.country,
+                        )
+                        for e in events[start : start + batch]
+                    ]
+                    client.send_events(chunk, batch_size=batch)
+                    progress.advance(task, len(chunk))
+
+        # One storefront per region, posting at the same time.
+        with (
+            Progress(console=self.console, transient=True) as progress,
+            ThreadPoolExecutor(max_workers=len(nodes)) as pool,
+        ):
+            futures = [
+                pool.submit(post_region, node, region, progress)
+                for node, region in zip(nodes, regions, strict=True)
+            ]
+            for future in futures:
+                future.result()
         counts = ", ".join(f"{r} {len(events_by_region[r]):,}" for r in regions)
         self.console.print(f"[bold]events imported[/] over HTTP: {counts} ({self.elapsed():.0f}s)")
 
@@ -490,6 +502,24 @@ class Demo:
                 time.sleep(0.5)
         self.console.print()
         self.console.print(f"[bold]federation done[/] ({self.elapsed():.0f}s)")
+
+    def _wait_nodes_serve_latest(self, http: httpx.Client, nodes: Sequence[ServiceProcess]) -> None:
+        """Nodes swap to a new version within a poll; wait for that so what follows is final."""
+        latest = int(http.get("/v1/models/latest").raise_for_status().json()["version"])
+        deadline = time.monotonic() + 30
+        lagging = list(nodes)
+        while lagging and time.monotonic() < deadline:
+            lagging = [
+                n
+                for n in lagging
+                if (httpx.get(n.url + "/v1/status", timeout=10).json()["model_version"] or 0)
+                < latest
+            ]
+            if lagging:
+                time.sleep(0.2)
+        if lagging:
+            names = ", ".join(n.name for n in lagging)
+            self.console.print(f"[yellow]{names} not yet serving version {latest}[/]")
 
     def _evaluate(
         self,
@@ -630,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="store_true", help="stop a running demo and exit")
     parser.add_argument("--quick", action="store_true", help="tiny market and 2 rounds (tests)")
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
-    parser.add_argument("--rounds", type=int, help="federated rounds (default 8; quick: 2)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (default 6; quick: 2)")
     parser.add_argument("--users", type=int, help="shoppers in the generated market")
     parser.add_argument(
         "--no-keep", action="store_true", help="stop the services when the demo ends"

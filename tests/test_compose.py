@@ -225,9 +225,11 @@ def test_compose_file_runs_end_to_end(pg_url: str, tmp_path: Path) -> None:
                 events = tiny_events(name, users=40, material=material, seed=i)
                 accepted = node.send_events(events, batch_size=500)
                 assert accepted.inserted == len(events)
-            with NodeClient(harness.url(name), api_key="wrong") as bad:
-                with pytest.raises(NodeApiError) as err:
-                    bad.recommend(k=3)
+            with (
+                NodeClient(harness.url(name), api_key="wrong") as bad,
+                pytest.raises(NodeApiError) as err,
+            ):
+                bad.recommend(k=3)
             assert err.value.status_code == 401 and err.value.detail
 
         deadline = time.monotonic() + 240
