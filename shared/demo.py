@@ -66,6 +66,7 @@ class DemoConfig:
     items: int = 1200
     rounds: int = 6
     local_epochs: int = 2
+    learning_rate: float = 0.01
     embedding_dim: int = 32
     min_users_for_metrics: int = 20
     time_budget_seconds: float = 270.0  # the whole demo, start to summary
@@ -276,7 +277,7 @@ def _plot(
     ax_hr.set_xlabel("global model version (1 = initialization)")
     ax_hr.set_ylabel("held-out HR@10")
     ax_hr.set_title("Held-out HR@10 per region (dotted: regional popularity)")
-    ax_hr.legend()
+    ax_hr.legend(loc="lower right")
     ax_hr.grid(alpha=0.3)
     losses = [
         (v.round_id, v.metrics["train_loss"])
@@ -413,6 +414,7 @@ class Demo:
                     "NODE_DATABASE_URL": f"sqlite:///{self.workdir / 'db' / (node_id + '.db')}",
                     "NODE_POLL_SECONDS": "0.5",
                     "NODE_LOCAL_EPOCHS": str(self.config.local_epochs),
+                    "NODE_LEARNING_RATE": str(self.config.learning_rate),
                     "NODE_ALLOW_ANONYMOUS": "true",
                     "NODE_MIN_USERS_FOR_METRICS": str(self.config.min_users_for_metrics),
                 },
@@ -662,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
     parser.add_argument("--rounds", type=int, help="federated rounds (default 6; quick: 2)")
     parser.add_argument("--users", type=int, help="shoppers in the generated market")
+    parser.add_argument("--local-epochs", type=int, help="local epochs per round (default 2)")
+    parser.add_argument("--learning-rate", type=float, help="nodes' learning rate (default 0.01)")
     parser.add_argument(
         "--no-keep", action="store_true", help="stop the services when the demo ends"
     )
@@ -676,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["rounds"] = args.rounds
     if args.users is not None:
         overrides["users"] = args.users
+    if args.local_epochs is not None:
+        overrides["local_epochs"] = args.local_epochs
+    if args.learning_rate is not None:
+        overrides["learning_rate"] = args.learning_rate
     config = DemoConfig(**{**config.__dict__, **overrides})
     demo = Demo(config, console)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
