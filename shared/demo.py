@@ -671,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     console = Console()
+    if not console.is_terminal:  # logs and CI: wide enough for the result tables
+        console = Console(width=110)
     if args.stop:
         stop_demo(args.workdir, console)
         return 0

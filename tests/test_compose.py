@@ -183,6 +183,7 @@ def test_commands_reference_existing_modules(services: dict[str, ComposeService]
 def test_build_context_holds_what_the_dockerfile_copies(
     services: dict[str, ComposeService],
 ) -> None:
+    assert {s.build for s in _fedjewel_services(services)} == {"."}
     context = ROOT / (services["coordinator"].build or "")
     dockerfile = (context / "Dockerfile").read_text()
     for line in dockerfile.splitlines():
