@@ -91,6 +91,8 @@ def test_quick_demo_runs_leaves_services_up_and_stops(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
         for expected in (
+            "round 1 closed: 3/3 nodes -> version 2",
+            "round 2 closed: 3/3 nodes -> version 3",
             "Held-out HR@10 per region",
             "brand-new shopper",
             "strategy model",
