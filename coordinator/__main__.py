@@ -19,15 +19,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--migrate-only", action="store_true", help="apply migrations and exit")
+    parser.add_argument(
+        "--migrate-only",
+        action="store_true",
+        help="apply migrations (and COORDINATOR_BOOTSTRAP_NODES), then exit",
+    )
     args = parser.parse_args(argv)
     settings = CoordinatorSettings()
     configure_logging(json_logs=settings.log_json)
     if args.migrate_only:
         from coordinator.db import Database
+        from coordinator.nodes.bootstrap import bootstrap_from_settings
 
         db = Database(settings.database_url)
         db.migrate()
+        bootstrap_from_settings(db, settings.bootstrap_nodes)
         db.dispose()
         return
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")

@@ -15,6 +15,7 @@ from coordinator.catalog.endpoints import router as catalog_router
 from coordinator.db import Database
 from coordinator.models_registry.endpoints import router as models_router
 from coordinator.models_registry.service import WeightCache
+from coordinator.nodes.bootstrap import bootstrap_from_settings
 from coordinator.nodes.endpoints import router as nodes_router
 from coordinator.operator_tools import install_operator_tools
 from coordinator.rounds.endpoints import router as rounds_router
@@ -60,6 +61,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         db = Database(settings.database_url)
         if settings.migrate_on_start:
             await asyncio.to_thread(db.migrate)
+        await asyncio.to_thread(bootstrap_from_settings, db, settings.bootstrap_nodes)
         app.state.db = db
         app.state.round_wakeup = asyncio.Event()
         task = asyncio.create_task(_round_closer(app))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AggregationStrategy = Literal["fedavg", "clipped", "trimmed_mean", "median", "krum"]
@@ -29,6 +29,11 @@ class CoordinatorSettings(BaseSettings):
         description="Updates that close a round at once (default: MIN_UPDATES).",
     )
     round_deadline_seconds: float = Field(default=300.0, gt=0)
+    max_rounds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Open no round after this many (demos, experiments); unset = run forever.",
+    )
     round_check_seconds: float = Field(default=0.5, gt=0)
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_num_examples: int = Field(default=100_000_000, ge=1)
@@ -36,6 +41,12 @@ class CoordinatorSettings(BaseSettings):
     embedding_dim: int = Field(default=48, ge=4, le=1024)
     model_seed: int = 0
     migrate_on_start: bool = True
+    bootstrap_nodes: str = Field(
+        default="",
+        description="Pre-shared node credentials `node_id:region:secret,...`, registered at "
+        "start-up; the node then uses NODE_TOKEN=<node_id>.<secret> (see README).",
+        repr=False,
+    )
     log_json: bool = False
     dashboard_public: bool = Field(
         default=True,
@@ -48,6 +59,14 @@ class CoordinatorSettings(BaseSettings):
         if self.target_updates is not None and self.target_updates < self.min_updates:
             raise ValueError("TARGET_UPDATES must be >= MIN_UPDATES")
         return self
+
+    @field_validator("bootstrap_nodes")
+    @classmethod
+    def _valid_bootstrap_nodes(cls, value: str) -> str:
+        from coordinator.nodes.bootstrap import parse_bootstrap_nodes
+
+        parse_bootstrap_nodes(value)
+        return value
 
     @property
     def effective_target_updates(self) -> int:

@@ -25,7 +25,12 @@ def free_port() -> int:
 
 @dataclass
 class ServiceProcess:
-    """A service started with `python -m <module> --host 127.0.0.1 --port <port>`."""
+    """A service started with `python -m <module> --host 127.0.0.1 --port <port>`.
+
+    `command` replaces that command line (the compose test harness runs each
+    service's own command); it runs in its own session so `stop` ends the
+    whole process group.
+    """
 
     name: str
     module: str
@@ -34,6 +39,7 @@ class ServiceProcess:
     port: int = field(default_factory=free_port)
     cwd: Path | None = None
     args: tuple[str, ...] = ()
+    command: tuple[str, ...] | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -45,8 +51,11 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", self.module, *self.args]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        if self.command is not None:
+            cmd = list(self.command)
+        else:
+            cmd = [sys.executable, "-m", self.module, *self.args]
+            cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
             cmd,
             env=env,

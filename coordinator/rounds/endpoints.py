@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 def current_round(session: SessionDep, settings: SettingsDep) -> RoundOut:
     r = service.current_round(session)
     if r is None:
-        raise NotFound("no open round: upload a catalog first")
+        raise NotFound("no open round: no catalog uploaded yet, or COORDINATOR_MAX_ROUNDS reached")
     return service.round_out(session, r, settings)
 
 

@@ -325,7 +325,8 @@ def _close_round(
     r.closed_at = now
     r.result_version = v.version
     r.close_reason = "target" if acc.count >= settings.effective_target_updates else "deadline"
-    open_round(session, settings, v.version)
+    if settings.max_rounds is None or r.id < settings.max_rounds:
+        open_round(session, settings, v.version)
     log.info(
         "round %s closed with %d updates -> version %s",
         r.id,
