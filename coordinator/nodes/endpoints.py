@@ -35,7 +35,8 @@ def list_nodes(_: AdminDep, session: SessionDep) -> list[NodeInfo]:
 @router.post(
     "/{node_id}/revoke",
     summary="Revoke a node",
-    description="Admin only. A revoked node's token is refused from then on.",
+    description="Admin only. A revoked node's token is refused from then on, and its "
+    "update to the open round, if any, is dropped.",
     responses=error_responses(401, 403, 404),
 )
 def revoke_node(node_id: str, _: AdminDep, session: SessionDep) -> NodeInfo:

@@ -48,10 +48,11 @@ def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> Roun
         "Node token only. The body is a safetensors file holding the node's weight **delta** "
         "against the round's base version, keyed by parameter name (same names, shapes and "
         "dtypes as the base; NaN/Inf refused). `num_examples` and `base_version` are query "
-        "parameters; `X-Content-SHA256` (hex sha256 of the body) is verified; local metrics "
-        "go in `X-Update-Metrics` as a JSON object of numbers. Retrying the same update "
-        "returns the first receipt (`duplicate: true`); a different second update from the "
-        "same node in the same round is a 409. The body size is capped while it streams."
+        "parameters; `X-Content-SHA256` (hex sha256 of the body) is required and verified; "
+        "local metrics go in `X-Update-Metrics` as a JSON object of numbers. Retrying the "
+        "same update returns the first receipt (`duplicate: true`); a different second "
+        "update from the same node in the same round is a 409. "
+        "The body size is capped while it streams."
     ),
     openapi_extra={
         "requestBody": {
@@ -72,8 +73,8 @@ async def submit_update(
     num_examples: Annotated[int, Query(ge=1, description="Training examples behind the update.")],
     base_version: Annotated[int, Query(ge=1, description="The version the delta is against.")],
     x_content_sha256: Annotated[
-        str | None, Header(pattern=r"^[0-9a-fA-F]{64}$", description="sha256 of the body.")
-    ] = None,
+        str, Header(pattern=r"^[0-9a-fA-F]{64}$", description="Hex sha256 of the body (required).")
+    ],
     x_update_metrics: Annotated[
         str | None, Header(max_length=4096, description='e.g. {"train_loss": 3.2}')
     ] = None,
