@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
     summary="Register a regional node",
     description="Admin only. Answers with the node's bearer token; it is shown once and "
     "only its hash is stored.",
-    responses=error_responses(401, 403, 409, 422),
+    responses=error_responses(400, 401, 403, 409, 422),
 )
 def register_node(body: NodeRegistration, _: AdminDep, session: SessionDep) -> NodeCredentials:
     return service.register_node(session, body)

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from coordinator.deps import NodeDep, SessionDep, SettingsDep
+from coordinator.deps import NodeDep, RoundIdPath, SessionDep, SettingsDep
 from coordinator.rounds import service
 from shared.errors import NotFound, error_responses
 from shared.schemas import RoundOut, UpdateReceipt
@@ -37,7 +37,7 @@ def list_rounds(
 
 
 @router.get("/{round_id}", summary="One round", responses=error_responses(404, 422))
-def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> RoundOut:
+def get_round(round_id: RoundIdPath, session: SessionDep, settings: SettingsDep) -> RoundOut:
     return service.round_out(session, service.get_round(session, round_id), settings)
 
 
@@ -65,7 +65,7 @@ def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> Roun
     responses=error_responses(401, 403, 404, 409, 413, 422),
 )
 async def submit_update(
-    round_id: int,
+    round_id: RoundIdPath,
     request: Request,
     node: NodeDep,
     session: SessionDep,
