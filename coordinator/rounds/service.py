@@ -227,6 +227,13 @@ def submit_update(
     # Lock the round row, re-check it is open, then insert (unique per round and node).
     locked = session.get(Round, round_id, with_for_update=True, populate_existing=True)
     assert locked is not None
+    # A concurrent retry of this node may have committed while we waited for the lock
+    # (and the round may have closed since): it is still the same update, answer as such.
+    existing = _existing_update(session, round_id, node.node_id)
+    if existing is not None:
+        receipt = _replay_or_conflict(session, existing, sha)
+        session.rollback()
+        return receipt
     if locked.state != "open":
         session.rollback()
         raise Conflict(f"round {round_id} closed while the update was uploading")
