@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import httpx
 import torch
@@ -76,3 +77,23 @@ def wait_for(
         time.sleep(0.3)
     logs = "\n\n".join(f"--- {p.name} ---\n{p.tail_log(40)}" for p in procs)
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def start_coordinator(
+    db_url: str, log: Path, *, port: int | None = None, **env: str
+) -> ServiceProcess:
+    """`python -m coordinator` on a loopback port (optionally a given one: restarts);
+    keyword arguments become COORDINATOR_<NAME> settings."""
+    settings = {
+        "COORDINATOR_DATABASE_URL": db_url,
+        "COORDINATOR_ADMIN_TOKEN": ADMIN_TOKEN,
+        "COORDINATOR_ROUND_CHECK_SECONDS": "0.2",
+        "COORDINATOR_EMBEDDING_DIM": "8",
+        **{f"COORDINATOR_{k.upper()}": v for k, v in env.items()},
+    }
+    proc = ServiceProcess(name=log.stem, module="coordinator", env=settings, log_path=log)
+    if port is not None:
+        proc.port = port
+    proc.start()
+    proc.wait_ready()
+    return proc

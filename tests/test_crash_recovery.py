@@ -22,10 +22,10 @@ from shared.serialization import bytes_to_state
 from tests.conftest import PG_URL_BASE, _pg_admin, _require_postgres, tiny_catalog
 from tests.sec_support import (
     ADMIN,
-    ADMIN_TOKEN,
     bearer,
     row_counts,
     seeded_delta,
+    start_coordinator,
     submit,
     wait_for,
 )
@@ -50,21 +50,9 @@ def pg_urls() -> Iterator[tuple[str, str]]:
 
 
 def _coordinator(db_url: str, log: Path, *, port: int | None = None, **env: str) -> ServiceProcess:
-    settings = {
-        "COORDINATOR_DATABASE_URL": db_url,
-        "COORDINATOR_ADMIN_TOKEN": ADMIN_TOKEN,
-        "COORDINATOR_MIN_UPDATES": "3",
-        "COORDINATOR_ROUND_DEADLINE_SECONDS": "600",
-        "COORDINATOR_ROUND_CHECK_SECONDS": "0.2",
-        "COORDINATOR_EMBEDDING_DIM": "8",
-        **{f"COORDINATOR_{k.upper()}": v for k, v in env.items()},
-    }
-    proc = ServiceProcess(name=log.stem, module="coordinator", env=settings, log_path=log)
-    if port is not None:
-        proc.port = port
-    proc.start()
-    proc.wait_ready()
-    return proc
+    return start_coordinator(
+        db_url, log, port=port, min_updates="3", round_deadline_seconds="600", **env
+    )
 
 
 def _setup(url: str, nodes: int) -> tuple[httpx.Client, list[dict[str, str]], bytes]:
@@ -87,10 +75,15 @@ def _expected(weights: bytes, deltas: list[tuple[bytes, int]]) -> dict[str, torc
     return apply_delta(base, mean)
 
 
-def _version_state(admin: httpx.Client, version: int) -> dict[str, torch.Tensor]:
+def _assert_version_is_fedavg(
+    admin: httpx.Client, version: int, weights: bytes, deltas: list[tuple[bytes, int]]
+) -> None:
+    """The version's weights equal base + FedAvg(deltas), bit for bit."""
     r = admin.get(f"/v1/models/{version}/weights")
     r.raise_for_status()
-    return bytes_to_state(r.content)
+    got = bytes_to_state(r.content)
+    expected = _expected(weights, deltas)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def _latest(admin: httpx.Client) -> int:
@@ -129,9 +122,7 @@ def test_kill_9_keeps_stored_updates(pg_url: str, tmp_path: Path) -> None:
         wait_for(lambda: _latest(admin) == 2, 60, "round 1 to close", procs)
         v2 = admin.get("/v1/models/2").json()
         assert v2["metrics"]["num_updates"] == 3.0 and v2["metrics"]["num_examples"] == 60.0
-        expected = _expected(weights, deltas)
-        got = _version_state(admin, 2)
-        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        _assert_version_is_fedavg(admin, 2, weights, deltas)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -187,9 +178,7 @@ def test_kill_9_during_aggregation_gives_exactly_one_version(
             admin.get("/v1/models/2").json()["sha256"]
             == (ref_admin.get("/v1/models/2").json()["sha256"])
         )
-        expected = _expected(weights, deltas)
-        got = _version_state(admin, 2)
-        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        _assert_version_is_fedavg(admin, 2, weights, deltas)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -231,9 +220,7 @@ def test_concurrent_submissions_from_many_nodes(pg_url: str, tmp_path: Path) -> 
         assert counts["updates"] == 12 and counts["model_versions"] == 2
         closed = admin.get("/v1/rounds/1").json()
         assert closed["state"] == "closed" and len(closed["participants"]) == 12
-        expected = _expected(weights, deltas)
-        got = _version_state(admin, 2)
-        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        _assert_version_is_fedavg(admin, 2, weights, deltas)
         # A different second update of the same node and round is refused.
         client = httpx.Client(base_url=coord.url, timeout=30)
         r = submit(client, nodes[0], seeded_delta(weights, 999), num_examples=5)

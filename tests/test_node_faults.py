@@ -19,7 +19,14 @@ from sqlalchemy import create_engine, text
 from regional_node.participation import backoff_seconds
 from shared.devservers import ServiceProcess
 from tests.conftest import tiny_catalog, tiny_events
-from tests.sec_support import ADMIN, ADMIN_TOKEN, bearer, seeded_delta, submit, wait_for
+from tests.sec_support import (
+    ADMIN,
+    bearer,
+    seeded_delta,
+    start_coordinator,
+    submit,
+    wait_for,
+)
 
 KEY = {"X-API-Key": "shop-key"}
 
@@ -32,22 +39,6 @@ def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
         assert all(0 <= d <= bound for d in draws)
         assert max(draws) > 0.8 * bound  # jitter spreads over the whole interval
     assert backoff_seconds(10_000, 0.5, 30.0, rng) <= 30.0
-
-
-def _coordinator(db_url: str, log: Path, port: int | None = None, **env: str) -> ServiceProcess:
-    settings = {
-        "COORDINATOR_DATABASE_URL": db_url,
-        "COORDINATOR_ADMIN_TOKEN": ADMIN_TOKEN,
-        "COORDINATOR_ROUND_CHECK_SECONDS": "0.2",
-        "COORDINATOR_EMBEDDING_DIM": "8",
-        **{f"COORDINATOR_{k.upper()}": v for k, v in env.items()},
-    }
-    proc = ServiceProcess(name=log.stem, module="coordinator", env=settings, log_path=log)
-    if port is not None:
-        proc.port = port
-    proc.start()
-    proc.wait_ready()
-    return proc
 
 
 def _node(
@@ -103,7 +94,7 @@ def _served_version(node: ServiceProcess) -> int | None:
 def test_rollback_and_unreachable_coordinator(pg_url: str, tmp_path: Path) -> None:
     procs: list[ServiceProcess] = []
     try:
-        coord = _coordinator(pg_url, tmp_path / "coordinator.log", min_updates="1")
+        coord = start_coordinator(pg_url, tmp_path / "coordinator.log", min_updates="1")
         procs.append(coord)
         admin = httpx.Client(base_url=coord.url, headers=ADMIN, timeout=30)
         admin.put("/v1/catalog", json=tiny_catalog(30)).raise_for_status()
@@ -192,7 +183,7 @@ def test_rollback_and_unreachable_coordinator(pg_url: str, tmp_path: Path) -> No
             )
             assert ok.status_code == 200  # storefront traffic is still accepted
 
-        coord = _coordinator(pg_url, tmp_path / "coordinator-2.log", port=coord.port)
+        coord = start_coordinator(pg_url, tmp_path / "coordinator-2.log", port=coord.port)
         procs.append(coord)
         wait_for(
             lambda: all(
@@ -226,7 +217,7 @@ def test_rollback_and_unreachable_coordinator(pg_url: str, tmp_path: Path) -> No
 def test_node_killed_mid_training(pg_url: str, tmp_path: Path) -> None:
     procs: list[ServiceProcess] = []
     try:
-        coord = _coordinator(
+        coord = start_coordinator(
             pg_url,
             tmp_path / "coordinator.log",
             min_updates="2",  # the quorum a round closes with at its deadline
