@@ -50,9 +50,8 @@ def pg_urls() -> Iterator[tuple[str, str]]:
 
 
 def _coordinator(db_url: str, log: Path, *, port: int | None = None, **env: str) -> ServiceProcess:
-    return start_coordinator(
-        db_url, log, port=port, min_updates="3", round_deadline_seconds="600", **env
-    )
+    settings = {"min_updates": "3", "round_deadline_seconds": "600", **env}
+    return start_coordinator(db_url, log, port=port, **settings)
 
 
 def _setup(url: str, nodes: int) -> tuple[httpx.Client, list[dict[str, str]], bytes]:

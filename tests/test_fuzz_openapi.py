@@ -7,6 +7,7 @@ content type, headers, body) must match what the OpenAPI document declares.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ FUZZ = settings(
 # The schemas are read from the apps when the module is imported; the fixtures below
 # start the same app objects (lifespan: migrations, state) for the module's tests.
 _TMP = Path(tempfile.mkdtemp(prefix="fedjewel-fuzz-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 COORDINATOR_APP = create_app(
     CoordinatorSettings(
         database_url=f"sqlite:///{_TMP / 'coordinator.db'}",
@@ -67,12 +69,6 @@ NODE_APP = create_node_app(
 NODE_KEY = {"X-API-Key": "fuzz-key"}
 coordinator = schemathesis.openapi.from_asgi("/openapi.json", COORDINATOR_APP)
 node = schemathesis.openapi.from_asgi("/openapi.json", NODE_APP)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cleanup() -> Iterator[None]:
-    yield
-    shutil.rmtree(_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
