@@ -361,3 +361,32 @@ def test_node_refuses_to_start_without_keys(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "NODE_API_KEYS" in proc.stderr and "NODE_ALLOW_ANONYMOUS" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_coordinator_verifies_stored_weights_when_loading(sqlite_url: str) -> None:
+    from sqlalchemy import update
+
+    from coordinator.db import Database
+    from coordinator.models import ModelVersion
+    from coordinator.models_registry.service import load_state
+    from coordinator.rounds.service import bootstrap_model_if_needed
+
+    settings = CoordinatorSettings(database_url=sqlite_url, embedding_dim=4)
+    db = Database(sqlite_url)
+    db.migrate()
+    try:
+        with db.sessions() as session:
+            bootstrap_model_if_needed(session, settings, num_items=5)
+            session.commit()
+            state, _ = load_state(session, 1)
+            assert state  # intact weights load
+            flipped = bytearray(session.get(ModelVersion, 1).weights)  # type: ignore[union-attr]
+            flipped[-1] ^= 0x01
+            session.execute(
+                update(ModelVersion).where(ModelVersion.version == 1).values(weights=bytes(flipped))
+            )
+            session.commit()
+            with pytest.raises(RuntimeError, match="sha256"):
+                load_state(session, 1)
+    finally:
+        db.dispose()
