@@ -2,12 +2,15 @@
 
 `aggregate_weighted_mean` streams: it holds one running sum the size of the
 model and reads updates one at a time, so memory is O(model), not
-O(model x updates).
+O(model x updates). The robust strategies (norm clipping, coordinate-wise
+trimmed mean and median, Multi-Krum) need all of a round's updates at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -102,3 +105,219 @@ def weighted_metrics(metrics: Iterable[tuple[Mapping[str, float], int]]) -> dict
             sums[name] = sums.get(name, 0.0) + float(value) * n
             weights[name] = weights.get(name, 0) + n
     return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+
+
+# Robust aggregation ------------------------------------------------------------------------
+#
+# FedAvg streams (O(model) memory). The robust rules below compare updates with each
+# other, so they need every update of the round in memory at once: O(model x updates).
+# All of them compute in float64 and cast back to each parameter's dtype.
+
+WeightedUpdate = tuple[Mapping[str, torch.Tensor], int]
+
+
+def _checked(updates: Sequence[WeightedUpdate]) -> list[WeightedUpdate]:
+    items = list(updates)
+    if not items:
+        raise ValueError("no updates to aggregate")
+    reference = items[0][0]
+    for update, num_examples in items:
+        if num_examples <= 0:
+            raise ValueError("num_examples must be positive")
+        check_compatible(update, reference)
+    return items
+
+
+def update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the whole update, all parameters flattened together."""
+    total = 0.0
+    for value in update.values():
+        total += float(value.to(torch.float64).pow(2).sum())
+    return math.sqrt(total)
+
+
+def clip_update(update: Mapping[str, torch.Tensor], max_norm: float) -> StateDict:
+    """Scale the update down to L2 norm `max_norm` when it is longer; shorter ones unchanged."""
+    norm = update_norm(update)
+    scale = 1.0 if norm <= max_norm or norm == 0.0 else max_norm / norm
+    return {k: (v.to(torch.float64) * scale).to(v.dtype) for k, v in update.items()}
+
+
+def aggregate_clipped(
+    updates: Sequence[WeightedUpdate], *, max_norm: float | None = None
+) -> StateDict:
+    """Norm clipping, then the sample-weighted mean.
+
+    `max_norm=None` clips to the median update norm of the round, so no update
+    can weigh in with more than a typical update's length (scale attacks).
+    """
+    items = _checked(updates)
+    if max_norm is None:
+        max_norm = float(statistics.median(update_norm(u) for u, _ in items))
+    elif max_norm <= 0:
+        raise ValueError("max_norm must be positive")
+    return aggregate_weighted_mean((clip_update(u, max_norm), n) for u, n in items)
+
+
+def _stacked(items: Sequence[WeightedUpdate], name: str) -> torch.Tensor:
+    return torch.stack([u[name].to(torch.float64) for u, _ in items])  # (k, *shape)
+
+
+def trim_count(num_updates: int, trim_fraction: float) -> int:
+    """Updates dropped at *each* end: floor(fraction x k), leaving at least one."""
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError("trim_fraction must be in [0, 0.5)")
+    return min(math.floor(trim_fraction * num_updates), (num_updates - 1) // 2)
+
+
+def aggregate_trimmed_mean(
+    updates: Sequence[WeightedUpdate], *, trim_fraction: float = 0.2
+) -> StateDict:
+    """Coordinate-wise trimmed mean: per coordinate drop the b largest and b smallest values,
+    average the rest (unweighted: a sample count is a claim an attacker controls)."""
+    items = _checked(updates)
+    b = trim_count(len(items), trim_fraction)
+    reference = items[0][0]
+    out: StateDict = {}
+    for name, ref in reference.items():
+        values, _ = torch.sort(_stacked(items, name), dim=0)
+        kept = values[b : len(items) - b]
+        out[name] = kept.mean(dim=0).to(ref.dtype)
+    return out
+
+
+def aggregate_median(updates: Sequence[WeightedUpdate]) -> StateDict:
+    """Coordinate-wise median (the mean of the two middle values for an even count)."""
+    items = _checked(updates)
+    k = len(items)
+    reference = items[0][0]
+    out: StateDict = {}
+    for name, ref in reference.items():
+        values, _ = torch.sort(_stacked(items, name), dim=0)
+        mid = values[(k - 1) // 2 : k // 2 + 1]  # one row (odd k) or the two middle rows
+        out[name] = mid.mean(dim=0).to(ref.dtype)
+    return out
+
+
+def krum_scores(updates: Sequence[Mapping[str, torch.Tensor]], num_byzantine: int) -> list[float]:
+    """Krum score of each update: the sum of squared distances to its k - f - 2 nearest
+    other updates (at least one neighbour; all others when there are too few)."""
+    k = len(updates)
+    if k == 1:
+        return [0.0]
+    flat = torch.stack(
+        [torch.cat([u[n].to(torch.float64).reshape(-1) for n in sorted(u)]) for u in updates]
+    )  # (k, params)
+    dist = torch.zeros(k, k, dtype=torch.float64)  # squared Euclidean, computed exactly
+    for i in range(k):
+        for j in range(i + 1, k):
+            dist[i, j] = dist[j, i] = (flat[i] - flat[j]).pow(2).sum()
+    neighbours = min(max(k - num_byzantine - 2, 1), k - 1)
+    scores: list[float] = []
+    for i in range(k):
+        others = torch.cat([dist[i, :i], dist[i, i + 1 :]])
+        scores.append(float(torch.sort(others).values[:neighbours].sum()))
+    return scores
+
+
+def aggregate_krum(
+    updates: Sequence[WeightedUpdate], *, num_byzantine: int = 1, num_selected: int | None = None
+) -> StateDict:
+    """Multi-Krum: keep the `num_selected` updates with the lowest Krum scores (default
+    k - f; 1 is classic Krum) and return their sample-weighted mean. Ties keep input order."""
+    items = _checked(updates)
+    if num_byzantine < 0:
+        raise ValueError("num_byzantine must be >= 0")
+    k = len(items)
+    m = k - num_byzantine if num_selected is None else num_selected
+    m = max(1, min(m, k))
+    scores = krum_scores([u for u, _ in items], num_byzantine)
+    chosen = sorted(range(k), key=lambda i: (scores[i], i))[:m]
+    return aggregate_weighted_mean(items[i] for i in sorted(chosen))
+
+
+class AggregationStrategy:
+    """How a round turns its updates into one delta (Flower-style: one hook per variant).
+
+    `streaming` strategies receive the updates as a one-pass iterator; the others
+    get a list with every update of the round in memory.
+    """
+
+    name = "base"
+    streaming = False
+
+    def aggregate(self, updates: Iterable[WeightedUpdate]) -> StateDict:
+        raise NotImplementedError
+
+
+class FedAvg(AggregationStrategy):
+    name = "fedavg"
+    streaming = True
+
+    def aggregate(self, updates: Iterable[WeightedUpdate]) -> StateDict:
+        return aggregate_weighted_mean(updates)
+
+
+class ClippedFedAvg(AggregationStrategy):
+    name = "clipped"
+
+    def __init__(self, *, max_norm: float | None = None) -> None:
+        self.max_norm = max_norm
+
+    def aggregate(self, updates: Iterable[WeightedUpdate]) -> StateDict:
+        return aggregate_clipped(list(updates), max_norm=self.max_norm)
+
+
+class TrimmedMean(AggregationStrategy):
+    name = "trimmed_mean"
+
+    def __init__(self, *, trim_fraction: float = 0.2) -> None:
+        trim_count(1, trim_fraction)  # validates
+        self.trim_fraction = trim_fraction
+
+    def aggregate(self, updates: Iterable[WeightedUpdate]) -> StateDict:
+        return aggregate_trimmed_mean(list(updates), trim_fraction=self.trim_fraction)
+
+
+class Median(AggregationStrategy):
+    name = "median"
+
+    def aggregate(self, updates: Iterable[WeightedUpdate]) -> StateDict:
+        return aggregate_median(list(updates))
+
+
+class MultiKrum(AggregationStrategy):
+    name = "krum"
+
+    def __init__(self, *, num_byzantine: int = 1, num_selected: int | None = None) -> None:
+        self.num_byzantine = num_byzantine
+        self.num_selected = num_selected
+
+    def aggregate(self, updates: Iterable[WeightedUpdate]) -> StateDict:
+        return aggregate_krum(
+            list(updates), num_byzantine=self.num_byzantine, num_selected=self.num_selected
+        )
+
+
+STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "clipped", "trimmed_mean", "median", "krum")
+
+
+def make_strategy(
+    name: str,
+    *,
+    clip_norm: float | None = None,
+    trim_fraction: float = 0.2,
+    krum_byzantine: int = 1,
+    krum_selected: int | None = None,
+) -> AggregationStrategy:
+    if name == "fedavg":
+        return FedAvg()
+    if name == "clipped":
+        return ClippedFedAvg(max_norm=clip_norm)
+    if name == "trimmed_mean":
+        return TrimmedMean(trim_fraction=trim_fraction)
+    if name == "median":
+        return Median()
+    if name == "krum":
+        return MultiKrum(num_byzantine=krum_byzantine, num_selected=krum_selected)
+    raise ValueError(f"unknown aggregation strategy {name!r}; choose from {STRATEGY_NAMES}")

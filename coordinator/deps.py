@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -92,3 +92,9 @@ def require_reader(creds: BearerDep, settings: SettingsDep, session: SessionDep)
 AdminDep = Annotated[None, Depends(require_admin)]
 NodeDep = Annotated[Node, Depends(require_node)]
 ReaderDep = Annotated[Node | None, Depends(require_reader)]
+
+
+# Ids in paths fit the database's INTEGER columns (a larger number is a 422, not a 500).
+MAX_DB_ID = 2**31 - 1
+RoundIdPath = Annotated[int, Path(ge=1, le=MAX_DB_ID, description="A round id.")]
+VersionPath = Annotated[int, Path(ge=1, le=MAX_DB_ID, description="A model version number.")]

@@ -37,7 +37,25 @@ class CoordinatorSettings(BaseSettings):
     round_check_seconds: float = Field(default=0.5, gt=0)
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_num_examples: int = Field(default=100_000_000, ge=1)
-    aggregation: AggregationStrategy = "fedavg"
+    aggregation: AggregationStrategy = Field(
+        default="fedavg",
+        description="fedavg streams; the robust rules hold all of a round's updates in memory.",
+    )
+    clip_norm: float | None = Field(
+        default=None, gt=0, description="clipped: L2 bound per update (unset: the round's median)."
+    )
+    trim_fraction: float = Field(
+        default=0.2, ge=0, lt=0.5, description="trimmed_mean: share dropped at each end."
+    )
+    krum_byzantine: int = Field(default=1, ge=0, description="krum: tolerated attackers f.")
+    krum_selected: int | None = Field(
+        default=None, ge=1, description="krum: updates averaged m (unset: k - f; 1 = Krum)."
+    )
+    aggregation_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="TEST ONLY: sleep inside the closing transaction (crash-recovery tests).",
+    )
     embedding_dim: int = Field(default=48, ge=4, le=1024)
     model_seed: int = 0
     migrate_on_start: bool = True

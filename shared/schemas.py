@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import JsonDict
 
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
@@ -21,6 +21,14 @@ Identifier = Annotated[
     str,
     Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$"),
 ]
+
+
+def _as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC, and the API says so."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class ErrorBody(BaseModel):
@@ -169,8 +177,8 @@ class NodeInfo(BaseModel):
 
     node_id: str
     region: str
-    created_at: datetime
-    last_seen_at: datetime | None
+    created_at: UtcDatetime
+    last_seen_at: UtcDatetime | None
     revoked: bool
     last_model_version: int | None = None
 
@@ -249,7 +257,7 @@ class ModelVersionOut(BaseModel):
     )
 
     version: int
-    created_at: datetime
+    created_at: UtcDatetime
     round_id: int | None
     sha256: str
     size_bytes: int
@@ -286,9 +294,9 @@ class RoundOut(BaseModel):
     round_id: int
     base_version: int
     state: RoundState
-    created_at: datetime
-    deadline: datetime
-    closed_at: datetime | None
+    created_at: UtcDatetime
+    deadline: UtcDatetime
+    closed_at: UtcDatetime | None
     result_version: int | None
     updates_received: int
     min_updates: int
@@ -317,7 +325,7 @@ class UpdateReceipt(BaseModel):
     node_id: str
     num_examples: int
     sha256: str
-    accepted_at: datetime
+    accepted_at: UtcDatetime
     updates_received: int
     duplicate: bool = Field(
         default=False, description="True when this exact update had already been accepted."

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/catalog", tags=["catalog"])
         "The first upload creates model version 1 (a seeded initialization) and round 1. "
         "All or nothing: an invalid item rejects the whole upload."
     ),
-    responses=error_responses(401, 403, 409, 422),
+    responses=error_responses(400, 401, 403, 409, 422),
 )
 def put_catalog(
     items: Annotated[list[CatalogItem], Body(max_length=1_000_000)],

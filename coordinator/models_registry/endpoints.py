@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from coordinator.deps import AdminDep, ReaderDep, SessionDep
+from coordinator.deps import AdminDep, ReaderDep, SessionDep, VersionPath
 from coordinator.models_registry import service
 from coordinator.nodes.service import touch_node
 from coordinator.rounds.service import promote_version
@@ -47,7 +47,7 @@ def latest_model(session: SessionDep) -> ModelVersionOut:
     "produced it and the aggregate metrics the nodes reported in that round.",
     responses=error_responses(404, 422),
 )
-def get_model(version: int, session: SessionDep) -> ModelVersionOut:
+def get_model(version: VersionPath, session: SessionDep) -> ModelVersionOut:
     return service.to_out(service.get_version(session, version))
 
 
@@ -66,7 +66,7 @@ def get_model(version: int, session: SessionDep) -> ModelVersionOut:
     },
 )
 def get_weights(
-    version: int,
+    version: VersionPath,
     session: SessionDep,
     reader: ReaderDep,
     if_none_match: Annotated[str | None, Header()] = None,
@@ -92,5 +92,5 @@ def get_weights(
     "The open round is rebased on it (its updates, made against another base, are dropped).",
     responses=error_responses(401, 403, 404, 409, 422),
 )
-def promote(version: int, _: AdminDep, session: SessionDep) -> ModelVersionOut:
+def promote(version: VersionPath, _: AdminDep, session: SessionDep) -> ModelVersionOut:
     return service.to_out(promote_version(session, version))

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
     summary="Register a regional node",
     description="Admin only. Answers with the node's bearer token; it is shown once and "
     "only its hash is stored.",
-    responses=error_responses(401, 403, 409, 422),
+    responses=error_responses(400, 401, 403, 409, 422),
 )
 def register_node(body: NodeRegistration, _: AdminDep, session: SessionDep) -> NodeCredentials:
     return service.register_node(session, body)
@@ -35,7 +35,8 @@ def list_nodes(_: AdminDep, session: SessionDep) -> list[NodeInfo]:
 @router.post(
     "/{node_id}/revoke",
     summary="Revoke a node",
-    description="Admin only. A revoked node's token is refused from then on.",
+    description="Admin only. A revoked node's token is refused from then on, and its "
+    "update to the open round, if any, is dropped.",
     responses=error_responses(401, 403, 404, 422),
 )
 def revoke_node(node_id: str, _: AdminDep, session: SessionDep) -> NodeInfo:

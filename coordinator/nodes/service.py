@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from coordinator.models import Node
+from coordinator.models import Node, Round, Update
 from coordinator.security import hash_token, new_node_token
 from shared.errors import Conflict, NotFound
 from shared.schemas import NodeCredentials, NodeInfo, NodeRegistration, utcnow
@@ -56,6 +56,11 @@ def revoke_node(session: Session, node_id: str) -> NodeInfo:
         raise NotFound(f"no node {node_id!r}")
     if node.revoked_at is None:
         node.revoked_at = utcnow()
+        # A revoked node may be compromised: its update to the open round no longer counts.
+        open_rounds = select(Round.id).where(Round.state == "open")
+        session.execute(
+            delete(Update).where(Update.node_id == node_id, Update.round_id.in_(open_rounds))
+        )
         session.commit()
     return node_info(node)
 

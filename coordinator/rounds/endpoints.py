@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from coordinator.deps import NodeDep, SessionDep, SettingsDep
+from coordinator.deps import NodeDep, RoundIdPath, SessionDep, SettingsDep
 from coordinator.rounds import service
 from shared.errors import NotFound, error_responses
 from shared.schemas import RoundOut, UpdateReceipt
@@ -47,7 +47,7 @@ def list_rounds(
     description="State, base and result versions, deadline and the nodes that contributed.",
     responses=error_responses(404, 422),
 )
-def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> RoundOut:
+def get_round(round_id: RoundIdPath, session: SessionDep, settings: SettingsDep) -> RoundOut:
     return service.round_out(session, service.get_round(session, round_id), settings)
 
 
@@ -58,10 +58,11 @@ def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> Roun
         "Node token only. The body is a safetensors file holding the node's weight **delta** "
         "against the round's base version, keyed by parameter name (same names, shapes and "
         "dtypes as the base; NaN/Inf refused). `num_examples` and `base_version` are query "
-        "parameters; `X-Content-SHA256` (hex sha256 of the body) is verified; local metrics "
-        "go in `X-Update-Metrics` as a JSON object of numbers. Retrying the same update "
-        "returns the first receipt (`duplicate: true`); a different second update from the "
-        "same node in the same round is a 409. The body size is capped while it streams."
+        "parameters; `X-Content-SHA256` (hex sha256 of the body) is required and verified; "
+        "local metrics go in `X-Update-Metrics` as a JSON object of numbers. Retrying the "
+        "same update returns the first receipt (`duplicate: true`); a different second "
+        "update from the same node in the same round is a 409. "
+        "The body size is capped while it streams."
     ),
     openapi_extra={
         "requestBody": {
@@ -74,7 +75,7 @@ def get_round(round_id: int, session: SessionDep, settings: SettingsDep) -> Roun
     responses=error_responses(401, 403, 404, 409, 413, 422),
 )
 async def submit_update(
-    round_id: int,
+    round_id: RoundIdPath,
     request: Request,
     node: NodeDep,
     session: SessionDep,
@@ -82,8 +83,8 @@ async def submit_update(
     num_examples: Annotated[int, Query(ge=1, description="Training examples behind the update.")],
     base_version: Annotated[int, Query(ge=1, description="The version the delta is against.")],
     x_content_sha256: Annotated[
-        str | None, Header(pattern=r"^[0-9a-fA-F]{64}$", description="sha256 of the body.")
-    ] = None,
+        str, Header(pattern=r"^[0-9a-fA-F]{64}$", description="Hex sha256 of the body (required).")
+    ],
     x_update_metrics: Annotated[
         str | None, Header(max_length=4096, description='e.g. {"train_loss": 3.2}')
     ] = None,

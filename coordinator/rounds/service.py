@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from torch import Tensor
 
 from coordinator.aggregation import (
+    AggregationStrategy,
     UpdateMismatchError,
-    WeightedMeanAccumulator,
     apply_delta,
     check_compatible,
+    make_strategy,
     weighted_metrics,
 )
 from coordinator.catalog.service import catalog_size
@@ -223,6 +227,13 @@ def submit_update(
     # Lock the round row, re-check it is open, then insert (unique per round and node).
     locked = session.get(Round, round_id, with_for_update=True, populate_existing=True)
     assert locked is not None
+    # A concurrent retry of this node may have committed while we waited for the lock
+    # (and the round may have closed since): it is still the same update, answer as such.
+    existing = _existing_update(session, round_id, node.node_id)
+    if existing is not None:
+        receipt = _replay_or_conflict(session, existing, sha)
+        session.rollback()
+        return receipt
     if locked.state != "open":
         session.rollback()
         raise Conflict(f"round {round_id} closed while the update was uploading")
@@ -290,8 +301,34 @@ def try_close_current_round(
             session.rollback()
         return None
     version = _close_round(session, settings, cache, r, now)
+    if settings.aggregation_delay_seconds:
+        # Test only: widen the window in which a crash hits an uncommitted close.
+        log.info("round %s aggregated; delaying commit (test setting)", r.id)
+        time.sleep(settings.aggregation_delay_seconds)
     session.commit()
     return version
+
+
+def _closed_rounds(session: Session) -> int:
+    """Rounds closed by aggregation (ids may have gaps after a rolled-back close)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Round)
+            .where(Round.state == "closed", Round.result_version.is_not(None))
+        )
+        or 0
+    )
+
+
+def strategy_from_settings(settings: CoordinatorSettings) -> AggregationStrategy:
+    return make_strategy(
+        settings.aggregation,
+        clip_norm=settings.clip_norm,
+        trim_fraction=settings.trim_fraction,
+        krum_byzantine=settings.krum_byzantine,
+        krum_selected=settings.krum_selected,
+    )
 
 
 def _close_round(
@@ -307,30 +344,41 @@ def _close_round(
         .where(Update.round_id == r.id)
         .order_by(Update.node_id)
     ).all()
-    acc = WeightedMeanAccumulator()
-    for update_id, _node_id, num_examples, _metrics in rows:
-        # One payload in memory at a time.
-        payload = session.scalar(select(Update.payload).where(Update.id == update_id))
-        assert payload is not None
-        acc.add(bytes_to_state(payload), int(num_examples))
-    new_state = apply_delta(base_state, acc.result())
+    strategy = strategy_from_settings(settings)
+
+    def updates() -> Iterator[tuple[dict[str, Tensor], int]]:
+        for update_id, _node_id, num_examples, _metrics in rows:
+            # Loaded one at a time: a streaming strategy holds one payload at once.
+            payload = session.scalar(select(Update.payload).where(Update.id == update_id))
+            assert payload is not None
+            yield bytes_to_state(payload), int(num_examples)
+
+    log.info(
+        "aggregating round %s: %d updates with %s",
+        r.id,
+        len(rows),
+        strategy.name,
+        extra={"round_id": r.id},
+    )
+    delta = strategy.aggregate(updates() if strategy.streaming else list(updates()))
+    new_state = apply_delta(base_state, delta)
     new_state, new_config = grow_state(new_state, config, catalog_size(session))
     metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m in rows)
-    metrics["num_examples"] = float(acc.total_examples)
-    metrics["num_updates"] = float(acc.count)
+    metrics["num_examples"] = float(sum(int(n) for _, _, n, _ in rows))
+    metrics["num_updates"] = float(len(rows))
     v = create_version(
         session, new_state, new_config, metrics=metrics, round_id=r.id, status="active"
     )
     r.state = "closed"
     r.closed_at = now
     r.result_version = v.version
-    r.close_reason = "target" if acc.count >= settings.effective_target_updates else "deadline"
-    if settings.max_rounds is None or r.id < settings.max_rounds:
+    r.close_reason = "target" if len(rows) >= settings.effective_target_updates else "deadline"
+    if settings.max_rounds is None or _closed_rounds(session) < settings.max_rounds:
         open_round(session, settings, v.version)
     log.info(
         "round %s closed with %d updates -> version %s",
         r.id,
-        acc.count,
+        len(rows),
         v.version,
         extra={"round_id": r.id},
     )
