@@ -35,7 +35,6 @@ EXTRA_DESCRIPTIONS: dict[str, str] = {
     "open round can close.",
     "COORDINATOR_MAX_UPDATE_BYTES": "Largest accepted update body (413 above).",
     "COORDINATOR_MAX_NUM_EXAMPLES": "Largest `num_examples` a node may claim for one update.",
-    "COORDINATOR_AGGREGATION": "Aggregation strategy of a round (FedAvg = weighted mean).",
     "COORDINATOR_EMBEDDING_DIM": "Embedding size of the model created on the first catalog upload.",
     "COORDINATOR_MODEL_SEED": "Seed of the initial model (version 1).",
     "COORDINATOR_MIGRATE_ON_START": "Bring the database schema to head when the service starts.",
