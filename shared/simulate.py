@@ -72,6 +72,7 @@ class SimulationConfig:
     als_factors: int = 64
     als_iterations: int = 15
     als_regularization: float = 0.05
+    als_alpha: float = 1.0
     methods: tuple[str, ...] = METHODS
     threads: int | None = None
 
@@ -369,6 +370,7 @@ def rank_als(
     als = AlternatingLeastSquares(
         factors=config.als_factors,
         regularization=config.als_regularization,
+        alpha=config.als_alpha,
         iterations=config.als_iterations,
         random_state=config.seed,
         num_threads=config.threads or 0,
@@ -382,7 +384,14 @@ def rank_als(
         if progress is not None:
             progress("als", done, config.als_iterations)
 
-    als.fit(matrix, show_progress=False, callback=callback)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - implicit depends on threadpoolctl
+        als.fit(matrix, show_progress=False, callback=callback)
+    else:
+        # implicit parallelises itself; a multi-threaded BLAS underneath only oversubscribes.
+        with threadpool_limits(1, "blas"):
+            als.fit(matrix, show_progress=False, callback=callback)
     user_factors = torch.from_numpy(np.asarray(als.user_factors, dtype=np.float32))
     item_factors = torch.from_numpy(np.asarray(als.item_factors, dtype=np.float32))
 
