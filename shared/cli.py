@@ -17,11 +17,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import httpx
 
 console = Console(stderr=True)
 out = Console()
@@ -197,8 +200,18 @@ def _detect_kind(path: Path) -> str | None:
     return None
 
 
-def import_catalog(path: Path, url: str, admin_token: str, timeout: float = 60.0) -> int:
-    """Validate the whole file, then PUT it as the coordinator's catalog (all or nothing)."""
+def import_catalog(
+    path: Path,
+    url: str,
+    admin_token: str,
+    *,
+    timeout: float = 60.0,
+    client: httpx.Client | None = None,
+) -> int:
+    """Validate the whole file, then PUT it as the coordinator's catalog (all or nothing).
+
+    `client` lets a caller (tests) supply its own transport, e.g. a FastAPI TestClient.
+    """
     import httpx
 
     from shared.data import DataFormatError, read_catalog_csv
@@ -211,7 +224,7 @@ def import_catalog(path: Path, url: str, admin_token: str, timeout: float = 60.0
     body = [item.model_dump(mode="json") for item in items]
     try:
         with console.status(f"uploading {len(items)} items to {url} ..."):
-            resp = httpx.put(
+            resp = (client or httpx).put(
                 url.rstrip("/") + "/v1/catalog",
                 json=body,
                 headers={"Authorization": f"Bearer {admin_token}"},
