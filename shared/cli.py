@@ -1,11 +1,11 @@
 """The `fedjewel` command line: market data, simulation, imports, and the two services.
 
-    fedjewel generate-market --out DIR --seed S [--regions 6 --users N --items M]
-    fedjewel simulate --data DIR --rounds N --seed S [--local-epochs E] [--json OUT]
-    fedjewel import catalog.csv --url URL --admin-token TOKEN
-    fedjewel import events.csv [--database-url URL] [--region R]
-    fedjewel coordinator [--host H --port P]      (settings: COORDINATOR_* variables)
-    fedjewel node [serve|import-events ...]         (settings: NODE_* variables)
+fedjewel generate-market --out DIR --seed S [--regions 6 --users N --items M]
+fedjewel simulate --data DIR --rounds N --seed S [--local-epochs E] [--json OUT]
+fedjewel import catalog.csv --url URL --admin-token TOKEN
+fedjewel import events.csv [--database-url URL] [--region R]
+fedjewel coordinator [--host H --port P]      (settings: COORDINATOR_* variables)
+fedjewel node [serve|import-events ...]         (settings: NODE_* variables)
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def _progress() -> Iterator[Any]:
         tasks: dict[str, Any] = {}
 
         def update(stage: str, done: int, total: int) -> None:
+            if not console.is_terminal:
+                # Logs and CI: one line per finished stage instead of a live bar.
+                if done >= total and stage not in tasks:
+                    tasks[stage] = None
+                    console.print(f"{stage}: done ({total} steps)")
+                return
             task = tasks.get(stage)
             if task is None:
                 task = tasks[stage] = bars.add_task(stage, total=total)

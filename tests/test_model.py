@@ -68,7 +68,7 @@ def test_shapes() -> None:
 def test_same_seed_same_model_different_seed_different_model() -> None:
     a, vecs_a = _trained(seed=3)
     b, vecs_b = _trained(seed=3)
-    c, vecs_c = _trained(seed=4)
+    _, vecs_c = _trained(seed=4)
     for name, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[name]), name
     assert torch.equal(vecs_a, vecs_b)
