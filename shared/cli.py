@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     import httpx
 
 console = Console(stderr=True)
-out = Console()
+# Off a terminal (logs, CI, `| tee`) rich would wrap the results table at 80 columns.
+out = Console() if Console().is_terminal else Console(width=160)
 
 
 @contextmanager
