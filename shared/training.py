@@ -127,6 +127,9 @@ class TrainConfig:
     num_negatives: int = 1024  # shared uniform negatives per batch; >= catalog: full softmax
     fedprox_mu: float = 0.0  # proximal term towards the round's base weights
     weight_decay: float = 0.0
+    # Share of item rows whose id embedding is dropped per step, so the content tower
+    # learns to rank alone: the vector a brand-new item gets. 0 disables it.
+    id_dropout: float = 0.0
     seed: int = 0
     max_steps: int | None = None
     # Catalogs up to this size compute every item vector once per step instead of
@@ -185,7 +188,10 @@ def train_local(
             countries = examples.country[idx]
             if num_rows <= config.full_catalog_rows:
                 # Small catalog: one pass over every row is cheaper than unique + gather.
-                vecs = model.item_vectors(features)  # (num_rows, d)
+                keep = None
+                if config.id_dropout > 0:
+                    keep = torch.rand(num_rows, generator=g) >= config.id_dropout
+                vecs = model.item_vectors(features, id_keep=keep)  # (num_rows, d)
                 users = model.user_vectors(vecs[hist], types, countries)  # (b, d)
                 if config.num_negatives >= num_rows:
                     loss = F.cross_entropy(users @ vecs.T, target)  # full softmax
@@ -198,7 +204,10 @@ def train_local(
                 rows, inverse = torch.unique(
                     torch.cat([hist.reshape(-1), target, neg]), return_inverse=True
                 )
-                vecs = model.item_vectors(features, rows)  # (u, d)
+                keep = None
+                if config.id_dropout > 0:
+                    keep = torch.rand(rows.numel(), generator=g) >= config.id_dropout
+                vecs = model.item_vectors(features, rows, id_keep=keep)  # (u, d)
                 nh = hist.numel()
                 hist_vecs = vecs[inverse[:nh]].reshape(*hist.shape, -1)
                 pos_vecs = vecs[inverse[nh : nh + target.numel()]]

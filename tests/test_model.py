@@ -99,3 +99,17 @@ def test_grow_state_keeps_trained_rows_and_adds_content_only_rows() -> None:
     assert not torch.allclose(vecs[36], vecs[37])
     # Growing to the same size or smaller changes nothing.
     assert grow_state(state, model.config, 36)[0] is state
+
+
+def test_id_keep_mask_leaves_the_content_vector() -> None:
+    model, _ = _trained(seed=0)
+    features = build_item_features(_catalog(40), model.config.content_buckets)
+    rows = torch.tensor([0, 5, 12])
+    with torch.no_grad():
+        full = model.item_vectors(features, rows)
+        content_only = model.item_vectors(features, rows, id_keep=torch.zeros(3, dtype=torch.bool))
+        mixed = model.item_vectors(features, rows, id_keep=torch.tensor([True, False, True]))
+        ids = model.item_id(rows)
+    assert torch.allclose(content_only, full - ids, atol=1e-6)
+    assert torch.equal(mixed[0], full[0]) and torch.equal(mixed[2], full[2])
+    assert torch.equal(mixed[1], content_only[1])
