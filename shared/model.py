@@ -68,12 +68,17 @@ class HybridTwoTower(nn.Module):
             self.recency_weight.copy_(torch.linspace(-1.0, 1.0, self.config.max_history))
 
     def item_vectors(
-        self, features: ItemFeatures, rows: torch.Tensor | None = None
+        self,
+        features: ItemFeatures,
+        rows: torch.Tensor | None = None,
+        id_keep: torch.Tensor | None = None,  # (n,) bool: False drops the id part (training)
     ) -> torch.Tensor:
         """Vectors of catalog rows (all rows when `rows` is None). -> (n, d)
 
         Rows beyond the id table (items added to the catalog after this version
         was made) get a content-only vector until the next version grows the table.
+        `id_keep` lets training drop the id embedding of some rows so the content
+        tower learns to score items alone (what a new item relies on).
         """
         if rows is None:
             rows = torch.arange(features.num_items)
@@ -82,6 +87,8 @@ class HybridTwoTower(nn.Module):
             bags = features.subset(rows)
         content = self.content_proj(self.content(bags.token_ids, bags.offsets))  # (n, d)
         known = rows < self.config.num_items
+        if id_keep is not None:
+            known = known & id_keep
         ids = self.item_id(torch.where(known, rows, torch.zeros_like(rows)))  # (n, d)
         return content + ids * known.unsqueeze(1).to(ids.dtype)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from shared.features import ItemFeatures, country_bucket
 from shared.model import EVENT_TYPE_IDS, HybridTwoTower, sampled_softmax_loss
@@ -123,11 +124,17 @@ class TrainConfig:
     epochs: int = 1
     lr: float = 0.01
     batch_size: int = 256
-    num_negatives: int = 1024  # shared uniform negatives per batch
+    num_negatives: int = 1024  # shared uniform negatives per batch; >= catalog: full softmax
     fedprox_mu: float = 0.0  # proximal term towards the round's base weights
     weight_decay: float = 0.0
+    # Share of item rows whose id embedding is dropped per step, so the content tower
+    # learns to rank alone: the vector a brand-new item gets. 0 disables it.
+    id_dropout: float = 0.0
     seed: int = 0
     max_steps: int | None = None
+    # Catalogs up to this size compute every item vector once per step instead of
+    # gathering the batch's rows (faster on CPU below ~10k items; same gradients).
+    full_catalog_rows: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -178,18 +185,35 @@ def train_local(
             hist = examples.history[idx]
             types = examples.history_types[idx]
             target = examples.target[idx]
-            k = min(config.num_negatives, num_rows)
-            neg = torch.randint(0, num_rows, (k,), generator=g)
-            rows, inverse = torch.unique(
-                torch.cat([hist.reshape(-1), target, neg]), return_inverse=True
-            )
-            vecs = model.item_vectors(features, rows)  # (u, d)
-            nh = hist.numel()
-            hist_vecs = vecs[inverse[:nh]].reshape(*hist.shape, -1)
-            pos_vecs = vecs[inverse[nh : nh + target.numel()]]
-            neg_vecs = vecs[inverse[nh + target.numel() :]]
-            users = model.user_vectors(hist_vecs, types, examples.country[idx])
-            loss = sampled_softmax_loss(users, pos_vecs, neg_vecs, target, neg)
+            countries = examples.country[idx]
+            if num_rows <= config.full_catalog_rows:
+                # Small catalog: one pass over every row is cheaper than unique + gather.
+                keep = None
+                if config.id_dropout > 0:
+                    keep = torch.rand(num_rows, generator=g) >= config.id_dropout
+                vecs = model.item_vectors(features, id_keep=keep)  # (num_rows, d)
+                users = model.user_vectors(vecs[hist], types, countries)  # (b, d)
+                if config.num_negatives >= num_rows:
+                    loss = F.cross_entropy(users @ vecs.T, target)  # full softmax
+                else:
+                    neg = torch.randint(0, num_rows, (config.num_negatives,), generator=g)
+                    loss = sampled_softmax_loss(users, vecs[target], vecs[neg], target, neg)
+            else:
+                k = min(config.num_negatives, num_rows)
+                neg = torch.randint(0, num_rows, (k,), generator=g)
+                rows, inverse = torch.unique(
+                    torch.cat([hist.reshape(-1), target, neg]), return_inverse=True
+                )
+                keep = None
+                if config.id_dropout > 0:
+                    keep = torch.rand(rows.numel(), generator=g) >= config.id_dropout
+                vecs = model.item_vectors(features, rows, id_keep=keep)  # (u, d)
+                nh = hist.numel()
+                hist_vecs = vecs[inverse[:nh]].reshape(*hist.shape, -1)
+                pos_vecs = vecs[inverse[nh : nh + target.numel()]]
+                neg_vecs = vecs[inverse[nh + target.numel() :]]
+                users = model.user_vectors(hist_vecs, types, countries)
+                loss = sampled_softmax_loss(users, pos_vecs, neg_vecs, target, neg)
             if base is not None:
                 prox = sum(((p - base[name]) ** 2).sum() for name, p in model.named_parameters())
                 loss = loss + 0.5 * config.fedprox_mu * prox

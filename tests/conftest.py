@@ -107,3 +107,14 @@ def tiny_events(
                     }
                 )
     return events
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors on a shared CI box: extra torch threads only spin and slow tests down."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,407 @@
+"""The `fedjewel` command line: market data, simulation, imports, and the two services.
+
+fedjewel generate-market --out DIR --seed S [--regions 6 --users N --items M]
+fedjewel simulate --data DIR --rounds N --seed S [--local-epochs E] [--json OUT]
+fedjewel import catalog.csv --url URL --admin-token TOKEN
+fedjewel import events.csv [--database-url URL] [--region R]
+fedjewel coordinator [--host H --port P]      (settings: COORDINATOR_* variables)
+fedjewel node [serve|import-events ...]         (settings: NODE_* variables)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    import httpx
+
+console = Console(stderr=True)
+# Off a terminal (logs, CI, `| tee`) rich would wrap the results table at 80 columns.
+out = Console() if Console().is_terminal else Console(width=160)
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    """A rich progress display; `update(stage, done, total)` drives one bar per stage."""
+    with Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if not console.is_terminal:
+                # Logs and CI: one line per finished stage instead of a live bar.
+                if done >= total and stage not in tasks:
+                    tasks[stage] = None
+                    console.print(f"{stage}: done ({total} steps)")
+                return
+            task = tasks.get(stage)
+            if task is None:
+                task = tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(task, completed=done, total=total)
+
+        yield update
+
+
+# --------------------------------------------------------------------------- generate-market
+
+
+def cmd_generate_market(args: argparse.Namespace) -> int:
+    from shared.market import generate_market
+
+    start = time.perf_counter()
+    with console.status(f"generating market (seed {args.seed}) into {args.out} ..."):
+        summary = generate_market(
+            Path(args.out),
+            seed=args.seed,
+            regions=args.regions,
+            users=args.users,
+            items=args.items,
+        )
+    elapsed = time.perf_counter() - start
+    table = Table(title=f"market in {summary.out_dir} ({elapsed:.1f} s)")
+    table.add_column("region")
+    table.add_column("users", justify="right")
+    table.add_column("events", justify="right")
+    for region in summary.regions:
+        table.add_row(
+            region,
+            str(summary.users_per_region[region]),
+            str(summary.events_per_region[region]),
+        )
+    table.add_row("total", str(summary.users), str(summary.events))
+    out.print(table)
+    out.print(
+        f"{summary.items} items ({summary.cold_items} launched late), "
+        f"{summary.cold_users} users with <= 2 events; events by type: "
+        + ", ".join(f"{k} {v}" for k, v in summary.event_types.items())
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def _fmt(cell: dict[str, Any], key: str) -> str:
+    if not cell.get("users"):
+        return "-"
+    return f"{cell[key]:.3f}"
+
+
+def results_table(results: dict[str, dict[str, Any]], k: int) -> Table:
+    """One row per method: overall, cold items, cold users and each region's HR@k."""
+    first = next(iter(results.values()))
+    regions = list(first["regions"])
+    table = Table(title=f"HR@{k} / NDCG@{k} (users)")
+    table.add_column("method")
+    table.add_column("overall HR", justify="right")
+    table.add_column("NDCG", justify="right")
+    table.add_column("cold items", justify="right")
+    table.add_column("cold users", justify="right")
+    for region in regions:
+        n = first["regions"][region]["users"]
+        table.add_column(f"{region} ({n})", justify="right")
+    hr, ndcg = f"hr@{k}", f"ndcg@{k}"
+    table.add_row(
+        "users",
+        str(first["overall"]["users"]),
+        "",
+        str(first["cold_items"]["users"]),
+        str(first["cold_users"]["users"]),
+        *["" for _ in regions],
+    )
+    for method, res in results.items():
+        table.add_row(
+            method,
+            _fmt(res["overall"], hr),
+            _fmt(res["overall"], ndcg),
+            _fmt(res["cold_items"], hr),
+            _fmt(res["cold_users"], hr),
+            *[_fmt(res["regions"][r], hr) for r in regions],
+        )
+    return table
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from shared.simulate import METHODS, SimulationConfig, load_dataset, run_simulation
+
+    overrides: dict[str, Any] = {}
+    for name in ("embedding_dim", "lr", "num_negatives", "fedprox_mu", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        console.print(f"[red]unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        return 2
+    config = SimulationConfig(
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        seed=args.seed,
+        methods=methods,
+        **overrides,
+    )
+    start = time.perf_counter()
+    data_dir = Path(args.data)
+    from shared.data import DataFormatError
+
+    try:
+        with console.status(f"loading {data_dir} ..."):
+            data = load_dataset(data_dir)
+    except (DataFormatError, FileNotFoundError) as exc:
+        console.print(f"[red]cannot load {data_dir}: {exc}")
+        return 2
+    console.print(
+        f"{len(data.train)} users ({len(data.held_out)} evaluated), {data.num_items} items "
+        f"({len(data.cold_items)} without training interactions), regions: "
+        + ", ".join(f"{r} {n}" for r, n in data.region_sizes().items())
+    )
+    if data.skipped_events:
+        console.print(f"note: skipped {data.skipped_events} events of items not in the catalog")
+    with _progress() as update:
+        report = run_simulation(data_dir, config, progress=update, data=data)
+    elapsed = time.perf_counter() - start
+    out.print(results_table(report.results, config.k))
+    out.print(
+        "seconds per method: "
+        + ", ".join(f"{m} {s:.1f}" for m, s in report.seconds.items())
+        + f"; total {elapsed:.1f}"
+    )
+    if args.json:
+        payload = report.as_json()
+        payload["config"]["seconds"] = {m: round(s, 2) for m, s in report.seconds.items()}
+        payload["config"]["wall_seconds"] = round(elapsed, 2)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _detect_kind(path: Path) -> str | None:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        header = {h.strip().lower() for h in fh.readline().split(",")}
+    if {"user_id", "event_type"} <= header:
+        return "events"
+    if "item_id" in header:
+        return "catalog"
+    return None
+
+
+def import_catalog(
+    path: Path,
+    url: str,
+    admin_token: str,
+    *,
+    timeout: float = 60.0,
+    client: httpx.Client | None = None,
+) -> int:
+    """Validate the whole file, then PUT it as the coordinator's catalog (all or nothing).
+
+    `client` lets a caller (tests) supply its own transport, e.g. a FastAPI TestClient.
+    """
+    import httpx
+
+    from shared.data import DataFormatError, read_catalog_csv
+
+    try:
+        items = read_catalog_csv(path)
+    except DataFormatError as exc:
+        console.print(f"[red]rejected {path}: nothing imported[/red]\n{exc}", highlight=False)
+        return 2
+    body = [item.model_dump(mode="json") for item in items]
+    try:
+        with console.status(f"uploading {len(items)} items to {url} ..."):
+            resp = (client or httpx).put(
+                url.rstrip("/") + "/v1/catalog",
+                json=body,
+                headers={"Authorization": f"Bearer {admin_token}"},
+                timeout=timeout,
+            )
+    except httpx.HTTPError as exc:
+        console.print(f"[red]coordinator unreachable at {url}: {exc}")
+        return 1
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        console.print(f"[red]coordinator refused the catalog ({resp.status_code}): {detail}")
+        return 1
+    info = resp.json()
+    out.print(
+        f"catalog imported from {path}: {len(items)} items in the file, "
+        f"{info.get('added', 0)} added, {info.get('updated', 0)} updated; the coordinator now "
+        f"has {info.get('items')} items (catalog version {info.get('catalog_version')})"
+    )
+    return 0
+
+
+def import_events(path: Path, database_url: str | None, region: str | None) -> int:
+    """Import events.csv into a node's store (the node's own `import-events`)."""
+    from regional_node.__main__ import import_events as node_import
+    from regional_node.settings import NodeSettings
+
+    overrides: dict[str, Any] = {"allow_anonymous": True}
+    if database_url:
+        overrides["database_url"] = database_url
+    if region:
+        overrides["region"] = region
+    settings = NodeSettings(**overrides)
+    return node_import(str(path), settings)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        console.print(f"[red]no such file: {path}")
+        return 2
+    kind = args.kind or _detect_kind(path)
+    if kind is None:
+        console.print(
+            f"[red]{path}: cannot tell a catalog from an events file by its header; "
+            "pass --kind catalog|events"
+        )
+        return 2
+    if kind == "catalog":
+        if not args.url or not args.admin_token:
+            console.print("[red]importing a catalog needs --url and --admin-token")
+            return 2
+        return import_catalog(path, args.url, args.admin_token)
+    return import_events(path, args.database_url, args.region)
+
+
+# --------------------------------------------------------------------------- services
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.__main__ import main as coordinator_main
+
+    coordinator_main(args.rest)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from regional_node.__main__ import main as node_main
+
+    node_main(args.rest)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shared.simulate import METHODS, SimulationConfig
+
+    defaults = SimulationConfig()
+    parser = argparse.ArgumentParser(
+        prog="fedjewel",
+        description="Federated jewelry recommendations: market data, evaluation, services.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate-market",
+        help="write a synthetic catalog.csv + events.csv",
+        description="Write a deterministic synthetic jewelry market (see docs/market.md).",
+    )
+    gen.add_argument("--out", required=True, help="output directory")
+    gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--regions", type=int, default=6)
+    gen.add_argument("--users", type=int, default=12000)
+    gen.add_argument("--items", type=int, default=2500)
+    gen.set_defaults(func=cmd_generate_market)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="compare popularity, local-only, federated, centralized and ALS",
+        description="Train and evaluate every method on one leave-last-out split of DIR "
+        "(catalog.csv + events.csv; see docs/evaluation.md).",
+    )
+    sim.add_argument("--data", required=True, help="directory with catalog.csv and events.csv")
+    sim.add_argument("--rounds", type=int, default=defaults.rounds, help="federated rounds")
+    sim.add_argument("--seed", type=int, default=defaults.seed)
+    sim.add_argument(
+        "--local-epochs",
+        type=int,
+        default=defaults.local_epochs,
+        help="epochs per round; local-only and centralized train rounds x this many epochs",
+    )
+    sim.add_argument("--json", help="write results as JSON to this file")
+    sim.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
+    sim.add_argument("--embedding-dim", type=int, dest="embedding_dim")
+    sim.add_argument("--lr", type=float)
+    sim.add_argument("--num-negatives", type=int, dest="num_negatives")
+    sim.add_argument("--batch-size", type=int, dest="batch_size")
+    sim.add_argument("--fedprox-mu", type=float, dest="fedprox_mu")
+    sim.add_argument("--threads", type=int, help="torch / ALS threads (default: all cores)")
+    sim.set_defaults(func=cmd_simulate)
+
+    imp = sub.add_parser(
+        "import",
+        help="import catalog.csv into a coordinator or events.csv into a node's store",
+        description="A catalog goes to a running coordinator (PUT /v1/catalog, needs --url and "
+        "--admin-token); events go into a regional node's database (NODE_DATABASE_URL or "
+        "--database-url; rows of other regions are skipped). A file with any bad row is "
+        "rejected whole, with line numbers; re-importing the same events adds nothing.",
+    )
+    imp.add_argument("file", help="catalog.csv or events.csv")
+    imp.add_argument("--kind", choices=("catalog", "events"), help="default: from the header")
+    imp.add_argument("--url", help="coordinator base URL (catalog)")
+    imp.add_argument("--admin-token", help="coordinator admin token (catalog)")
+    imp.add_argument("--database-url", help="node database URL (events)")
+    imp.add_argument("--region", help="this node's region (events; default NODE_REGION)")
+    imp.set_defaults(func=cmd_import)
+
+    for name, func, what in (
+        ("coordinator", cmd_coordinator, "run the coordinator service (COORDINATOR_* settings)"),
+        ("node", cmd_node, "run a regional node service (NODE_* settings)"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=what,
+            description=what + "; remaining arguments go to the service's own parser.",
+        )
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the service")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("coordinator", "node"):
+        # Everything after the service name belongs to the service's own parser
+        # (including --help), so `fedjewel node import-events FILE` works as documented.
+        service = cmd_coordinator if argv[0] == "coordinator" else cmd_node
+        sys.exit(service(argparse.Namespace(rest=argv[1:])))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""`fedjewel import`: bad rows are reported by line and nothing is loaded; re-imports are no-ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from regional_node.store import EventStore
+from shared.cli import import_catalog, main
+
+ADMIN = "admin-secret"
+
+GOOD_EVENTS = """user_id,item_id,event_type,timestamp,country,region
+u1,J1,view,2026-10-01T10:00:00Z,DE,EU
+u1,J1,purchase,2026-10-01T10:05:00Z,DE,EU
+u2,J2,click,1790000000,FR,EU
+u3,J1,view,2026-10-02T09:00:00Z,US,NA
+"""
+
+BAD_EVENTS = """user_id,item_id,event_type,timestamp,country,region
+u1,J1,view,2026-10-01T10:00:00Z,DE,EU
+u2,J2,like,2026-10-01T10:00:00Z,DE,EU
+u3,J3,view,yesterday,DE,EU
+u4,J4,view,2026-10-01T10:00:00Z,DE,EU
+"""
+
+
+def _run(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return int(info.value.code or 0)
+
+
+def _store_count(url: str) -> int:
+    store = EventStore(url)
+    try:
+        store.migrate()
+        return store.count()
+    finally:
+        store.dispose()
+
+
+def test_events_with_bad_rows_load_nothing_and_name_the_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    bad = tmp_path / "events.csv"
+    bad.write_text(BAD_EVENTS)
+    code = _run(["import", str(bad), "--database-url", url, "--region", "EU"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nothing imported" in err
+    assert "line 3" in err and "like" in err
+    assert "line 4" in err and "yesterday" in err
+    assert "line 2:" not in err and "line 5:" not in err
+    assert _store_count(url) == 0
+
+
+def test_events_reimport_adds_no_duplicates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    good = tmp_path / "events.csv"
+    good.write_text(GOOD_EVENTS)
+    args = ["import", str(good), "--database-url", url, "--region", "EU"]
+    assert _run(args) == 0
+    first = capsys.readouterr()
+    assert "imported 3 new events" in first.out
+    assert "skipping 1 rows of other regions" in first.err  # u3 is in NA
+    assert _store_count(url) == 3
+    assert _run(args) == 0
+    assert "imported 0 new events (3 already present)" in capsys.readouterr().out
+    assert _store_count(url) == 3
+
+
+def test_unrecognised_file_and_missing_coordinator_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = tmp_path / "odd.csv"
+    odd.write_text("a,b\n1,2\n")
+    assert _run(["import", str(odd)]) == 2
+    assert "--kind" in capsys.readouterr().err
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id\nJ1\n")
+    assert _run(["import", str(catalog)]) == 2
+    assert "--url and --admin-token" in capsys.readouterr().err
+    assert _run(["import", str(tmp_path / "missing.csv")]) == 2
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path):  # type: ignore[no-untyped-def]
+    settings = CoordinatorSettings(
+        database_url=f"sqlite:///{tmp_path / 'coordinator.db'}", admin_token=ADMIN
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_catalog_import_is_all_or_nothing_and_idempotent(
+    coordinator: TestClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "item_id,title,category,material,gemstone,style_tags,price_usd\n"
+        "J1,Gold ring,ring,gold,,classic,120\n"
+        "J2,Silver ring,ring,silver,,,-5\n"
+        "J1,Again,ring,gold,,,10\n"
+    )
+    base = str(coordinator.base_url)
+    assert import_catalog(bad, base, ADMIN, client=coordinator) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "price_usd" in err
+    assert "line 4" in err and "duplicate item_id" in err
+    empty = coordinator.get("/v1/catalog").json()
+    assert empty["items"] == [] and empty["catalog_version"] == 0
+
+    good = tmp_path / "catalog.csv"
+    good.write_text(
+        "item_id,title,category,material,gemstone,style_tags,price_usd\n"
+        "J1,Gold ring,ring,gold,,classic|bridal,120\n"
+        "J2,Silver studs,earrings,silver,,,\n"
+        "J3,,,,,,\n"
+    )
+    assert import_catalog(good, base, ADMIN, client=coordinator) == 0
+    assert "3 added" in capsys.readouterr().out
+    assert import_catalog(good, base, ADMIN, client=coordinator) == 0
+    assert "0 added" in capsys.readouterr().out
+    items = coordinator.get("/v1/catalog").json()["items"]
+    assert [it["item_id"] for it in items] == ["J1", "J2", "J3"]
+    assert items[0]["style_tags"] == ["classic", "bridal"]
+
+    # A wrong token is the coordinator's 4xx, reported and not retried.
+    assert import_catalog(good, base, "wrong", client=coordinator) == 1
+    assert "refused" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""`fedjewel simulate` on a small market: the JSON shape, and margins that must hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shared.cli import main
+from shared.market import generate_market
+from shared.simulate import METHODS, SimulationConfig, load_dataset, run_simulation
+
+# Small enough for CI, large enough that the margins below are not luck.
+USERS, ITEMS, REGIONS = 1500, 300, 4
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def market_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sim-market")
+    generate_market(out, seed=5, regions=REGIONS, users=USERS, items=ITEMS)
+    return out
+
+
+def _hr(result: dict[str, Any], part: str = "overall") -> float:
+    return float(result[part]["hr@10"])
+
+
+@pytest.fixture(scope="module")
+def report(market_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One CLI run shared by the tests below (the expensive part of this module)."""
+    out = tmp_path_factory.mktemp("sim-out") / "sim.json"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                [
+                    "simulate",
+                    "--data",
+                    str(market_dir),
+                    "--rounds",
+                    "3",
+                    "--local-epochs",
+                    "1",
+                    "--seed",
+                    "0",
+                    "--methods",
+                    "popularity,local_only,federated,centralized",
+                    "--json",
+                    str(out),
+                ]
+            )
+    finally:
+        torch.set_num_threads(before)
+    assert exit_info.value.code == 0
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+@pytest.mark.slow
+def test_json_shape(report: dict[str, Any]) -> None:
+    assert report["config"]["rounds"] == 3
+    results = report["results"]
+    assert list(results) == ["popularity", "local_only", "federated", "centralized"]
+    regions = set(report["config"]["regions"])
+    assert len(regions) == REGIONS
+    for res in results.values():
+        assert set(res) == {"overall", "cold_items", "cold_users", "regions"}
+        assert set(res["regions"]) == regions
+        for cell in (res["overall"], res["cold_items"], res["cold_users"]):
+            assert set(cell) == {"hr@10", "ndcg@10", "users"}
+            assert 0.0 <= cell["ndcg@10"] <= cell["hr@10"] <= 1.0
+        # Every evaluated user is counted once overall and once in their region.
+        assert sum(r["users"] for r in res["regions"].values()) == res["overall"]["users"]
+        assert res["overall"]["users"] == report["config"]["evaluated_users"]
+
+
+@pytest.mark.slow
+def test_pooling_data_beats_training_alone(report: dict[str, Any]) -> None:
+    results = report["results"]
+    # Measured on this seed: centralized 0.306, local-only 0.286 (1.07x).
+    assert _hr(results["centralized"]) >= 1.03 * _hr(results["local_only"])
+    # Federated is within reach of pooling (measured 0.266 vs 0.306).
+    assert _hr(results["federated"]) >= 0.8 * _hr(results["centralized"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: the model does not yet beat regional popularity "
+    "(measured 0.266 vs 0.295 here, 0.191 vs 0.198 at default scale; docs/evaluation.md). "
+    "Strict: this starts failing, as a reminder to turn it into a plain test, once it holds.",
+)
+def test_federated_beats_popularity(report: dict[str, Any]) -> None:
+    results = report["results"]
+    assert _hr(results["federated"]) >= 1.1 * _hr(results["popularity"])
+
+
+def test_same_seed_same_numbers(market_dir: Path) -> None:
+    config = SimulationConfig(rounds=1, local_epochs=1, seed=3, methods=("popularity", "federated"))
+    data = load_dataset(market_dir)
+    a = run_simulation(market_dir, config, data=data)
+    b = run_simulation(market_dir, config, data=load_dataset(market_dir))
+    assert a.results == b.results
+
+
+def test_cold_users_are_defined_by_training_events(market_dir: Path) -> None:
+    data = load_dataset(market_dir)
+    # A user with a held-out item has at least one training item, hence >= 1 training event.
+    assert all(data.train_events[u] >= 1 for u in data.held_out)
+    # Training events count raw rows, so they are at least the distinct training items.
+    assert all(data.train_events[u] >= len(data.train[u].items) for u in data.train)
+    assert data.cold_items.isdisjoint({r for s in data.train.values() for r in s.items})
+
+
+def test_runs_on_a_market_without_region_column_or_attributes(tmp_path: Path) -> None:
+    """Data that is not ours: no region column, a catalog with only item ids."""
+    items = [f"X{i}" for i in range(30)]
+    (tmp_path / "catalog.csv").write_text("item_id\n" + "\n".join(items) + "\n")
+    rows = ["user_id,item_id,event_type,timestamp"]
+    for u in range(40):
+        for j in range(4):
+            rows.append(f"u{u},X{(u + 3 * j) % 30},view,{1_700_000_000 + 100 * j}")
+    rows.append("u0,NOT-IN-CATALOG,view,1700000999")
+    (tmp_path / "events.csv").write_text("\n".join(rows) + "\n")
+    report = run_simulation(
+        tmp_path,
+        SimulationConfig(rounds=1, local_epochs=1, methods=("popularity", "federated")),
+    )
+    assert report.config["regions"] == {"all": 40}
+    assert report.config["skipped_events"] == 1
+    assert report.results["federated"]["overall"]["users"] == 40
+    assert set(METHODS) >= set(report.results)
