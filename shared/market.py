@@ -249,15 +249,15 @@ COLD_ITEM_SHARE = 0.10
 COLD_USER_SHARE = 0.15  # drawn as cold; brief regular users bring those with <= 2 events to ~20%
 MISSING_CELL_RATE = 0.03
 
-_POPULARITY_SIGMA = 1.2  # lognormal base popularity: a few items dominate
+_POPULARITY_SIGMA = 1.0  # lognormal base popularity: a few items dominate
 _NOVELTY_BOOST = 0.5  # new launches get promoted, so they are not all invisible
-_TASTE_SCALE = 0.7  # taste vs popularity in affinity; higher polarises regions further
+_TASTE_SCALE = 1.6  # taste vs popularity in affinity (see docs/market.md "Calibration")
 _PERSONAL_NOISE = 0.4  # per-user deviation around the region taste
 _FAVOURITE_BOOST = 0.8  # each user has a favourite category, material and style
 _PERSONAL_PRICE_SIGMA = 0.45
 _POOL_SIZE = 64  # consideration set per user: heavy users re-visit items
 _POOL_AFFINITY = 0.5  # weight of affinity when choosing within the pool
-_SIMILARITY_WEIGHT = 0.7  # pull towards items sharing attributes with the previous view
+_SIMILARITY_WEIGHT = 1.5  # pull towards items sharing attributes with the previous view
 _MAX_SESSIONS = 40
 _MAX_VIEWS_PER_SESSION = 30
 _SLOT_PER_VIEW_S = 1000  # every view + its funnel fits in this many seconds

@@ -44,6 +44,9 @@ class HybridTwoTower(nn.Module):
         self.config = config
         d = config.embedding_dim
         self.item_id = nn.Embedding(config.num_items, d)
+        # Popularity lives in a bias: per item id, plus one read off the content tower.
+        self.item_bias = nn.Embedding(config.num_items, 1)
+        self.content_bias = nn.Linear(d, 1)
         self.content = nn.EmbeddingBag(config.content_buckets, d, mode="mean")
         self.content_proj = nn.Linear(d, d)
         self.country = nn.Embedding(config.country_buckets, d)
@@ -64,6 +67,9 @@ class HybridTwoTower(nn.Module):
                 lin.weight.add_(torch.randn(lin.weight.shape, generator=g) * 0.01)
                 lin.bias.zero_()
             # Purchases and carts say more than views; recent events more than old ones.
+            self.item_bias.weight.zero_()
+            self.content_bias.weight.zero_()
+            self.content_bias.bias.zero_()
             self.event_weight.copy_(torch.tensor([0.0, 0.0, 0.3, 0.6, 0.9]))
             self.recency_weight.copy_(torch.linspace(-1.0, 1.0, self.config.max_history))
 
@@ -73,7 +79,10 @@ class HybridTwoTower(nn.Module):
         rows: torch.Tensor | None = None,
         id_keep: torch.Tensor | None = None,  # (n,) bool: False drops the id part (training)
     ) -> torch.Tensor:
-        """Vectors of catalog rows (all rows when `rows` is None). -> (n, d)
+        """Vectors of catalog rows (all rows when `rows` is None). -> (n, d + 1)
+
+        The last column is the item's bias; `user_vectors` ends with a matching
+        constant 1, so a plain dot product scores `u·v + bias` everywhere.
 
         Rows beyond the id table (items added to the catalog after this version
         was made) get a content-only vector until the next version grows the table.
@@ -89,16 +98,21 @@ class HybridTwoTower(nn.Module):
         known = rows < self.config.num_items
         if id_keep is not None:
             known = known & id_keep
-        ids = self.item_id(torch.where(known, rows, torch.zeros_like(rows)))  # (n, d)
-        return content + ids * known.unsqueeze(1).to(ids.dtype)
+        safe_rows = torch.where(known, rows, torch.zeros_like(rows))
+        keep = known.unsqueeze(1).to(content.dtype)  # (n, 1)
+        vec = content + self.item_id(safe_rows) * keep  # (n, d)
+        bias = self.content_bias(content) + self.item_bias(safe_rows) * keep  # (n, 1)
+        return torch.cat([vec, bias], dim=1)
 
     def user_vectors(
         self,
-        history_vecs: torch.Tensor,  # (b, L, d) item vectors, oldest first, padding anywhere
+        history_vecs: torch.Tensor,  # (b, L, d + 1) item vectors, oldest first, padding anywhere
         history_types: torch.Tensor,  # (b, L) event type ids, 0 = padding
         countries: torch.Tensor,  # (b,) country buckets
     ) -> torch.Tensor:
-        """-> (b, d)"""
+        """-> (b, d + 1), the last column 1 (it multiplies the item bias)."""
+        d = self.config.embedding_dim
+        history_vecs = history_vecs[..., :d]
         length = history_types.shape[1]
         # Recency weights are aligned to the right: the last column is the newest event.
         recency = self.recency_weight[-length:]  # (L,)
@@ -107,7 +121,8 @@ class HybridTwoTower(nn.Module):
         weights = torch.softmax(logits, dim=1)
         weights = torch.nan_to_num(weights, nan=0.0)  # all-padding rows -> zero vector
         pooled = torch.einsum("bl,bld->bd", weights, history_vecs)  # (b, d)
-        return self.user_proj(pooled) + self.country(countries)
+        user = self.user_proj(pooled) + self.country(countries)  # (b, d)
+        return torch.cat([user, torch.ones_like(user[:, :1])], dim=1)
 
 
 def init_state(config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -136,6 +151,8 @@ def grow_state(
     old = state["item_id.weight"]
     extra = torch.zeros(num_items - old.shape[0], old.shape[1], dtype=old.dtype)
     grown["item_id.weight"] = torch.cat([old, extra], dim=0)
+    bias = state["item_bias.weight"]
+    grown["item_bias.weight"] = torch.cat([bias, torch.zeros(extra.shape[0], 1, dtype=bias.dtype)])
     return grown, new_config
 
 

@@ -47,12 +47,14 @@ def test_shapes() -> None:
     model = HybridTwoTower(config)
     features = build_item_features(_catalog(40), config.content_buckets)
     items = model.item_vectors(features)
-    assert items.shape == (40, D)
-    assert model.item_vectors(features, torch.tensor([3, 0, 39])).shape == (3, D)
-    hist = items[torch.randint(0, 40, (5, 7))]  # (b, L, d)
+    # The last column is the item bias; users end with a matching constant 1.
+    assert items.shape == (40, D + 1)
+    assert model.item_vectors(features, torch.tensor([3, 0, 39])).shape == (3, D + 1)
+    hist = items[torch.randint(0, 40, (5, 7))]  # (b, L, d + 1)
     types = torch.randint(0, 5, (5, 7))
     users = model.user_vectors(hist, types, torch.tensor([0, 1, 2, 3, 4]))
-    assert users.shape == (5, D)
+    assert users.shape == (5, D + 1)
+    assert torch.equal(users[:, -1], torch.ones(5))
     # No parameter is per user: every tensor is sized by items, buckets or the dimension.
     assert set(model.state_dict()) == set(init_state(config))
 
@@ -85,10 +87,11 @@ def test_grow_state_keeps_trained_rows_and_adds_content_only_rows() -> None:
     state = model.state_dict()
     grown, config = grow_state(state, model.config, 40)
     assert config.num_items == 40
-    assert torch.equal(grown["item_id.weight"][:36], state["item_id.weight"])
-    assert torch.count_nonzero(grown["item_id.weight"][36:]) == 0
+    for table in ("item_id.weight", "item_bias.weight"):
+        assert torch.equal(grown[table][:36], state[table])
+        assert torch.count_nonzero(grown[table][36:]) == 0
     for name in state:
-        if name != "item_id.weight":
+        if name not in ("item_id.weight", "item_bias.weight"):
             assert torch.equal(grown[name], state[name])
     # The grown model loads and scores the new items by their content.
     big = load_model(config, grown)
@@ -109,7 +112,8 @@ def test_id_keep_mask_leaves_the_content_vector() -> None:
         full = model.item_vectors(features, rows)
         content_only = model.item_vectors(features, rows, id_keep=torch.zeros(3, dtype=torch.bool))
         mixed = model.item_vectors(features, rows, id_keep=torch.tensor([True, False, True]))
-        ids = model.item_id(rows)
+        # Dropping the id removes both the id vector and the id bias (last column).
+        ids = torch.cat([model.item_id(rows), model.item_bias(rows)], dim=1)
     assert torch.allclose(content_only, full - ids, atol=1e-6)
     assert torch.equal(mixed[0], full[0]) and torch.equal(mixed[2], full[2])
     assert torch.equal(mixed[1], content_only[1])
