@@ -102,3 +102,18 @@ def weighted_metrics(metrics: Iterable[tuple[Mapping[str, float], int]]) -> dict
             sums[name] = sums.get(name, 0.0) + float(value) * n
             weights[name] = weights.get(name, 0) + n
     return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+
+
+# Metrics whose aggregate is the maximum over updates (privacy loss: the worst node counts).
+MAX_AGGREGATED_METRICS: tuple[str, ...] = ("dp_epsilon",)
+
+
+def max_metrics(metrics: Iterable[Mapping[str, float]], names: Iterable[str]) -> dict[str, float]:
+    """The maximum of each named metric over the updates that report it."""
+    wanted = set(names)
+    out: dict[str, float] = {}
+    for values in metrics:
+        for name, value in values.items():
+            if name in wanted:
+                out[name] = max(out.get(name, float("-inf")), float(value))
+    return out

@@ -13,11 +13,13 @@ from sqlalchemy import text
 
 from coordinator.catalog.endpoints import router as catalog_router
 from coordinator.db import Database
+from coordinator.insights.endpoints import router as insights_router
 from coordinator.models_registry.endpoints import router as models_router
 from coordinator.models_registry.service import WeightCache
 from coordinator.nodes.endpoints import router as nodes_router
 from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
+from coordinator.secagg.endpoints import router as secagg_router
 from coordinator.settings import CoordinatorSettings
 from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
 
@@ -72,7 +74,14 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.weight_cache = WeightCache(maxsize=2)
     install_error_handlers(app)
-    for router in (nodes_router, catalog_router, models_router, rounds_router):
+    for router in (
+        nodes_router,
+        catalog_router,
+        models_router,
+        rounds_router,
+        secagg_router,
+        insights_router,
+    ):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process is up")

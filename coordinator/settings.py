@@ -35,6 +35,10 @@ class CoordinatorSettings(BaseSettings):
     aggregation: AggregationStrategy = "fedavg"
     embedding_dim: int = Field(default=48, ge=4, le=1024)
     model_seed: int = 0
+    secure_aggregation: bool = Field(
+        default=False,
+        description="Accept only pairwise-masked updates (docs/privacy.md); the sum is unmasked.",
+    )
     migrate_on_start: bool = True
     log_json: bool = False
 

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.privacy_schemas import PrivacyStatus
+
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 EventType = Literal["view", "click", "add_to_cart", "purchase"]
 
@@ -232,6 +234,7 @@ class NodeStatus(BaseModel):
     training: bool
     consecutive_failures: int
     next_retry_seconds: float | None
+    privacy: PrivacyStatus | None = None
 
 
 class EventsAccepted(BaseModel):

@@ -1,0 +1,49 @@
+"""Wire schemas of the privacy features: secure aggregation and the node's privacy status."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class PublicKeyIn(BaseModel):
+    public_key: str = Field(
+        min_length=44, max_length=44, description="Raw 32-byte X25519 public key, base64."
+    )
+
+
+class CohortMember(BaseModel):
+    node_id: str
+    public_key: str
+
+
+class SecAggState(BaseModel):
+    round_id: int
+    round_state: Literal["open", "closed"]
+    sealed: bool = Field(description="True once the cohort is fixed; nodes mask against it.")
+    cohort: list[CohortMember]
+    keys_received: int
+    submitted: list[str]
+    dropped: list[str] = Field(description="Cohort members declared dropped (recovery).")
+    revealed_by: list[str] = Field(description="Survivors that revealed their seeds.")
+
+
+class SeedRevealIn(BaseModel):
+    seeds: dict[str, str] = Field(
+        description="Dropped node id -> the 32-byte pairwise seed shared with it, hex."
+    )
+
+
+class PrivacyStatus(BaseModel):
+    dp_enabled: bool
+    dp_epsilon: float | None = Field(description="Epsilon spent so far at dp_delta (RDP).")
+    dp_delta: float | None
+    dp_epsilon_budget: float | None
+    dp_noise_multiplier: float | None
+    dp_clip_norm: float | None
+    dp_releases: int = Field(description="Noisy updates released so far.")
+    training_refused: str | None = Field(description="Why the node does not train, if so.")
+    secure_aggregation: bool
+    insights_pushed_at: datetime | None
