@@ -64,6 +64,11 @@ def assign_units(users: list[str], groups: int, key: bytes) -> dict[str, list[st
     return units
 
 
+def _unit_seed(seed: int, unit: str) -> int:
+    digest = hashlib.sha256(f"{seed}|{unit}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def dp_fedavg_update(
     config: ModelConfig,
     base_state: Mapping[str, torch.Tensor],
@@ -85,9 +90,14 @@ def dp_fedavg_update(
     total: StateDict = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in base_state.items()}
     sampled = 0
     clipped = 0
-    for i, (_unit, members) in enumerate(sorted(units.items())):
-        if dp.sampling_rate < 1.0 and float(torch.rand((), generator=g)) >= dp.sampling_rate:
-            continue
+    for unit, members in sorted(units.items()):
+        # Each unit's randomness depends on its own id only, so adding or removing one
+        # user leaves every other unit's clipped delta exactly as it was.
+        unit_seed = _unit_seed(seed, unit)
+        if dp.sampling_rate < 1.0:
+            coin = torch.Generator().manual_seed(unit_seed ^ 0x5EED)
+            if float(torch.rand((), generator=coin)) >= dp.sampling_rate:
+                continue
         examples = make_examples((sequences[u] for u in members), config.max_history)
         if len(examples) == 0:
             continue
@@ -98,7 +108,7 @@ def dp_fedavg_update(
             lr=train_config.lr,
             batch_size=train_config.batch_size,
             num_negatives=train_config.num_negatives,
-            seed=seed * 1_000_003 + i,
+            seed=unit_seed,
             max_steps=train_config.max_steps,
         )
         train_local(model, features, examples, unit_cfg)
