@@ -26,26 +26,33 @@ MIN_USERS = 15
 @pytest.fixture(scope="module")
 def market(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("market")
-    summary = generate_market(out, seed=11, regions=4, users=1600, items=300)
+    summary = generate_market(out, seed=11, regions=4, users=1000, items=200)
     catalog = read_catalog_csv(summary.catalog_path)
     events = read_events_csv(summary.events_path)
     return catalog, events
 
 
-def _report(market, region: str, tmp_path: Path, min_users: int = MIN_USERS) -> RegionReport:  # type: ignore[no-untyped-def]
+def _rows(market, region: str, db: Path):  # type: ignore[no-untyped-def]
     """Through the node's real path: the region's events in its EventStore."""
-    catalog, events = market
-    store = EventStore(f"sqlite:///{tmp_path / (region + '.db')}")
+    _catalog, events = market
+    store = EventStore(f"sqlite:///{db}")
     store.migrate()
     store.add_events([event_record_to_event_in(e) for e in events if e.region == region])
-    report = compute_report(
-        ((u, i, k, t) for u, i, k, t, _c in store.iter_events()),
-        catalog,
-        region=region,
-        weeks=WEEKS,
-        min_users=min_users,
-    )
+    rows = [(u, i, k, t) for u, i, k, t, _c in store.iter_events()]
     store.dispose()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stored_rows(market, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("stores")
+    return {region: _rows(market, region, out / f"{region}.db") for region in ("EU", "EA")}
+
+
+def _report(market, stored_rows, region: str, min_users: int = MIN_USERS) -> RegionReport:  # type: ignore[no-untyped-def]
+    report = compute_report(
+        stored_rows[region], market[0], region=region, weeks=WEEKS, min_users=min_users
+    )
     assert report is not None
     return report
 
@@ -85,8 +92,8 @@ def _direct(market, region: str, kind: str, dim: str):  # type: ignore[no-untype
 
 
 @pytest.mark.parametrize("region", ["EU", "EA"])
-def test_report_matches_direct_counting(market, region: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    report = _report(market, region, tmp_path)
+def test_report_matches_direct_counting(market, stored_rows, region: str) -> None:  # type: ignore[no-untyped-def]
+    report = _report(market, stored_rows, region)
     for kind in ("view", "purchase"):
         for dim in ("category", "material", "gemstone", "price_band"):
             n, users, wn, wu, first = _direct(market, region, kind, dim)
@@ -109,9 +116,9 @@ def test_report_matches_direct_counting(market, region: str, tmp_path: Path) -> 
                         assert cell.weekly_share[w] is None
 
 
-def test_regional_tastes_show_up(market, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    eu = _report(market, "EU", tmp_path)
-    ea = _report(market, "EA", tmp_path)
+def test_regional_tastes_show_up(market, stored_rows) -> None:  # type: ignore[no-untyped-def]
+    eu = _report(market, stored_rows, "EU")
+    ea = _report(market, stored_rows, "EA")
     jade = "jade"
     ea_jade = ea.kinds["view"]["material"].values[jade].share
     eu_jade = eu.kinds["view"]["material"].values.get(jade)
@@ -123,8 +130,8 @@ def test_regional_tastes_show_up(market, tmp_path: Path) -> None:  # type: ignor
     )
 
 
-def test_threshold_suppresses_small_cells(market, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    strict = _report(market, "EA", tmp_path, min_users=10_000)
+def test_threshold_suppresses_small_cells(market, stored_rows) -> None:  # type: ignore[no-untyped-def]
+    strict = _report(market, stored_rows, "EA", min_users=10_000)
     for dims in strict.kinds.values():
         for d in dims.values():
             assert d.values == {} and d.reported_events == 0 and d.suppressed_cells > 0
@@ -165,8 +172,8 @@ def test_noise_changes_counts_but_not_the_shape(market, tmp_path: Path) -> None:
     assert all(abs(p[v].events - q[v].events) < 100 for v in p)
 
 
-def test_insights_endpoints(market, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    report = _report(market, "EA", tmp_path)
+def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    report = _report(market, stored_rows, "EA")
     settings = CoordinatorSettings(
         database_url=f"sqlite:///{tmp_path / 'c.db'}", admin_token=ADMIN, embedding_dim=8
     )
