@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 InsightKind = Literal["view", "purchase"]
 InsightDimension = Literal["category", "material", "gemstone", "price_band"]
@@ -24,6 +24,8 @@ INSIGHT_DIMENSIONS: tuple[InsightDimension, ...] = (
 
 
 class InsightCell(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     events: int = Field(ge=0, description="Events in the whole window (noised if configured).")
     share: float = Field(ge=0, le=1, description="events / reported_events of the dimension.")
     weekly_share: list[float | None] = Field(
@@ -35,6 +37,8 @@ class InsightCell(BaseModel):
 
 
 class DimensionInsight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     reported_events: int = Field(ge=0, description="Sum of the reported cells' events.")
     weekly_reported_events: list[int]
     suppressed_cells: int = Field(ge=0, description="Values left out: fewer than min_users.")
@@ -42,6 +46,8 @@ class DimensionInsight(BaseModel):
 
 
 class RegionReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     region: str = Field(max_length=128)
     generated_at: datetime
     as_of: datetime = Field(description="End of the window: the region's latest event.")
