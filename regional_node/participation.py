@@ -316,6 +316,12 @@ class Participant:
         s = self.settings
         if self.accountant is None:
             return True
+        if await asyncio.to_thread(self.accountant.released, round_id):
+            # A noisy update for this round already left (its receipt may have been lost):
+            # a second, differently noised one would be a second release. Skip the round.
+            log.warning("round %s already has a DP release; not training it again", round_id)
+            self._mark_joined(round_id)
+            return False
         if s.dp_noise_multiplier <= 0:
             self.runtime.training_refused = "NODE_DP_NOISE_MULTIPLIER is 0: no privacy guarantee"
         else:

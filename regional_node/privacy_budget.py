@@ -33,6 +33,10 @@ class PrivacyAccountant:
             [*self.releases(), (noise_multiplier, sampling_rate)], self.delta
         )
 
+    def released(self, round_id: int) -> bool:
+        with self.store.sessions() as session:
+            return session.get(PrivacyLedger, round_id) is not None
+
     def record(self, round_id: int, noise_multiplier: float, sampling_rate: float) -> None:
         """Charge one release; recorded before the update is sent (conservative)."""
         with self.store.sessions() as session, session.begin():
