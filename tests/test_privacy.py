@@ -153,25 +153,18 @@ def test_noise_is_calibrated_to_the_clip_and_divided_by_units() -> None:
     assert float(noise.std()) == pytest.approx(0.1 / 6, rel=0.05)
 
 
-def _store_with_users(tmp_path: Path, users: int) -> str:
+def _job(tmp_path: Path, min_users: int, dp: DPConfig | None = None) -> TrainJob:
+    """A train job over a real node store of 12 users, each with at least 2 items."""
     url = f"sqlite:///{tmp_path / 'node.db'}"
     store = EventStore(url)
     store.migrate()
     store.add_events(
-        [EventIn.model_validate(e) for e in tiny_events("t", users=users, material="gold", seed=1)]
+        [EventIn.model_validate(e) for e in tiny_events("t", users=12, material="gold", seed=1)]
     )
     store.dispose()
-    return url
-
-
-@pytest.mark.parametrize(("min_users", "sent"), [(10, True), (13, False)])
-def test_metrics_from_fewer_users_than_the_threshold_are_not_sent(
-    tmp_path: Path, min_users: int, sent: bool
-) -> None:
-    url = _store_with_users(tmp_path, users=12)  # 12 users, all with >= 2 items
     catalog = tiny_catalog()
     config = ModelConfig(num_items=len(catalog), embedding_dim=8, content_buckets=64)
-    job = TrainJob(
+    return TrainJob(
         database_url=url,
         catalog=catalog,
         base_weights=state_to_bytes(init_state(config)),
@@ -179,8 +172,16 @@ def test_metrics_from_fewer_users_than_the_threshold_are_not_sent(
         train_config=TrainConfig(epochs=1, batch_size=32, num_negatives=16),
         holdout_eval=True,
         min_users_for_metrics=min_users,
+        dp=dp,
+        dp_unit_key=b"key",
     )
-    outcome = run_train_job(job)
+
+
+@pytest.mark.parametrize(("min_users", "sent"), [(10, True), (13, False)])
+def test_metrics_from_fewer_users_than_the_threshold_are_not_sent(
+    tmp_path: Path, min_users: int, sent: bool
+) -> None:
+    outcome = run_train_job(_job(tmp_path, min_users))
     assert outcome is not None and outcome.num_examples > 0
     if sent:
         assert outcome.metrics["eval_users"] == 12 and "hr@10" in outcome.metrics
@@ -190,21 +191,7 @@ def test_metrics_from_fewer_users_than_the_threshold_are_not_sent(
 
 
 def test_dp_job_sends_only_data_independent_metrics(tmp_path: Path) -> None:
-    url = _store_with_users(tmp_path, users=12)
-    catalog = tiny_catalog()
-    config = ModelConfig(num_items=len(catalog), embedding_dim=8, content_buckets=64)
-    job = TrainJob(
-        database_url=url,
-        catalog=catalog,
-        base_weights=state_to_bytes(init_state(config)),
-        model_config=config.model_dump(),
-        train_config=TrainConfig(epochs=1, batch_size=32, num_negatives=16),
-        holdout_eval=True,
-        min_users_for_metrics=1,
-        dp=DPConfig(clip_norm=0.1, noise_multiplier=1.0),
-        dp_unit_key=b"key",
-    )
-    outcome = run_train_job(job)
+    outcome = run_train_job(_job(tmp_path, 1, DPConfig(clip_norm=0.1, noise_multiplier=1.0)))
     assert outcome is not None
     assert outcome.num_examples == 12  # units (users), not examples
     assert outcome.metrics == {"dp_noise_multiplier": 1.0}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from shared.privacy import dp_epsilon
 from shared.serialization import bytes_to_state, read_metadata
 from shared.wire_recorder import read_log
 from tests.conftest import tiny_catalog, tiny_events
+from tests.test_e2e import _wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -65,16 +65,6 @@ ALLOWED_HEADERS = {
 }
 AGGREGATE_METRICS = {"hr@10", "ndcg@10", "eval_users", "train_loss"}
 DP_METRICS = {"dp_epsilon", "dp_noise_multiplier"}
-
-
-def _wait_for(predicate, timeout: float, what: str, procs: list[ServiceProcess]) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail_log(30)}" for p in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path) -> None:
