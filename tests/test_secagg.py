@@ -77,9 +77,9 @@ def test_pairwise_seeds_agree_and_masks_cancel_in_the_sum() -> None:
 # --- the coordinator's protocol, in-process over HTTP --------------------------------------
 
 
-def _coordinator(tmp_path: Path, deadline: float) -> TestClient:
+def _coordinator(url: str, deadline: float) -> TestClient:
     settings = CoordinatorSettings(
-        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        database_url=url,
         admin_token=ADMIN,
         min_updates=2,
         target_updates=3,
@@ -165,8 +165,8 @@ def _fedavg(base: dict, deltas: dict, nodes: list[str]) -> dict[str, torch.Tenso
     return {k: base[k] + sum(deltas[x][k] * NUM[x] for x in nodes) / n for k in base}
 
 
-def test_secure_round_aggregates_to_plain_fedavg(tmp_path: Path) -> None:
-    with _coordinator(tmp_path, deadline=60) as client:
+def test_secure_round_aggregates_to_plain_fedavg(db_url: str) -> None:
+    with _coordinator(db_url, deadline=60) as client:
         tokens, base = _setup(client)
         deltas = _deltas(base)
         private = _join(client, tokens)
@@ -187,7 +187,7 @@ def test_secure_round_aggregates_to_plain_fedavg(tmp_path: Path) -> None:
         # What the coordinator stored per node is not the node's update.
         from sqlalchemy import create_engine, text
 
-        engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+        engine = create_engine(db_url)
         with engine.connect() as conn:
             stored = conn.execute(text("SELECT node_id, payload FROM updates")).all()
         engine.dispose()
@@ -205,7 +205,7 @@ def test_secure_round_aggregates_to_plain_fedavg(tmp_path: Path) -> None:
 
 
 def test_dropped_node_is_recovered_by_seed_reveals(tmp_path: Path) -> None:
-    with _coordinator(tmp_path, deadline=2.0) as client:
+    with _coordinator(f"sqlite:///{tmp_path / 'c.db'}", deadline=2.0) as client:
         tokens, base = _setup(client)
         deltas = _deltas(base)
         private = _join(client, tokens)
