@@ -53,6 +53,11 @@ class TrainOutcome:
     metrics: dict[str, float]
 
 
+def users_with_examples(sequences: dict[str, UserSequence]) -> int:
+    """Users whose events yield at least one training example (two distinct items)."""
+    return sum(1 for seq in sequences.values() if len(seq.items) >= 2)
+
+
 def run_train_job(job: TrainJob) -> TrainOutcome | None:
     """Train from the base weights on this node's events; None when there is nothing to learn."""
     torch.set_num_threads(job.threads)
@@ -93,7 +98,7 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     if len(examples) == 0:
         return None
     result = train_local(model, features, examples, job.train_config)
-    if len(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
+    if users_with_examples(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
         metrics["train_loss"] = result.loss
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     delta = compute_delta(new_state, base_state)

@@ -153,14 +153,33 @@ def test_noise_is_calibrated_to_the_clip_and_divided_by_units() -> None:
     assert float(noise.std()) == pytest.approx(0.1 / 6, rel=0.05)
 
 
-def _job(tmp_path: Path, min_users: int, dp: DPConfig | None = None) -> TrainJob:
-    """A train job over a real node store of 12 users, each with at least 2 items."""
+def _job(
+    tmp_path: Path, min_users: int, dp: DPConfig | None = None, two_item_users: int = 0
+) -> TrainJob:
+    """A train job over a real node store of 12 users with >= 3 distinct items each, plus
+    `two_item_users` users with exactly 2 (held out: 1 item left, no training example)."""
     url = f"sqlite:///{tmp_path / 'node.db'}"
     store = EventStore(url)
     store.migrate()
-    store.add_events(
-        [EventIn.model_validate(e) for e in tiny_events("t", users=12, material="gold", seed=1)]
-    )
+    events = tiny_events("t", users=40, material="gold", seed=1)
+    distinct: dict[str, set[str]] = {}
+    for e in events:
+        distinct.setdefault(str(e["user_id"]), set()).add(str(e["item_id"]))
+    rich = sorted(u for u, items in distinct.items() if len(items) >= 3)[:12]
+    assert len(rich) == 12
+    chosen = [e for e in events if e["user_id"] in rich]
+    for u in range(two_item_users):
+        for i, item in enumerate(("I001", "I002")):
+            chosen.append(
+                {
+                    "user_id": f"t-two-{u}",
+                    "item_id": item,
+                    "event_type": "view",
+                    "timestamp": f"2026-10-0{i + 1}T10:00:00+00:00",
+                    "country": "DE",
+                }
+            )
+    store.add_events([EventIn.model_validate(e) for e in chosen])
     store.dispose()
     catalog = tiny_catalog()
     config = ModelConfig(num_items=len(catalog), embedding_dim=8, content_buckets=64)
@@ -188,6 +207,14 @@ def test_metrics_from_fewer_users_than_the_threshold_are_not_sent(
         assert "train_loss" in outcome.metrics
     else:
         assert outcome.metrics == {}
+
+
+def test_each_metric_counts_the_users_it_was_computed_from(tmp_path: Path) -> None:
+    # 17 users are held out (12 + 5), but only 12 contribute training examples.
+    outcome = run_train_job(_job(tmp_path, 15, two_item_users=5))
+    assert outcome is not None
+    assert outcome.metrics["eval_users"] == 17 and "hr@10" in outcome.metrics
+    assert "train_loss" not in outcome.metrics
 
 
 def test_dp_job_sends_only_data_independent_metrics(tmp_path: Path) -> None:
