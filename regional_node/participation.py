@@ -358,6 +358,11 @@ class Participant:
         report = await asyncio.to_thread(self._report)
         if report is None:
             return
-        await self.client.push_insights(self.settings.id, report)
-        self.runtime.insights_pushed_at = datetime.now(UTC)
         self._insights_due = time.monotonic() + self.settings.insights_interval_seconds
+        try:
+            await self.client.push_insights(self.settings.id, report)
+        except CoordinatorError as exc:
+            # Insights are best effort: a refusal must not stop training or serving.
+            log.warning("insights push refused: %s", exc)
+            return
+        self.runtime.insights_pushed_at = datetime.now(UTC)
