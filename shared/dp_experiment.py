@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     epsilons = parse_epsilons(args.epsilons)
     if args.jobs > 1:
-        with ProcessPoolExecutor(max_workers=min(args.jobs, os.cpu_count() or 1)) as pool:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = [
                 pool.submit(run_one, e, setup, config, features, train, held, args.threads)
                 for e in epsilons
