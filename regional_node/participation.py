@@ -207,7 +207,7 @@ class Participant:
             model_config=meta.config,
             train_config=TrainConfig(
                 epochs=s.local_epochs,
-                lr=s.learning_rate,
+                lr=s.dp_learning_rate if s.dp_enabled else s.learning_rate,
                 batch_size=s.batch_size,
                 num_negatives=s.num_negatives,
                 fedprox_mu=s.fedprox_mu,

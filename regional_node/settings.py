@@ -39,7 +39,12 @@ class NodeSettings(BaseSettings):
     backoff_max_seconds: float = Field(default=60.0, gt=0)
     # Privacy (docs/privacy.md).
     dp_enabled: bool = Field(default=False, description="DP-FedAvg with user-level clipping.")
-    dp_clip_norm: float = Field(default=0.5, gt=0, description="L2 clip of each user unit.")
+    dp_clip_norm: float = Field(
+        default=10.0, gt=0, description="L2 clip of each user unit's delta (docs/privacy.md)."
+    )
+    dp_learning_rate: float = Field(
+        default=0.05, gt=0, le=10, description="Local learning rate of each user unit."
+    )
     dp_noise_multiplier: float = Field(
         default=1.0, ge=0, description="Noise stddev / sensitivity of the clipped sum."
     )
