@@ -80,7 +80,7 @@ class SecureAggregationAgent:
         while True:
             state = await self.client.secagg_state(round_id)
             if state.round_state != "open":
-                raise SecAggAborted(f"round {round_id} closed before its cohort sealed")
+                raise SecAggAborted(f"round {round_id} closed (redone or superseded)")
             if state.sealed:
                 break
             if time.monotonic() > deadline:

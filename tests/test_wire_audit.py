@@ -82,7 +82,7 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path) -> None:
                 "COORDINATOR_ADMIN_TOKEN": ADMIN,
                 "COORDINATOR_MIN_UPDATES": "2",
                 "COORDINATOR_TARGET_UPDATES": "3",
-                "COORDINATOR_ROUND_DEADLINE_SECONDS": "60",
+                "COORDINATOR_ROUND_DEADLINE_SECONDS": "300",  # slow CI: rounds close on target
                 "COORDINATOR_ROUND_CHECK_SECONDS": "0.2",
                 "COORDINATOR_EMBEDDING_DIM": "16",
                 "COORDINATOR_SECURE_AGGREGATION": "true",
