@@ -175,7 +175,10 @@ def test_secure_round_aggregates_to_plain_fedavg(db_url: str) -> None:
             "/v1/rounds/1/updates",
             params={"num_examples": 10, "base_version": 1},
             content=plain,
-            headers={"Authorization": f"Bearer {tokens['a']}"},
+            headers={
+                "Authorization": f"Bearer {tokens['a']}",
+                "X-Content-SHA256": sha256_hex(plain),
+            },
         )
         assert r.status_code == 422 and SECAGG_ENCODING in r.json()["detail"]
         for n in ("a", "b", "c"):
