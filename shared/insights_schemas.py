@@ -8,7 +8,7 @@ share or trend derived from such counts.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,8 +45,35 @@ class DimensionInsight(BaseModel):
     values: dict[str, InsightCell]
 
 
+_EXAMPLE_REPORT: dict[str, Any] = {
+    "region": "EA",
+    "generated_at": "2026-11-25T22:10:00Z",
+    "as_of": "2026-10-31T23:12:09Z",
+    "weeks": ["2026-10-13", "2026-10-20", "2026-10-27"],
+    "min_users": 20,
+    "noise_scale": 0.0,
+    "kinds": {
+        "purchase": {
+            "material": {
+                "reported_events": 420,
+                "weekly_reported_events": [130, 140, 150],
+                "suppressed_cells": 2,
+                "values": {
+                    "jade": {
+                        "events": 120,
+                        "share": 0.2857,
+                        "weekly_share": [0.25, 0.28, 0.32],
+                        "trend_per_week": 0.035,
+                    }
+                },
+            }
+        }
+    },
+}
+
+
 class RegionReport(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_REPORT]})
 
     region: str = Field(max_length=128)
     generated_at: datetime
@@ -74,6 +101,33 @@ class Highlight(BaseModel):
 
 
 class InsightsOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "regions": [
+                        {
+                            "node_id": "ea-1",
+                            "received_at": "2026-11-25T22:10:01Z",
+                            "report": _EXAMPLE_REPORT,
+                        }
+                    ],
+                    "highlights": [
+                        {
+                            "region": "EA",
+                            "node_id": "ea-1",
+                            "kind": "purchase",
+                            "dimension": "material",
+                            "value": "jade",
+                            "share": 0.2857,
+                            "trend_per_week": 0.035,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     regions: list[RegionInsightOut]
     highlights: list[Highlight] = Field(
         description="Per region and kind, the fastest rising and falling material, category "

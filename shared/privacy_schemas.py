@@ -5,10 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class PublicKeyIn(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"public_key": "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="}]
+        }
+    )
+
     public_key: str = Field(
         min_length=44, max_length=44, description="Raw 32-byte X25519 public key, base64."
     )
@@ -20,6 +26,32 @@ class CohortMember(BaseModel):
 
 
 class SecAggState(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "round_id": 7,
+                    "round_state": "open",
+                    "sealed": True,
+                    "cohort": [
+                        {
+                            "node_id": "eu-1",
+                            "public_key": "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=",
+                        },
+                        {
+                            "node_id": "na-1",
+                            "public_key": "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=",
+                        },
+                    ],
+                    "keys_received": 2,
+                    "submitted": ["eu-1"],
+                    "dropped": [],
+                    "revealed_by": [],
+                }
+            ]
+        }
+    )
+
     round_id: int
     round_state: Literal["open", "closed"]
     sealed: bool = Field(description="True once the cohort is fixed; nodes mask against it.")
@@ -31,6 +63,8 @@ class SecAggState(BaseModel):
 
 
 class SeedRevealIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"seeds": {"na-1": "0f" * 32}}]})
+
     seeds: dict[str, str] = Field(
         description="Dropped node id -> the 32-byte pairwise seed shared with it, hex."
     )

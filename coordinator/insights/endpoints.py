@@ -27,7 +27,7 @@ def get_insights(_: ReaderDep, session: SessionDep) -> InsightsOut:
     status_code=204,
     summary="Push this node's regional report",
     description="Node token only, for its own node id. Replaces the node's previous report.",
-    responses=error_responses(401, 403, 422),
+    responses=error_responses(400, 401, 403, 404, 422),
 )
 def post_insights(node_id: str, report: RegionReport, node: NodeDep, session: SessionDep) -> None:
     service.store_report(session, node, node_id, report)

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/rounds", tags=["secure aggregation"])
     "/{round_id}/secagg",
     summary="Secure-aggregation state of a round",
     description="The cohort's public keys once sealed, who submitted, who dropped, who revealed.",
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 422),
 )
 def get_state(round_id: int, _: ReaderDep, session: SessionDep) -> SecAggState:
     return service.state_out(session, round_id)
@@ -26,7 +26,7 @@ def get_state(round_id: int, _: ReaderDep, session: SessionDep) -> SecAggState:
     summary="Publish this node's X25519 public key for the round",
     description="Node token only. Idempotent for the same key; the cohort seals when "
     "TARGET_UPDATES nodes have published.",
-    responses=error_responses(401, 403, 404, 409, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 422),
 )
 async def publish_key(
     round_id: int,
@@ -48,7 +48,7 @@ async def publish_key(
     summary="Reveal pairwise seeds with dropped nodes",
     description="Node token only; a surviving cohort member sends its seeds with exactly the "
     "dropped nodes so the coordinator can remove their masks from the sum.",
-    responses=error_responses(401, 403, 409, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 422),
 )
 async def reveal(
     round_id: int,
