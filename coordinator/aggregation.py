@@ -321,3 +321,18 @@ def make_strategy(
     if name == "krum":
         return MultiKrum(num_byzantine=krum_byzantine, num_selected=krum_selected)
     raise ValueError(f"unknown aggregation strategy {name!r}; choose from {STRATEGY_NAMES}")
+
+
+# Metrics whose aggregate is the maximum over updates (privacy loss: the worst node counts).
+MAX_AGGREGATED_METRICS: tuple[str, ...] = ("dp_epsilon",)
+
+
+def max_metrics(metrics: Iterable[Mapping[str, float]], names: Iterable[str]) -> dict[str, float]:
+    """The maximum of each named metric over the updates that report it."""
+    wanted = set(names)
+    out: dict[str, float] = {}
+    for values in metrics:
+        for name, value in values.items():
+            if name in wanted:
+                out[name] = max(out.get(name, float("-inf")), float(value))
+    return out

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from coordinator.catalog.endpoints import router as catalog_router
 from coordinator.db import Database
+from coordinator.insights.endpoints import router as insights_router
 from coordinator.models_registry.endpoints import router as models_router
 from coordinator.models_registry.service import WeightCache
 from coordinator.nodes.bootstrap import bootstrap_from_settings
@@ -20,6 +21,7 @@ from coordinator.nodes.endpoints import router as nodes_router
 from coordinator.operator_tools import install_operator_tools
 from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
+from coordinator.secagg.endpoints import router as secagg_router
 from coordinator.settings import CoordinatorSettings
 from shared.db import database_ready
 from shared.errors import error_responses, install_error_handlers
@@ -84,7 +86,14 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.weight_cache = WeightCache(maxsize=2)
     install_error_handlers(app)
-    for router in (nodes_router, catalog_router, models_router, rounds_router):
+    for router in (
+        nodes_router,
+        catalog_router,
+        models_router,
+        rounds_router,
+        secagg_router,
+        insights_router,
+    ):
         app.include_router(router)
     install_operator_tools(app)
 

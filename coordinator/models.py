@@ -113,3 +113,52 @@ class Update(Base):
     payload: Mapped[bytes] = deferred(mapped_column(LargeBinary))
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+
+
+# --- privacy: secure aggregation and regional insights (migration 0002_privacy) ---------
+
+
+class SecAggRound(Base):
+    """A round's secure-aggregation state: the sealed cohort and the nodes that dropped."""
+
+    __tablename__ = "secagg_rounds"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    cohort: Mapped[list[str] | None] = mapped_column(JSON)  # None until sealed
+    sealed_at: Mapped[datetime | None]
+    dropped: Mapped[list[str] | None] = mapped_column(JSON)  # None until recovery starts
+    recovery_deadline: Mapped[datetime | None]
+
+
+class SecAggKey(Base):
+    """A node's X25519 public key for one round (raw 32 bytes, base64)."""
+
+    __tablename__ = "secagg_keys"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class SecAggReveal(Base):
+    """A survivor's pairwise seed with a dropped node, revealed to unmask the sum."""
+
+    __tablename__ = "secagg_reveals"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"), primary_key=True)
+    dropped_node_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seed_hex: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class RegionInsight(Base):
+    """The latest aggregate statistics a node pushed (thresholded on the node)."""
+
+    __tablename__ = "region_insights"
+
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"), primary_key=True)
+    region: Mapped[str] = mapped_column(String(128))
+    received_at: Mapped[datetime]
+    report: Mapped[dict[str, Any]]

@@ -58,6 +58,10 @@ class CoordinatorSettings(BaseSettings):
     )
     embedding_dim: int = Field(default=48, ge=4, le=1024)
     model_seed: int = 0
+    secure_aggregation: bool = Field(
+        default=False,
+        description="Accept only pairwise-masked updates (docs/privacy.md); the sum is unmasked.",
+    )
     migrate_on_start: bool = True
     bootstrap_nodes: str = Field(
         default="",

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from shared.insights_schemas import RegionReport
+from shared.privacy_schemas import SecAggState
 from shared.schemas import CatalogOut, ModelVersionOut, RoundOut, UpdateReceipt
 
 
@@ -120,3 +122,30 @@ class CoordinatorClient:
         )
         _raise_for_status(resp)
         return UpdateReceipt.model_validate(resp.json())
+
+    # Privacy features (docs/privacy.md) ------------------------------------------------------
+
+    async def publish_secagg_key(self, round_id: int, public_key: str) -> SecAggState:
+        resp = await self._http.post(
+            f"/v1/rounds/{round_id}/secagg/keys", json={"public_key": public_key}
+        )
+        _raise_for_status(resp)
+        return SecAggState.model_validate(resp.json())
+
+    async def secagg_state(self, round_id: int) -> SecAggState:
+        resp = await self._http.get(f"/v1/rounds/{round_id}/secagg")
+        _raise_for_status(resp)
+        return SecAggState.model_validate(resp.json())
+
+    async def reveal_secagg_seeds(self, round_id: int, seeds: dict[str, str]) -> SecAggState:
+        resp = await self._http.post(f"/v1/rounds/{round_id}/secagg/reveals", json={"seeds": seeds})
+        _raise_for_status(resp)
+        return SecAggState.model_validate(resp.json())
+
+    async def push_insights(self, node_id: str, report: RegionReport) -> None:
+        resp = await self._http.post(
+            f"/v1/insights/{node_id}",
+            content=report.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        _raise_for_status(resp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, MetaData, String, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, Float, Integer, MetaData, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import NAMING_CONVENTION
@@ -39,3 +39,14 @@ class Participation(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     num_examples: Mapped[int] = mapped_column(BigInteger)
     submitted_at: Mapped[datetime]
+
+
+class PrivacyLedger(Base):
+    """One row per differentially private release (a noisy update), for the accountant."""
+
+    __tablename__ = "privacy_ledger"
+
+    round_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    sampling_rate: Mapped[float] = mapped_column(Float)
+    released_at: Mapped[datetime]

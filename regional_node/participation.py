@@ -11,20 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import random
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 
 from regional_node.client import CoordinatorClient, CoordinatorError, Weights
+from regional_node.insights import compute_report
+from regional_node.privacy_budget import PrivacyAccountant
 from regional_node.recommender import ServingModel, build_serving_model
+from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
 from regional_node.trainer import TrainJob, TrainOutcome, run_train_job
+from shared.dp_training import DPConfig
+from shared.insights_schemas import RegionReport
 from shared.model import ModelConfig
 from shared.schemas import CatalogOut
-from shared.serialization import bytes_to_state
+from shared.secagg import SECAGG_ENCODING
+from shared.serialization import bytes_to_state, sha256_hex
 from shared.training import TrainConfig
 
 log = logging.getLogger("fedjewel.node")
@@ -45,6 +54,10 @@ class NodeRuntime:
     next_retry_seconds: float | None = None
     rounds_joined: set[int] = field(default_factory=set)
     last_round_joined: int | None = None
+    dp_epsilon: float | None = None
+    dp_releases: int = 0
+    training_refused: str | None = None
+    insights_pushed_at: datetime | None = None
 
 
 def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random) -> float:
@@ -61,6 +74,20 @@ class Participant:
         self.client = CoordinatorClient(settings.coordinator_url, settings.token)
         self._pool: ProcessPoolExecutor | None = None
         self._rng = random.Random()
+        self.accountant = (
+            PrivacyAccountant(store, settings.dp_delta) if settings.dp_enabled else None
+        )
+        self.secagg = (
+            SecureAggregationAgent(
+                self.client,
+                settings.id,
+                wait_seconds=settings.secagg_wait_seconds,
+                poll_seconds=min(settings.poll_seconds, 1.0),
+            )
+            if settings.secure_aggregation
+            else None
+        )
+        self._insights_due = 0.0  # monotonic time of the next push
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -78,6 +105,7 @@ class Participant:
         rt = self.runtime
         rt.rounds_joined = await asyncio.to_thread(self.store.joined_rounds)
         rt.last_round_joined = max(rt.rounds_joined) if rt.rounds_joined else None
+        await self._refresh_privacy_status()
         while True:
             try:
                 await self.step()
@@ -112,6 +140,10 @@ class Participant:
     async def step(self) -> None:
         """One pass: sync catalog and active model, then train if a round needs us."""
         await self.sync_model()
+        if self.secagg is not None:
+            await self.secagg.answer_reveals()
+        if self.settings.insights_enabled and time.monotonic() >= self._insights_due:
+            await self.push_insights()
         rnd = await self.client.current_round()
         if rnd is None or rnd.state != "open" or rnd.round_id in self.runtime.rounds_joined:
             return
@@ -175,7 +207,7 @@ class Participant:
             model_config=meta.config,
             train_config=TrainConfig(
                 epochs=s.local_epochs,
-                lr=s.learning_rate,
+                lr=s.dp_learning_rate if s.dp_enabled else s.learning_rate,
                 batch_size=s.batch_size,
                 num_negatives=s.num_negatives,
                 fedprox_mu=s.fedprox_mu,
@@ -184,7 +216,13 @@ class Participant:
             holdout_eval=s.holdout_eval,
             min_users_for_metrics=s.min_users_for_metrics,
             threads=s.train_threads,
+            dp=self._dp_config(),
+            dp_unit_key=os.urandom(32),
         )
+        if not await self._within_budget(round_id):
+            return
+        if self.secagg is not None:
+            await self.secagg.join(round_id)  # before training, so the cohort can seal
         self.runtime.training = True
         log.info(
             "training round %s on version %s",
@@ -202,14 +240,33 @@ class Participant:
         if outcome is None:
             log.info("no training examples yet; skipping round %s", round_id)
             return
+        metrics = dict(outcome.metrics)
+        if self.accountant is not None:
+            await asyncio.to_thread(
+                self.accountant.record, round_id, s.dp_noise_multiplier, s.dp_sampling_rate
+            )
+            await self._refresh_privacy_status()
+            assert self.runtime.dp_epsilon is not None
+            metrics["dp_epsilon"] = self.runtime.dp_epsilon
+        payload, sha, encoding = outcome.delta, outcome.sha256, "dense"
+        if self.secagg is not None:
+            try:
+                payload = await self.secagg.mask(round_id, outcome.delta, outcome.num_examples)
+            except SecAggAborted as exc:
+                log.warning("skipping round %s: %s", round_id, exc)
+                self.secagg.forget(round_id)
+                self._mark_joined(round_id)
+                return
+            sha, encoding = sha256_hex(payload), SECAGG_ENCODING
         try:
             receipt = await self.client.submit_update(
                 round_id,
                 base_version=base_version,
                 num_examples=outcome.num_examples,
-                payload=outcome.delta,
-                sha256=outcome.sha256,
-                metrics=outcome.metrics,
+                payload=payload,
+                sha256=sha,
+                metrics=metrics,
+                encoding=encoding,
             )
         except CoordinatorError as exc:
             if exc.status_code == 409:
@@ -226,9 +283,86 @@ class Participant:
             receipt.num_examples,
         )
         self._mark_joined(round_id)
+        self._insights_due = 0.0  # refresh the regional report with the round
         log.info(
             "submitted update to round %s (%d examples)",
             round_id,
             outcome.num_examples,
             extra={"round_id": round_id, "node_id": s.id},
         )
+
+    # Privacy (docs/privacy.md) ------------------------------------------------------------
+
+    def _dp_config(self) -> DPConfig | None:
+        s = self.settings
+        if not s.dp_enabled:
+            return None
+        return DPConfig(
+            clip_norm=s.dp_clip_norm,
+            noise_multiplier=s.dp_noise_multiplier,
+            groups=s.dp_groups,
+            sampling_rate=s.dp_sampling_rate,
+        )
+
+    async def _refresh_privacy_status(self) -> None:
+        if self.accountant is None:
+            return
+        releases = await asyncio.to_thread(self.accountant.releases)
+        self.runtime.dp_releases = len(releases)
+        self.runtime.dp_epsilon = await asyncio.to_thread(self.accountant.spent)
+
+    async def _within_budget(self, round_id: int) -> bool:
+        """Refuse to train when one more noisy release would exceed the epsilon budget."""
+        s = self.settings
+        if self.accountant is None:
+            return True
+        if await asyncio.to_thread(self.accountant.released, round_id):
+            # A noisy update for this round already left (its receipt may have been lost):
+            # a second, differently noised one would be a second release. Skip the round.
+            log.warning("round %s already has a DP release; not training it again", round_id)
+            self._mark_joined(round_id)
+            return False
+        if s.dp_noise_multiplier <= 0:
+            self.runtime.training_refused = "NODE_DP_NOISE_MULTIPLIER is 0: no privacy guarantee"
+        else:
+            after = await asyncio.to_thread(
+                self.accountant.after_one_more, s.dp_noise_multiplier, s.dp_sampling_rate
+            )
+            if after <= s.dp_epsilon_budget:
+                self.runtime.training_refused = None
+                return True
+            self.runtime.training_refused = (
+                f"privacy budget exhausted: one more round would spend epsilon {after:.3f} > "
+                f"budget {s.dp_epsilon_budget} (delta {s.dp_delta})"
+            )
+        log.warning("not training round %s: %s", round_id, self.runtime.training_refused)
+        self._mark_joined(round_id)
+        return False
+
+    def _report(self) -> RegionReport | None:
+        catalog = self.runtime.catalog
+        if catalog is None:
+            return None
+        s = self.settings
+        return compute_report(
+            ((u, i, k, t) for u, i, k, t, _c in self.store.iter_events()),
+            catalog.items,
+            region=s.region,
+            weeks=s.insights_weeks,
+            min_users=s.insights_min_users,
+            noise_scale=s.insights_noise_scale,
+        )
+
+    async def push_insights(self) -> None:
+        """Compute the regional report here and push only the aggregate to the coordinator."""
+        report = await asyncio.to_thread(self._report)
+        if report is None:
+            return
+        self._insights_due = time.monotonic() + self.settings.insights_interval_seconds
+        try:
+            await self.client.push_insights(self.settings.id, report)
+        except CoordinatorError as exc:
+            # Insights are best effort: a refusal must not stop training or serving.
+            log.warning("insights push refused: %s", exc)
+            return
+        self.runtime.insights_pushed_at = datetime.now(UTC)

@@ -9,6 +9,7 @@ from regional_node.recommender import Filters, candidate_mask, recommend
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
 from shared.errors import PayloadTooLarge
+from shared.privacy_schemas import PrivacyStatus
 from shared.schemas import (
     EventIn,
     EventsAccepted,
@@ -111,4 +112,21 @@ def node_status(settings: NodeSettings, store: EventStore, runtime: NodeRuntime)
         training=runtime.training,
         consecutive_failures=runtime.consecutive_failures,
         next_retry_seconds=runtime.next_retry_seconds,
+        privacy=privacy_status(settings, runtime),
+    )
+
+
+def privacy_status(settings: NodeSettings, runtime: NodeRuntime) -> PrivacyStatus:
+    dp = settings.dp_enabled
+    return PrivacyStatus(
+        dp_enabled=dp,
+        dp_epsilon=(runtime.dp_epsilon or 0.0) if dp else None,
+        dp_delta=settings.dp_delta if dp else None,
+        dp_epsilon_budget=settings.dp_epsilon_budget if dp else None,
+        dp_noise_multiplier=settings.dp_noise_multiplier if dp else None,
+        dp_clip_norm=settings.dp_clip_norm if dp else None,
+        dp_releases=runtime.dp_releases,
+        training_refused=runtime.training_refused,
+        secure_aggregation=settings.secure_aggregation,
+        insights_pushed_at=runtime.insights_pushed_at,
     )

@@ -37,6 +37,36 @@ class NodeSettings(BaseSettings):
     )
     max_events_per_batch: int = Field(default=10_000, ge=1)
     backoff_max_seconds: float = Field(default=60.0, gt=0)
+    # Privacy (docs/privacy.md).
+    dp_enabled: bool = Field(default=False, description="DP-FedAvg with user-level clipping.")
+    dp_clip_norm: float = Field(
+        default=10.0, gt=0, description="L2 clip of each user unit's delta (docs/privacy.md)."
+    )
+    dp_learning_rate: float = Field(
+        default=0.05, gt=0, le=10, description="Local learning rate of each user unit."
+    )
+    dp_noise_multiplier: float = Field(
+        default=1.0, ge=0, description="Noise stddev / sensitivity of the clipped sum."
+    )
+    dp_epsilon_budget: float = Field(
+        default=8.0, gt=0, description="The node refuses to train past this epsilon."
+    )
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    dp_groups: int = Field(
+        default=0, ge=0, description="0: one unit per user; n: users hashed into n buckets."
+    )
+    dp_sampling_rate: float = Field(default=1.0, gt=0, le=1)
+    secure_aggregation: bool = Field(default=False, description="Pairwise-mask every update.")
+    secagg_wait_seconds: float = Field(default=120.0, gt=0)
+    insights_enabled: bool = Field(default=True, description="Push regional aggregates.")
+    insights_min_users: int = Field(
+        default=20, ge=1, description="Cells from fewer distinct users are suppressed."
+    )
+    insights_weeks: int = Field(default=8, ge=1, le=104)
+    insights_noise_scale: float = Field(
+        default=0.0, ge=0, description="Laplace noise scale on insight counts (0 = none)."
+    )
+    insights_interval_seconds: float = Field(default=300.0, gt=0)
     log_json: bool = False
 
     @property

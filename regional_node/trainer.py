@@ -14,13 +14,15 @@ import torch
 
 from coordinator.aggregation import compute_delta
 from regional_node.store import EventStore
-from shared.features import build_item_features
+from shared.dp_training import DPConfig, dp_fedavg_update
+from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
 from shared.model import HybridTwoTower, ModelConfig
 from shared.schemas import CatalogItem
 from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from shared.training import (
     TrainConfig,
+    UserSequence,
     build_sequences,
     make_examples,
     rank_held_out,
@@ -39,6 +41,8 @@ class TrainJob:
     holdout_eval: bool
     min_users_for_metrics: int
     threads: int = 1
+    dp: DPConfig | None = None  # DP-FedAvg (docs/privacy.md); None = plain training
+    dp_unit_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,11 @@ class TrainOutcome:
     sha256: str
     num_examples: int
     metrics: dict[str, float]
+
+
+def users_with_examples(sequences: dict[str, UserSequence]) -> int:
+    """Users whose events yield at least one training example (two distinct items)."""
+    return sum(1 for seq in sequences.values() if len(seq.items) >= 2)
 
 
 def run_train_job(job: TrainJob) -> TrainOutcome | None:
@@ -72,6 +81,8 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     model = HybridTwoTower(config)
     model.load_state_dict(base_state)
 
+    if job.dp is not None:
+        return _run_dp_job(job, config, base_state, features, sequences)
     metrics: dict[str, float] = {}
     train_seqs = sequences
     if job.holdout_eval:
@@ -87,11 +98,42 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     if len(examples) == 0:
         return None
     result = train_local(model, features, examples, job.train_config)
-    if len(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
+    if users_with_examples(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
         metrics["train_loss"] = result.loss
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     delta = compute_delta(new_state, base_state)
     data = state_to_bytes(delta)
     return TrainOutcome(
         delta=data, sha256=sha256_hex(data), num_examples=result.num_examples, metrics=metrics
+    )
+
+
+def _run_dp_job(
+    job: TrainJob,
+    config: ModelConfig,
+    base_state: dict[str, torch.Tensor],
+    features: ItemFeatures,
+    sequences: dict[str, UserSequence],
+) -> TrainOutcome | None:
+    """DP-FedAvg contribution. Sends no data-dependent metric: the accountant covers only
+    the noisy delta, so held-out HR@10 and the loss stay in the region."""
+    assert job.dp is not None
+    update = dp_fedavg_update(
+        config,
+        base_state,
+        features,
+        sequences,
+        job.train_config,
+        job.dp,
+        seed=job.train_config.seed,
+        unit_key=job.dp_unit_key,
+    )
+    if update is None:
+        return None
+    data = state_to_bytes(update.delta)
+    return TrainOutcome(
+        delta=data,
+        sha256=sha256_hex(data),
+        num_examples=update.num_units,
+        metrics={"dp_noise_multiplier": job.dp.noise_multiplier},
     )

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import JsonDict
 
+from shared.privacy_schemas import PrivacyStatus
+
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 EventType = Literal["view", "click", "add_to_cart", "purchase"]
 
@@ -390,6 +392,7 @@ class NodeStatus(BaseModel):
     training: bool
     consecutive_failures: int
     next_retry_seconds: float | None
+    privacy: PrivacyStatus | None = None
 
 
 class EventsAccepted(BaseModel):

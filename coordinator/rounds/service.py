@@ -22,11 +22,13 @@ from sqlalchemy.orm import Session
 from torch import Tensor
 
 from coordinator.aggregation import (
+    MAX_AGGREGATED_METRICS,
     AggregationStrategy,
     UpdateMismatchError,
     apply_delta,
     check_compatible,
     make_strategy,
+    max_metrics,
     weighted_metrics,
 )
 from coordinator.catalog.service import catalog_size
@@ -38,10 +40,12 @@ from coordinator.models_registry.service import (
     load_state,
     promote,
 )
+from coordinator.secagg.service import check_masked_update, secure_mean_delta, step_secure_round
 from coordinator.settings import CoordinatorSettings
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.model import ModelConfig, grow_state, init_state
 from shared.schemas import RoundOut, UpdateReceipt, utcnow
+from shared.secagg import SECAGG_ENCODING
 from shared.serialization import bytes_to_state, sha256_hex
 
 log = logging.getLogger("fedjewel.coordinator.rounds")
@@ -215,14 +219,17 @@ def submit_update(
         raise Unprocessable(
             f"num_examples {num_examples} exceeds the limit of {settings.max_num_examples}"
         )
-    if encoding != "dense":
-        raise Unprocessable(f"unsupported update encoding {encoding!r}")
-    try:
-        delta = bytes_to_state(payload)
-        base_state, _ = load_state(session, r.base_version, cache)
-        check_compatible(delta, base_state)
-    except (ValueError, UpdateMismatchError) as exc:
-        raise Unprocessable(f"update rejected: {exc}") from exc
+    if settings.secure_aggregation or encoding == SECAGG_ENCODING:
+        check_masked_update(session, settings, cache, r, node, payload, encoding)
+    else:
+        if encoding != "dense":
+            raise Unprocessable(f"unsupported update encoding {encoding!r}")
+        try:
+            delta = bytes_to_state(payload)
+            base_state, _ = load_state(session, r.base_version, cache)
+            check_compatible(delta, base_state)
+        except (ValueError, UpdateMismatchError) as exc:
+            raise Unprocessable(f"update rejected: {exc}") from exc
 
     # Lock the round row, re-check it is open, then insert (unique per round and node).
     locked = session.get(Round, round_id, with_for_update=True, populate_existing=True)
@@ -291,6 +298,8 @@ def try_close_current_round(
     if r.state != "open":
         session.rollback()
         return None
+    if settings.secure_aggregation:
+        return step_secure_round(session, settings, cache, r, now)
     if not _ready(session, r, settings, now):
         if now >= _aware(r.deadline):
             # Not enough updates by the deadline: give the round another period.
@@ -344,41 +353,48 @@ def _close_round(
         .where(Update.round_id == r.id)
         .order_by(Update.node_id)
     ).all()
-    strategy = strategy_from_settings(settings)
+    if settings.secure_aggregation:
+        # Only the sum is ever decoded: individual payloads stay masked.
+        delta, total_examples, count = secure_mean_delta(session, r.id, base_state)
+    else:
+        strategy = strategy_from_settings(settings)
 
-    def updates() -> Iterator[tuple[dict[str, Tensor], int]]:
-        for update_id, _node_id, num_examples, _metrics in rows:
-            # Loaded one at a time: a streaming strategy holds one payload at once.
-            payload = session.scalar(select(Update.payload).where(Update.id == update_id))
-            assert payload is not None
-            yield bytes_to_state(payload), int(num_examples)
+        def updates() -> Iterator[tuple[dict[str, Tensor], int]]:
+            for update_id, _node_id, num_examples, _metrics in rows:
+                # Loaded one at a time: a streaming strategy holds one payload at once.
+                payload = session.scalar(select(Update.payload).where(Update.id == update_id))
+                assert payload is not None
+                yield bytes_to_state(payload), int(num_examples)
 
-    log.info(
-        "aggregating round %s: %d updates with %s",
-        r.id,
-        len(rows),
-        strategy.name,
-        extra={"round_id": r.id},
-    )
-    delta = strategy.aggregate(updates() if strategy.streaming else list(updates()))
+        log.info(
+            "aggregating round %s: %d updates with %s",
+            r.id,
+            len(rows),
+            strategy.name,
+            extra={"round_id": r.id},
+        )
+        delta = strategy.aggregate(updates() if strategy.streaming else list(updates()))
+        total_examples, count = sum(int(n) for _, _, n, _ in rows), len(rows)
     new_state = apply_delta(base_state, delta)
     new_state, new_config = grow_state(new_state, config, catalog_size(session))
     metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m in rows)
-    metrics["num_examples"] = float(sum(int(n) for _, _, n, _ in rows))
-    metrics["num_updates"] = float(len(rows))
+    # A privacy loss is as large as the worst node's, not an average.
+    metrics.update(max_metrics((m or {} for _, _, _, m in rows), MAX_AGGREGATED_METRICS))
+    metrics["num_examples"] = float(total_examples)
+    metrics["num_updates"] = float(count)
     v = create_version(
         session, new_state, new_config, metrics=metrics, round_id=r.id, status="active"
     )
     r.state = "closed"
     r.closed_at = now
     r.result_version = v.version
-    r.close_reason = "target" if len(rows) >= settings.effective_target_updates else "deadline"
+    r.close_reason = "target" if count >= settings.effective_target_updates else "deadline"
     if settings.max_rounds is None or _closed_rounds(session) < settings.max_rounds:
         open_round(session, settings, v.version)
     log.info(
         "round %s closed with %d updates -> version %s",
         r.id,
-        len(rows),
+        count,
         v.version,
         extra={"round_id": r.id},
     )

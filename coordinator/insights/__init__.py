@@ -1,0 +1,1 @@
+"""Regional insights: aggregate statistics pushed by nodes (federated analytics)."""

@@ -1,0 +1,1 @@
+"""Secure aggregation: key exchange through the coordinator, masked sums, dropout recovery."""

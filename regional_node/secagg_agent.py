@@ -1,0 +1,132 @@
+"""The node's side of secure aggregation: keys, masking, and seed reveals for dropouts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from regional_node.client import CoordinatorClient
+from shared.privacy_schemas import SecAggState
+from shared.secagg import encode_fixed, generate_keypair, mask_update, pairwise_seed
+from shared.serialization import bytes_to_state, state_to_bytes
+
+log = logging.getLogger("fedjewel.node.secagg")
+
+
+class SecAggAborted(Exception):
+    """This node cannot take part in the round's secure aggregation (not in the cohort...)."""
+
+
+@dataclass
+class RoundKeys:
+    private_key: bytes
+    public_key_b64: str
+
+
+def masked_payload(
+    delta_bytes: bytes,
+    num_examples: int,
+    node_id: str,
+    round_id: int,
+    private_key: bytes,
+    state: SecAggState,
+) -> bytes:
+    """n * delta in fixed point plus this node's pairwise masks with the sealed cohort."""
+    delta = bytes_to_state(delta_bytes)
+    weighted = {k: v.to(torch.float64) * num_examples for k, v in delta.items()}
+    seeds = {
+        m.node_id: pairwise_seed(
+            private_key,
+            base64.b64decode(m.public_key),
+            round_id=round_id,
+            node_a=node_id,
+            node_b=m.node_id,
+        )
+        for m in state.cohort
+        if m.node_id != node_id
+    }
+    return state_to_bytes(mask_update(encode_fixed(weighted), node_id, seeds))
+
+
+class SecureAggregationAgent:
+    def __init__(
+        self, client: CoordinatorClient, node_id: str, *, wait_seconds: float, poll_seconds: float
+    ) -> None:
+        self.client = client
+        self.node_id = node_id
+        self.wait_seconds = wait_seconds
+        self.poll_seconds = poll_seconds
+        self._keys: dict[int, RoundKeys] = {}  # in memory only: a restart forgets them
+
+    async def join(self, round_id: int) -> None:
+        """Publish a fresh key pair for the round (before training, so the cohort can seal)."""
+        keys = self._keys.get(round_id)
+        if keys is None:
+            private, public = generate_keypair()
+            keys = RoundKeys(private, base64.b64encode(public).decode())
+            self._keys[round_id] = keys
+        await self.client.publish_secagg_key(round_id, keys.public_key_b64)
+
+    async def mask(self, round_id: int, delta_bytes: bytes, num_examples: int) -> bytes:
+        keys = self._keys.get(round_id)
+        if keys is None:
+            raise SecAggAborted(f"no key for round {round_id}")
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            state = await self.client.secagg_state(round_id)
+            if state.round_state != "open":
+                raise SecAggAborted(f"round {round_id} closed (redone or superseded)")
+            if state.sealed:
+                break
+            if time.monotonic() > deadline:
+                raise SecAggAborted(f"cohort of round {round_id} not sealed in time")
+            await asyncio.sleep(self.poll_seconds)
+        if self.node_id not in {m.node_id for m in state.cohort}:
+            raise SecAggAborted(f"not in the sealed cohort of round {round_id}")
+        return await asyncio.to_thread(
+            masked_payload,
+            delta_bytes,
+            num_examples,
+            self.node_id,
+            round_id,
+            keys.private_key,
+            state,
+        )
+
+    async def answer_reveals(self) -> None:
+        """Reveal seeds with dropped peers of rounds we submitted to; forget closed rounds."""
+        for round_id in sorted(self._keys):
+            state = await self.client.secagg_state(round_id)
+            if state.round_state != "open":
+                del self._keys[round_id]
+                continue
+            cohort = {m.node_id: m.public_key for m in state.cohort}
+            if (
+                not state.dropped
+                or self.node_id not in cohort
+                or self.node_id in state.dropped
+                or self.node_id in state.revealed_by
+                or self.node_id not in state.submitted
+            ):
+                continue
+            private = self._keys[round_id].private_key
+            seeds = {
+                d: pairwise_seed(
+                    private,
+                    base64.b64decode(cohort[d]),
+                    round_id=round_id,
+                    node_a=self.node_id,
+                    node_b=d,
+                ).hex()
+                for d in state.dropped
+            }
+            await self.client.reveal_secagg_seeds(round_id, seeds)
+            log.info("revealed seeds with dropped nodes %s for round %s", state.dropped, round_id)
+
+    def forget(self, round_id: int) -> None:
+        self._keys.pop(round_id, None)

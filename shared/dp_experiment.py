@@ -1,0 +1,256 @@
+"""HR@10 against epsilon: federated training of the market's regions with DP-FedAvg.
+
+`python -m shared.dp_experiment --data DIR --epsilons 1,4,8,inf`
+
+Each region of the market is one node. Every round each node either trains
+plainly (epsilon = inf: the non-private FedAvg the nodes run today) or computes
+its DP-FedAvg contribution (shared/dp_training.py) with the noise multiplier the
+RDP accountant needs for the target epsilon after all rounds at `--delta`.
+The coordinator side is `coordinator.aggregation` (example-weighted mean of the
+deltas). HR@10 is leave-last-out on every user's last new item, ranked by the
+final global model. A market is generated into DIR when DIR has no catalog.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coordinator.aggregation import aggregate_weighted_mean, apply_delta, compute_delta
+from shared.data import read_catalog_csv, read_events_csv
+from shared.dp_training import DPConfig, dp_fedavg_update
+from shared.features import ItemFeatures, build_item_features
+from shared.market import generate_market
+from shared.metrics import summarize_ranks
+from shared.model import HybridTwoTower, ModelConfig, init_state
+from shared.privacy import dp_epsilon, noise_multiplier_for_epsilon
+from shared.training import (
+    TrainConfig,
+    UserSequence,
+    build_sequences,
+    make_examples,
+    rank_held_out,
+    split_leave_last_out,
+    train_local,
+)
+
+
+@dataclass(frozen=True)
+class Setup:
+    rounds: int
+    delta: float
+    clip_norm: float
+    groups: int
+    sampling_rate: float
+    train: TrainConfig
+    dp_train: TrainConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class Row:
+    epsilon: float
+    noise_multiplier: float
+    epsilon_spent: float
+    hr10: float
+    ndcg10: float
+    seconds: float
+
+
+def load_regions(
+    data: Path, *, users: int, items: int, seed: int
+) -> tuple[list, dict[str, dict[str, UserSequence]], dict[str, dict[str, int]], ModelConfig]:  # type: ignore[type-arg]
+    if not (data / "catalog.csv").exists():
+        generate_market(data, seed=seed, users=users, items=items)
+    catalog = read_catalog_csv(data / "catalog.csv")
+    events = read_events_csv(data / "events.csv")
+    row_of = {item.item_id: i for i, item in enumerate(catalog)}
+    config = ModelConfig(num_items=len(catalog))
+    by_region: dict[str, list[tuple[str, int, str, float, str | None]]] = {}
+    for e in events:
+        if e.item_id in row_of:
+            by_region.setdefault(e.region or "default", []).append(
+                (e.user_id, row_of[e.item_id], e.event_type, e.timestamp.timestamp(), e.country)
+            )
+    train: dict[str, dict[str, UserSequence]] = {}
+    held: dict[str, dict[str, int]] = {}
+    for region, rows in sorted(by_region.items()):
+        seqs = build_sequences(rows, country_buckets=config.country_buckets)
+        train[region], held[region] = split_leave_last_out(seqs)
+    return catalog, train, held, config
+
+
+def evaluate(
+    model: HybridTwoTower,
+    features: ItemFeatures,
+    train: dict[str, dict[str, UserSequence]],
+    held: dict[str, dict[str, int]],
+) -> dict[str, float]:
+    ranks: list[int] = []
+    for region in sorted(train):
+        ranks.extend(rank_held_out(model, features, train[region], held[region]).values())
+    return summarize_ranks(ranks, k=10)
+
+
+def run_one(
+    epsilon: float,
+    setup: Setup,
+    config: ModelConfig,
+    features: ItemFeatures,
+    train: dict[str, dict[str, UserSequence]],
+    held: dict[str, dict[str, int]],
+    threads: int = 1,
+) -> Row:
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    sigma = noise_multiplier_for_epsilon(
+        epsilon=epsilon, delta=setup.delta, steps=setup.rounds, sampling_rate=setup.sampling_rate
+    )
+    state = init_state(config)
+    model = HybridTwoTower(config)
+    for rnd in range(setup.rounds):
+        updates = []
+        for i, region in enumerate(sorted(train)):
+            seed = setup.seed * 10_000 + rnd * 100 + i
+            if math.isinf(epsilon):
+                model.load_state_dict(state)
+                examples = make_examples(train[region].values(), config.max_history)
+                cfg = dataclasses.replace(setup.train, seed=seed)
+                result = train_local(model, features, examples, cfg)
+                new = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                updates.append((compute_delta(new, state), result.num_examples))
+            else:
+                dp = DPConfig(
+                    clip_norm=setup.clip_norm,
+                    noise_multiplier=sigma,
+                    groups=setup.groups,
+                    sampling_rate=setup.sampling_rate,
+                )
+                up = dp_fedavg_update(
+                    config,
+                    state,
+                    features,
+                    train[region],
+                    setup.dp_train,
+                    dp,
+                    seed=seed,
+                    unit_key=f"{setup.seed}-{region}-{rnd}".encode(),
+                )
+                if up is not None:
+                    updates.append((up.delta, up.num_units))
+        state = apply_delta(state, aggregate_weighted_mean(updates))
+    model.load_state_dict(state)
+    summary = evaluate(model, features, train, held)
+    spent = (
+        math.inf
+        if math.isinf(epsilon)
+        else dp_epsilon(
+            noise_multiplier=sigma,
+            sampling_rate=setup.sampling_rate,
+            steps=setup.rounds,
+            delta=setup.delta,
+        )
+    )
+    return Row(
+        epsilon=epsilon,
+        noise_multiplier=sigma,
+        epsilon_spent=spent,
+        hr10=float(summary["hr@10"]),
+        ndcg10=float(summary["ndcg@10"]),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def parse_epsilons(text: str) -> list[float]:
+    return [math.inf if t.strip().lower() in ("inf", "∞") else float(t) for t in text.split(",")]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    baseline = next((r.hr10 for r in rows if math.isinf(r.epsilon)), None)
+    lines = [
+        "| epsilon | noise multiplier | epsilon spent | HR@10 | NDCG@10 | vs non-private | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r.hr10 / baseline:.3f}" if baseline else "-"
+        eps = "inf" if math.isinf(r.epsilon) else f"{r.epsilon:g}"
+        spent = "inf" if math.isinf(r.epsilon_spent) else f"{r.epsilon_spent:.3f}"
+        lines.append(
+            f"| {eps} | {r.noise_multiplier:.4f} | {spent} | {r.hr10:.4f} | {r.ndcg10:.4f} "
+            f"| {ratio} | {r.seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m shared.dp_experiment", description=__doc__)
+    p.add_argument("--data", type=Path, required=True, help="market dir (generated if empty)")
+    p.add_argument("--epsilons", default="1,4,8,inf")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--clip-norm", type=float, default=0.5)
+    p.add_argument("--groups", type=int, default=0, help="0: one unit per user")
+    p.add_argument("--sampling-rate", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--dp-lr", type=float, default=0.05, help="local lr of one user unit")
+    p.add_argument("--dp-batch-size", type=int, default=64)
+    p.add_argument("--num-negatives", type=int, default=256)
+    p.add_argument("--users", type=int, default=6000, help="market size when generating")
+    p.add_argument("--items", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="epsilons run in parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    args = p.parse_args(argv)
+
+    catalog, train, held, config = load_regions(
+        args.data, users=args.users, items=args.items, seed=args.seed
+    )
+    features = build_item_features(catalog, config.content_buckets)
+    setup = Setup(
+        rounds=args.rounds,
+        delta=args.delta,
+        clip_norm=args.clip_norm,
+        groups=args.groups,
+        sampling_rate=args.sampling_rate,
+        train=TrainConfig(
+            epochs=args.epochs, lr=args.lr, batch_size=256, num_negatives=args.num_negatives
+        ),
+        dp_train=TrainConfig(
+            epochs=args.epochs,
+            lr=args.dp_lr,
+            batch_size=args.dp_batch_size,
+            num_negatives=args.num_negatives,
+        ),
+        seed=args.seed,
+    )
+    users = sum(len(t) for t in train.values())
+    print(
+        f"market: {len(train)} regions, {users} users, {len(catalog)} items; "
+        f"{args.rounds} rounds, delta {args.delta}, clip {args.clip_norm}, "
+        f"units {'per user' if args.groups == 0 else f'{args.groups} groups'}",
+        flush=True,
+    )
+    epsilons = parse_epsilons(args.epsilons)
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [
+                pool.submit(run_one, e, setup, config, features, train, held, args.threads)
+                for e in epsilons
+            ]
+            rows = [f.result() for f in futures]
+    else:
+        rows = [run_one(e, setup, config, features, train, held, args.threads) for e in epsilons]
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

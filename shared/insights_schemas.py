@@ -1,0 +1,135 @@
+"""Wire schema of regional insights: aggregate shares a node computes and thresholds locally.
+
+A report never holds a user id or an event: every number is a count of events
+over at least `min_users` distinct users (smaller cells are left out), or a
+share or trend derived from such counts.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+InsightKind = Literal["view", "purchase"]
+InsightDimension = Literal["category", "material", "gemstone", "price_band"]
+INSIGHT_KINDS: tuple[InsightKind, ...] = ("view", "purchase")
+INSIGHT_DIMENSIONS: tuple[InsightDimension, ...] = (
+    "category",
+    "material",
+    "gemstone",
+    "price_band",
+)
+
+
+class InsightCell(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: int = Field(ge=0, description="Events in the whole window (noised if configured).")
+    share: float = Field(ge=0, le=1, description="events / reported_events of the dimension.")
+    weekly_share: list[float | None] = Field(
+        description="Share per week (oldest first); null where the week's cell was suppressed."
+    )
+    trend_per_week: float | None = Field(
+        description="Least-squares slope of weekly_share (share points per week)."
+    )
+
+
+class DimensionInsight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reported_events: int = Field(ge=0, description="Sum of the reported cells' events.")
+    weekly_reported_events: list[int]
+    suppressed_cells: int = Field(ge=0, description="Values left out: fewer than min_users.")
+    values: dict[str, InsightCell]
+
+
+_EXAMPLE_REPORT: dict[str, Any] = {
+    "region": "EA",
+    "generated_at": "2026-11-25T22:10:00Z",
+    "as_of": "2026-10-31T23:12:09Z",
+    "weeks": ["2026-10-13", "2026-10-20", "2026-10-27"],
+    "min_users": 20,
+    "noise_scale": 0.0,
+    "kinds": {
+        "purchase": {
+            "material": {
+                "reported_events": 420,
+                "weekly_reported_events": [130, 140, 150],
+                "suppressed_cells": 2,
+                "values": {
+                    "jade": {
+                        "events": 120,
+                        "share": 0.2857,
+                        "weekly_share": [0.25, 0.28, 0.32],
+                        "trend_per_week": 0.035,
+                    }
+                },
+            }
+        }
+    },
+}
+
+
+class RegionReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_REPORT]})
+
+    region: str = Field(max_length=128)
+    generated_at: datetime
+    as_of: datetime = Field(description="End of the window: the region's latest event.")
+    weeks: list[str] = Field(max_length=104, description="Week start dates (Monday, UTC).")
+    min_users: int = Field(ge=1)
+    noise_scale: float = Field(ge=0, description="Laplace scale added to counts; 0 = none.")
+    kinds: dict[InsightKind, dict[InsightDimension, DimensionInsight]]
+
+
+class RegionInsightOut(BaseModel):
+    node_id: str
+    received_at: datetime
+    report: RegionReport
+
+
+class Highlight(BaseModel):
+    region: str
+    node_id: str
+    kind: InsightKind
+    dimension: InsightDimension
+    value: str
+    share: float
+    trend_per_week: float
+
+
+class InsightsOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "regions": [
+                        {
+                            "node_id": "ea-1",
+                            "received_at": "2026-11-25T22:10:01Z",
+                            "report": _EXAMPLE_REPORT,
+                        }
+                    ],
+                    "highlights": [
+                        {
+                            "region": "EA",
+                            "node_id": "ea-1",
+                            "kind": "purchase",
+                            "dimension": "material",
+                            "value": "jade",
+                            "share": 0.2857,
+                            "trend_per_week": 0.035,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    regions: list[RegionInsightOut]
+    highlights: list[Highlight] = Field(
+        description="Per region and kind, the fastest rising and falling material, category "
+        "and gemstone (by trend_per_week)."
+    )

@@ -1,0 +1,83 @@
+"""Wire schemas of the privacy features: secure aggregation and the node's privacy status."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PublicKeyIn(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"public_key": "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="}]
+        }
+    )
+
+    public_key: str = Field(
+        min_length=44, max_length=44, description="Raw 32-byte X25519 public key, base64."
+    )
+
+
+class CohortMember(BaseModel):
+    node_id: str
+    public_key: str
+
+
+class SecAggState(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "round_id": 7,
+                    "round_state": "open",
+                    "sealed": True,
+                    "cohort": [
+                        {
+                            "node_id": "eu-1",
+                            "public_key": "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=",
+                        },
+                        {
+                            "node_id": "na-1",
+                            "public_key": "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=",
+                        },
+                    ],
+                    "keys_received": 2,
+                    "submitted": ["eu-1"],
+                    "dropped": [],
+                    "revealed_by": [],
+                }
+            ]
+        }
+    )
+
+    round_id: int
+    round_state: Literal["open", "closed"]
+    sealed: bool = Field(description="True once the cohort is fixed; nodes mask against it.")
+    cohort: list[CohortMember]
+    keys_received: int
+    submitted: list[str]
+    dropped: list[str] = Field(description="Cohort members declared dropped (recovery).")
+    revealed_by: list[str] = Field(description="Survivors that revealed their seeds.")
+
+
+class SeedRevealIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"seeds": {"na-1": "0f" * 32}}]})
+
+    seeds: dict[str, str] = Field(
+        description="Dropped node id -> the 32-byte pairwise seed shared with it, hex."
+    )
+
+
+class PrivacyStatus(BaseModel):
+    dp_enabled: bool
+    dp_epsilon: float | None = Field(description="Epsilon spent so far at dp_delta (RDP).")
+    dp_delta: float | None
+    dp_epsilon_budget: float | None
+    dp_noise_multiplier: float | None
+    dp_clip_norm: float | None
+    dp_releases: int = Field(description="Noisy updates released so far.")
+    training_refused: str | None = Field(description="Why the node does not train, if so.")
+    secure_aggregation: bool
+    insights_pushed_at: datetime | None

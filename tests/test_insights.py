@@ -1,0 +1,202 @@
+"""Regional insights: numbers checked against a direct computation on a generated market."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from regional_node.insights import compute_report, least_squares_slope, week_start
+from regional_node.store import EventStore
+from shared.data import event_record_to_event_in, read_catalog_csv, read_events_csv
+from shared.features import price_band, price_band_label
+from shared.insights_schemas import RegionReport
+from shared.market import generate_market
+
+ADMIN = "insights-admin"
+WEEKS = 4
+MIN_USERS = 15
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("market")
+    summary = generate_market(out, seed=11, regions=4, users=1000, items=200)
+    catalog = read_catalog_csv(summary.catalog_path)
+    events = read_events_csv(summary.events_path)
+    return catalog, events
+
+
+def _rows(market, region: str, db: Path):  # type: ignore[no-untyped-def]
+    """Through the node's real path: the region's events in its EventStore."""
+    _catalog, events = market
+    store = EventStore(f"sqlite:///{db}")
+    store.migrate()
+    store.add_events([event_record_to_event_in(e) for e in events if e.region == region])
+    rows = [(u, i, k, t) for u, i, k, t, _c in store.iter_events()]
+    store.dispose()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stored_rows(market, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("stores")
+    return {region: _rows(market, region, out / f"{region}.db") for region in ("EU", "EA")}
+
+
+def _report(market, stored_rows, region: str, min_users: int = MIN_USERS) -> RegionReport:  # type: ignore[no-untyped-def]
+    report = compute_report(
+        stored_rows[region], market[0], region=region, weeks=WEEKS, min_users=min_users
+    )
+    assert report is not None
+    return report
+
+
+def _direct(market, region: str, kind: str, dim: str):  # type: ignore[no-untyped-def]
+    """Plain counting over the CSV rows: window events and users, per-week events and users."""
+    catalog, events = market
+    attr = {}
+    for it in catalog:
+        band = price_band(it.price_usd)
+        attr[it.item_id] = {
+            "category": it.category or "unknown",
+            "material": it.material or "unknown",
+            "gemstone": it.gemstone or "none",
+            "price_band": price_band_label(band) if band is not None else "unknown",
+        }[dim]
+    mine = [e for e in events if e.region == region and e.event_type in ("view", "purchase")]
+    end = max(e.timestamp for e in mine)
+    monday = (end - timedelta(days=end.weekday())).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    first = monday - timedelta(weeks=WEEKS - 1)
+    n: dict[str, int] = defaultdict(int)
+    users: dict[str, set[str]] = defaultdict(set)
+    wn: dict[tuple[str, int], int] = defaultdict(int)
+    wu: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for e in mine:
+        if e.event_type != kind or e.timestamp < first:
+            continue
+        v = attr[e.item_id]
+        w = (e.timestamp - first).days // 7
+        n[v] += 1
+        users[v].add(e.user_id)
+        wn[(v, w)] += 1
+        wu[(v, w)].add(e.user_id)
+    return n, users, wn, wu, first
+
+
+@pytest.mark.parametrize("region", ["EU", "EA"])
+def test_report_matches_direct_counting(market, stored_rows, region: str) -> None:  # type: ignore[no-untyped-def]
+    report = _report(market, stored_rows, region)
+    for kind in ("view", "purchase"):
+        for dim in ("category", "material", "gemstone", "price_band"):
+            n, users, wn, wu, first = _direct(market, region, kind, dim)
+            assert report.weeks[0] == first.date().isoformat()
+            kept = {v for v in n if len(users[v]) >= MIN_USERS}
+            got = report.kinds[kind][dim]  # type: ignore[index]
+            assert set(got.values) == kept
+            assert got.suppressed_cells == len(n) - len(kept)
+            total = sum(n[v] for v in kept)
+            assert got.reported_events == total
+            for v in kept:
+                cell = got.values[v]
+                assert cell.events == n[v]
+                assert cell.share == pytest.approx(n[v] / total)
+                for w in range(WEEKS):
+                    week_total = sum(wn[(x, w)] for x in kept if len(wu[(x, w)]) >= MIN_USERS)
+                    if len(wu[(v, w)]) >= MIN_USERS:
+                        assert cell.weekly_share[w] == pytest.approx(wn[(v, w)] / week_total)
+                    else:
+                        assert cell.weekly_share[w] is None
+
+
+def test_regional_tastes_show_up(market, stored_rows) -> None:  # type: ignore[no-untyped-def]
+    eu = _report(market, stored_rows, "EU")
+    ea = _report(market, stored_rows, "EA")
+    jade = "jade"
+    ea_jade = ea.kinds["view"]["material"].values[jade].share
+    eu_jade = eu.kinds["view"]["material"].values.get(jade)
+    assert eu_jade is None or ea_jade > 2 * eu_jade.share
+    assert eu.kinds["view"]["material"].values["silver"].share > (
+        ea.kinds["view"]["material"].values.get("silver", None).share  # type: ignore[union-attr]
+        if "silver" in ea.kinds["view"]["material"].values
+        else 0.0
+    )
+
+
+def test_threshold_suppresses_small_cells(market, stored_rows) -> None:  # type: ignore[no-untyped-def]
+    strict = _report(market, stored_rows, "EA", min_users=10_000)
+    for dims in strict.kinds.values():
+        for d in dims.values():
+            assert d.values == {} and d.reported_events == 0 and d.suppressed_cells > 0
+
+
+def test_week_start_and_slope() -> None:
+    assert week_start(datetime(2026, 11, 25, 13, 5, tzinfo=UTC)) == datetime(
+        2026, 11, 23, tzinfo=UTC
+    )
+    assert least_squares_slope([(0, 0.1), (1, 0.2), (2, 0.3)]) == pytest.approx(0.1)
+    assert least_squares_slope([(1, 0.5)]) is None
+
+
+def test_noise_changes_counts_but_not_the_shape(market, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    catalog, events = market
+    rows = [
+        (e.user_id, e.item_id, e.event_type, e.timestamp.timestamp())
+        for e in events
+        if e.region == "EU"
+    ]
+    plain = compute_report(rows, catalog, region="EU", weeks=WEEKS, min_users=MIN_USERS)
+    noisy = compute_report(
+        rows,
+        catalog,
+        region="EU",
+        weeks=WEEKS,
+        min_users=MIN_USERS,
+        noise_scale=5.0,
+        rng=random.Random(0),
+    )
+    assert plain is not None and noisy is not None
+    p = plain.kinds["view"]["material"].values
+    q = noisy.kinds["view"]["material"].values
+    assert set(p) == set(q)
+    assert any(p[v].events != q[v].events for v in p)
+    assert all(abs(p[v].events - q[v].events) < 100 for v in p)
+
+
+def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    report = _report(market, stored_rows, "EA")
+    settings = CoordinatorSettings(
+        database_url=f"sqlite:///{tmp_path / 'c.db'}", admin_token=ADMIN, embedding_dim=8
+    )
+    with TestClient(create_app(settings)) as client:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        tokens = {}
+        for n, region in (("ea-1", "EA"), ("eu-1", "EU")):
+            r = client.post("/v1/nodes", json={"node_id": n, "region": region}, headers=admin)
+            tokens[n] = {"Authorization": f"Bearer {r.json()['token']}"}
+        body = report.model_dump_json()
+        ct = {"Content-Type": "application/json"}
+        assert client.get("/v1/insights").status_code == 401
+        # A node can only write its own report.
+        r = client.post("/v1/insights/eu-1", content=body, headers={**tokens["ea-1"], **ct})
+        assert r.status_code == 403
+        r = client.post("/v1/insights/ea-1", content=body, headers={**tokens["ea-1"], **ct})
+        assert r.status_code == 204, r.text
+        bad = client.post(
+            "/v1/insights/ea-1", content=b'{"region": "EA"}', headers={**tokens["ea-1"], **ct}
+        )
+        assert bad.status_code == 422
+        got = client.get("/v1/insights", headers=admin).json()
+        assert [r["node_id"] for r in got["regions"]] == ["ea-1"]
+        assert RegionReport.model_validate(got["regions"][0]["report"]) == report
+        assert got["highlights"] and {h["region"] for h in got["highlights"]} == {"EA"}
+        assert client.get("/v1/insights", headers=tokens["eu-1"]).status_code == 200

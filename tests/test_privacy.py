@@ -1,0 +1,245 @@
+"""Differential privacy: clipping, noise, the RDP accountant, DP-FedAvg units, the budget."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from regional_node.privacy_budget import PrivacyAccountant
+from regional_node.store import EventStore
+from regional_node.trainer import TrainJob, run_train_job
+from shared.dp_training import DPConfig, assign_units, dp_fedavg_update
+from shared.features import build_item_features
+from shared.model import ModelConfig, init_state
+from shared.privacy import (
+    add_gaussian_noise,
+    clip_by_global_norm,
+    dp_epsilon,
+    epsilon_of_releases,
+    l2_norm,
+    noise_multiplier_for_epsilon,
+    noise_stddev,
+    rdp_gaussian,
+)
+from shared.schemas import CatalogItem, EventIn
+from shared.serialization import state_to_bytes
+from shared.training import TrainConfig, UserSequence
+from tests.conftest import tiny_catalog, tiny_events
+
+
+def test_clip_scales_the_whole_update_to_the_clip_norm() -> None:
+    update = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]])}  # norm 5
+    clipped = clip_by_global_norm(update, 1.0)
+    assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0]))
+    assert torch.allclose(clipped["b"], torch.tensor([[0.8]]))
+    assert l2_norm(clipped) == pytest.approx(1.0)
+    small = clip_by_global_norm(update, 10.0)
+    assert torch.equal(small["a"], update["a"]) and torch.equal(small["b"], update["b"])
+
+
+def test_noise_stddev_is_multiplier_times_sensitivity() -> None:
+    assert noise_stddev(1.5, 0.4, grouped=False) == pytest.approx(0.6)
+    # A hashed bucket changes from one clipped vector to another: sensitivity 2C.
+    assert noise_stddev(1.5, 0.4, grouped=True) == pytest.approx(1.2)
+
+
+def test_gaussian_noise_has_the_requested_stddev() -> None:
+    zeros = {"w": torch.zeros(200_000)}
+    noisy = add_gaussian_noise(zeros, 2.0, torch.Generator().manual_seed(0))
+    assert float(noisy["w"].std()) == pytest.approx(2.0, rel=0.01)
+    assert abs(float(noisy["w"].mean())) < 0.02
+    assert torch.equal(add_gaussian_noise(zeros, 0.0, torch.Generator())["w"], zeros["w"])
+
+
+def test_rdp_matches_tensorflow_privacy_reference_values() -> None:
+    # Values from TF Privacy's rdp_accountant tests (Mironov et al. 2019 bound).
+    rdp = rdp_gaussian(noise_multiplier=2.5, sampling_rate=0.01, steps=50, orders=[5, 50, 100])
+    assert rdp == pytest.approx([0.00218075, 0.023846, 167.416307], abs=1e-5)
+    assert rdp_gaussian(noise_multiplier=2, sampling_rate=0.1, steps=10, orders=[5]) == (
+        pytest.approx([0.07737], abs=1e-5)
+    )
+    # No subsampling: exactly steps * alpha / (2 sigma^2).
+    assert rdp_gaussian(noise_multiplier=10, sampling_rate=1.0, steps=3, orders=[20, 2.5]) == (
+        pytest.approx([0.3, 0.0375])
+    )
+
+
+def _exact_gaussian_delta(eps: float, sigma: float) -> float:
+    """delta(eps) of the Gaussian mechanism with sensitivity 1 (Balle and Wang 2018)."""
+
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    return phi(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * phi(-1 / (2 * sigma) - eps * sigma)
+
+
+@pytest.mark.parametrize(("sigma", "steps"), [(1.0, 1), (2.0, 10), (5.0, 30)])
+def test_accountant_is_a_tight_upper_bound_of_the_exact_gaussian(sigma: float, steps: int) -> None:
+    delta = 1e-5
+    eps = dp_epsilon(noise_multiplier=sigma, sampling_rate=1.0, steps=steps, delta=delta)
+    # T Gaussian releases with multiplier sigma are one Gaussian with sigma / sqrt(T).
+    effective = sigma / math.sqrt(steps)
+    assert _exact_gaussian_delta(eps, effective) <= delta  # a valid guarantee
+    assert _exact_gaussian_delta(eps * 0.8, effective) > delta  # and not loose by > 25%
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
+    e1 = dp_epsilon(noise_multiplier=1.0, sampling_rate=1.0, steps=1, delta=1e-5)
+    e4 = dp_epsilon(noise_multiplier=1.0, sampling_rate=1.0, steps=4, delta=1e-5)
+    e4_noisy = dp_epsilon(noise_multiplier=2.0, sampling_rate=1.0, steps=4, delta=1e-5)
+    assert 0 < e1 < e4 and e4_noisy < e4
+    assert dp_epsilon(noise_multiplier=1.0, sampling_rate=1.0, steps=0, delta=1e-5) == 0.0
+    assert epsilon_of_releases([(1.0, 1.0)] * 4, 1e-5) == pytest.approx(e4)
+
+
+def test_noise_multiplier_for_epsilon_hits_the_target() -> None:
+    sigma = noise_multiplier_for_epsilon(epsilon=8.0, delta=1e-5, steps=10)
+    assert dp_epsilon(noise_multiplier=sigma, sampling_rate=1.0, steps=10, delta=1e-5) <= 8.0
+    assert dp_epsilon(noise_multiplier=sigma - 0.01, sampling_rate=1.0, steps=10, delta=1e-5) > 8
+    assert noise_multiplier_for_epsilon(epsilon=math.inf, delta=1e-5, steps=10) == 0.0
+
+
+def test_units_partition_users() -> None:
+    users = [f"u{i}" for i in range(50)]
+    per_user = assign_units(users, 0, b"k")
+    assert sorted(per_user) == sorted(users) and all(per_user[u] == [u] for u in users)
+    grouped = assign_units(users, 4, b"k")
+    assert len(grouped) <= 4
+    assert sorted(u for members in grouped.values() for u in members) == sorted(users)
+
+
+def _setup(users: int = 6):  # type: ignore[no-untyped-def]
+    catalog = [CatalogItem.model_validate(c) for c in tiny_catalog()]
+    config = ModelConfig(num_items=len(catalog), embedding_dim=8, content_buckets=64)
+    features = build_item_features(catalog, config.content_buckets)
+    base = init_state(config)
+    seqs = {
+        f"u{u}": UserSequence(items=[u, u + 7, u + 13, u + 21], types=[1, 2, 1, 4], country=0)
+        for u in range(users)
+    }
+    train = TrainConfig(epochs=1, lr=0.05, batch_size=8, num_negatives=16)
+    return config, features, base, seqs, train
+
+
+def test_one_user_moves_the_clipped_sum_by_at_most_the_clip_norm() -> None:
+    config, features, base, seqs, train = _setup()
+    dp = DPConfig(clip_norm=0.05, noise_multiplier=0.0)
+    with_all = dp_fedavg_update(config, base, features, seqs, train, dp, seed=1, unit_key=b"k")
+    without = {k: v for k, v in seqs.items() if k != "u3"}
+    fewer = dp_fedavg_update(config, base, features, without, train, dp, seed=1, unit_key=b"k")
+    assert with_all is not None and fewer is not None
+    assert with_all.num_units == 6 and fewer.num_units == 5
+    assert with_all.clipped_fraction == 1.0  # every unit's update was larger than 0.05
+    sum_all = {k: v.double() * with_all.num_units for k, v in with_all.delta.items()}
+    sum_less = {k: v.double() * fewer.num_units for k, v in fewer.delta.items()}
+    diff = {k: sum_all[k] - sum_less[k] for k in sum_all}
+    assert l2_norm(diff) <= 0.05 * (1 + 1e-4)
+    assert l2_norm(with_all.delta) <= 0.05 + 1e-6  # mean of vectors of norm <= C
+
+
+def test_noise_is_calibrated_to_the_clip_and_divided_by_units() -> None:
+    config, features, base, seqs, train = _setup()
+    dp = DPConfig(clip_norm=0.05, noise_multiplier=2.0)
+    out = dp_fedavg_update(config, base, features, seqs, train, dp, seed=3, unit_key=b"k")
+    quiet = dp_fedavg_update(
+        config, base, features, seqs, train, DPConfig(0.05, 0.0), seed=3, unit_key=b"k"
+    )
+    assert out is not None and quiet is not None and out.noise_stddev == pytest.approx(0.1)
+    noise = torch.cat([(out.delta[k] - quiet.delta[k]).flatten() for k in out.delta])
+    # Per coordinate: N(0, (sigma * C)^2) / units.
+    assert float(noise.std()) == pytest.approx(0.1 / 6, rel=0.05)
+
+
+def _job(
+    tmp_path: Path, min_users: int, dp: DPConfig | None = None, two_item_users: int = 0
+) -> TrainJob:
+    """A train job over a real node store of 12 users with >= 3 distinct items each, plus
+    `two_item_users` users with exactly 2 (held out: 1 item left, no training example)."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    store = EventStore(url)
+    store.migrate()
+    events = tiny_events("t", users=40, material="gold", seed=1)
+    distinct: dict[str, set[str]] = {}
+    for e in events:
+        distinct.setdefault(str(e["user_id"]), set()).add(str(e["item_id"]))
+    rich = sorted(u for u, items in distinct.items() if len(items) >= 3)[:12]
+    assert len(rich) == 12
+    chosen = [e for e in events if e["user_id"] in rich]
+    for u in range(two_item_users):
+        for i, item in enumerate(("I001", "I002")):
+            chosen.append(
+                {
+                    "user_id": f"t-two-{u}",
+                    "item_id": item,
+                    "event_type": "view",
+                    "timestamp": f"2026-10-0{i + 1}T10:00:00+00:00",
+                    "country": "DE",
+                }
+            )
+    store.add_events([EventIn.model_validate(e) for e in chosen])
+    store.dispose()
+    catalog = tiny_catalog()
+    config = ModelConfig(num_items=len(catalog), embedding_dim=8, content_buckets=64)
+    return TrainJob(
+        database_url=url,
+        catalog=catalog,
+        base_weights=state_to_bytes(init_state(config)),
+        model_config=config.model_dump(),
+        train_config=TrainConfig(epochs=1, batch_size=32, num_negatives=16),
+        holdout_eval=True,
+        min_users_for_metrics=min_users,
+        dp=dp,
+        dp_unit_key=b"key",
+    )
+
+
+@pytest.mark.parametrize(("min_users", "sent"), [(10, True), (13, False)])
+def test_metrics_from_fewer_users_than_the_threshold_are_not_sent(
+    tmp_path: Path, min_users: int, sent: bool
+) -> None:
+    outcome = run_train_job(_job(tmp_path, min_users))
+    assert outcome is not None and outcome.num_examples > 0
+    if sent:
+        assert outcome.metrics["eval_users"] == 12 and "hr@10" in outcome.metrics
+        assert "train_loss" in outcome.metrics
+    else:
+        assert outcome.metrics == {}
+
+
+def test_each_metric_counts_the_users_it_was_computed_from(tmp_path: Path) -> None:
+    # 17 users are held out (12 + 5), but only 12 contribute training examples.
+    outcome = run_train_job(_job(tmp_path, 15, two_item_users=5))
+    assert outcome is not None
+    assert outcome.metrics["eval_users"] == 17 and "hr@10" in outcome.metrics
+    assert "train_loss" not in outcome.metrics
+
+
+def test_dp_job_sends_only_data_independent_metrics(tmp_path: Path) -> None:
+    outcome = run_train_job(_job(tmp_path, 1, DPConfig(clip_norm=0.1, noise_multiplier=1.0)))
+    assert outcome is not None
+    assert outcome.num_examples == 12  # units (users), not examples
+    assert outcome.metrics == {"dp_noise_multiplier": 1.0}
+
+
+def test_accountant_refuses_past_the_budget(tmp_path: Path) -> None:
+    store = EventStore(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store.migrate()
+    acc = PrivacyAccountant(store, delta=1e-5)
+    assert acc.spent() == 0.0
+    budget = 8.0
+    rounds = 0
+    while acc.after_one_more(2.0, 1.0) <= budget:
+        acc.record(rounds + 1, 2.0, 1.0)
+        rounds += 1
+    assert acc.spent() <= budget < acc.after_one_more(2.0, 1.0)
+    assert rounds == max(
+        t
+        for t in range(1, 100)
+        if dp_epsilon(noise_multiplier=2.0, sampling_rate=1.0, steps=t, delta=1e-5) <= budget
+    )
+    acc.record(1, 2.0, 1.0)  # recording a round twice charges it once
+    assert len(acc.releases()) == rounds
+    store.dispose()

@@ -1,0 +1,245 @@
+"""Secure aggregation: masking math, and the coordinator's protocol in-process (real DB)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from regional_node.secagg_agent import masked_payload
+from shared.privacy_schemas import SecAggState
+from shared.secagg import (
+    MODULUS,
+    SECAGG_ENCODING,
+    decode_fixed,
+    encode_fixed,
+    generate_keypair,
+    mask_update,
+    pairwise_seed,
+    remove_dropout_masks,
+    sum_residues,
+)
+from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
+from tests.conftest import tiny_catalog
+
+ADMIN = "secagg-admin"
+
+
+def test_fixed_point_round_trip_within_resolution() -> None:
+    x = {"w": torch.tensor([0.0, 1.5, -2.25, 1e-9, -123456.789], dtype=torch.float64)}
+    enc = encode_fixed(x)
+    assert enc["w"].dtype == torch.int64 and bool((enc["w"] >= 0).all())
+    assert bool((enc["w"] < MODULUS).all())
+    back = decode_fixed(enc)["w"]
+    assert torch.allclose(back, x["w"], atol=2**-24)
+    with pytest.raises(ValueError, match="fixed-point range"):
+        encode_fixed({"w": torch.tensor([2.0**40])})
+
+
+def test_pairwise_seeds_agree_and_masks_cancel_in_the_sum() -> None:
+    nodes = ["a", "b", "c"]
+    keys = {n: generate_keypair() for n in nodes}
+    seed_ab = pairwise_seed(keys["a"][0], keys["b"][1], round_id=7, node_a="a", node_b="b")
+    assert seed_ab == pairwise_seed(keys["b"][0], keys["a"][1], round_id=7, node_a="b", node_b="a")
+    assert seed_ab != pairwise_seed(keys["a"][0], keys["b"][1], round_id=8, node_a="a", node_b="b")
+    g = torch.Generator().manual_seed(0)
+    updates = {n: {"w": torch.randn(4, 3, generator=g, dtype=torch.float64)} for n in nodes}
+    masked = {}
+    for n in nodes:
+        seeds = {
+            p: pairwise_seed(keys[n][0], keys[p][1], round_id=7, node_a=n, node_b=p)
+            for p in nodes
+            if p != n
+        }
+        masked[n] = mask_update(encode_fixed(updates[n]), n, seeds)
+        # A single masked payload is uniform noise, far from the encoded update.
+        assert not torch.equal(masked[n]["w"], encode_fixed(updates[n])["w"])
+        assert float(decode_fixed(masked[n])["w"].abs().min()) > 1e3
+    total = decode_fixed(sum_residues(masked.values()))["w"]
+    assert torch.allclose(total, sum(u["w"] for u in updates.values()), atol=3 * 2**-24)
+
+    # c drops: a and b reveal their seeds with c, and the sum of a and b comes out.
+    reveals = [
+        (s, "c", pairwise_seed(keys[s][0], keys["c"][1], round_id=7, node_a=s, node_b="c"))
+        for s in ("a", "b")
+    ]
+    partial = remove_dropout_masks(sum_residues([masked["a"], masked["b"]]), reveals)
+    expected = updates["a"]["w"] + updates["b"]["w"]
+    assert torch.allclose(decode_fixed(partial)["w"], expected, atol=2 * 2**-24)
+
+
+# --- the coordinator's protocol, in-process over HTTP --------------------------------------
+
+
+def _coordinator(url: str, deadline: float) -> TestClient:
+    settings = CoordinatorSettings(
+        database_url=url,
+        admin_token=ADMIN,
+        min_updates=2,
+        target_updates=3,
+        round_deadline_seconds=deadline,
+        round_check_seconds=0.1,
+        embedding_dim=8,
+        secure_aggregation=True,
+    )
+    return TestClient(create_app(settings))
+
+
+def _setup(client: TestClient) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    tokens = {}
+    for n in ("a", "b", "c"):
+        r = client.post("/v1/nodes", json={"node_id": n, "region": n.upper()}, headers=admin)
+        tokens[n] = r.json()["token"]
+    assert client.put("/v1/catalog", json=tiny_catalog(), headers=admin).status_code == 200
+    base = bytes_to_state(client.get("/v1/models/1/weights", headers=admin).content)
+    return tokens, base
+
+
+def _deltas(base: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        n: {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
+        for n in ("a", "b", "c")
+    }
+
+
+NUM = {"a": 10, "b": 20, "c": 30}
+
+
+def _join(client: TestClient, tokens: dict[str, str]) -> dict[str, bytes]:
+    private = {}
+    for n, token in tokens.items():
+        sk, pk = generate_keypair()
+        private[n] = sk
+        r = client.post(
+            "/v1/rounds/1/secagg/keys",
+            json={"public_key": base64.b64encode(pk).decode()},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 200, r.text
+    state = SecAggState.model_validate(
+        client.get("/v1/rounds/1/secagg", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    )
+    assert state.sealed and [m.node_id for m in state.cohort] == ["a", "b", "c"]
+    return private
+
+
+def _submit(client: TestClient, n: str, token: str, delta: dict, private: bytes) -> int:  # type: ignore[type-arg]
+    state = SecAggState.model_validate(
+        client.get("/v1/rounds/1/secagg", headers={"Authorization": f"Bearer {token}"}).json()
+    )
+    payload = masked_payload(state_to_bytes(delta), NUM[n], n, 1, private, state)
+    r = client.post(
+        "/v1/rounds/1/updates",
+        params={"num_examples": NUM[n], "base_version": 1},
+        content=payload,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "X-Content-SHA256": sha256_hex(payload),
+            "X-Update-Encoding": SECAGG_ENCODING,
+        },
+    )
+    return r.status_code
+
+
+def _wait_version(client: TestClient, version: int, timeout: float = 20) -> dict[str, torch.Tensor]:
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get(f"/v1/models/{version}/weights", headers=admin)
+        if r.status_code == 200:
+            return bytes_to_state(r.content)
+        time.sleep(0.1)
+    raise AssertionError(f"version {version} never appeared")
+
+
+def _fedavg(base: dict, deltas: dict, nodes: list[str]) -> dict[str, torch.Tensor]:  # type: ignore[type-arg]
+    n = sum(NUM[x] for x in nodes)
+    return {k: base[k] + sum(deltas[x][k] * NUM[x] for x in nodes) / n for k in base}
+
+
+def test_secure_round_aggregates_to_plain_fedavg(db_url: str) -> None:
+    with _coordinator(db_url, deadline=60) as client:
+        tokens, base = _setup(client)
+        deltas = _deltas(base)
+        private = _join(client, tokens)
+        plain = state_to_bytes(deltas["a"])
+        r = client.post(  # a plain update is refused when the coordinator requires masking
+            "/v1/rounds/1/updates",
+            params={"num_examples": 10, "base_version": 1},
+            content=plain,
+            headers={
+                "Authorization": f"Bearer {tokens['a']}",
+                "X-Content-SHA256": sha256_hex(plain),
+            },
+        )
+        assert r.status_code == 422 and SECAGG_ENCODING in r.json()["detail"]
+        for n in ("a", "b", "c"):
+            assert _submit(client, n, tokens[n], deltas[n], private[n]) == 200
+        new = _wait_version(client, 2)
+        expected = _fedavg(base, deltas, ["a", "b", "c"])
+        for k in base:
+            assert torch.allclose(new[k], expected[k], atol=1e-6), k
+        # What the coordinator stored per node is not the node's update.
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(db_url)
+        with engine.connect() as conn:
+            stored = conn.execute(text("SELECT node_id, payload FROM updates")).all()
+        engine.dispose()
+        assert len(stored) == 3
+        for node_id, payload in stored:
+            masked = bytes_to_state(payload)
+            honest = encode_fixed(
+                {k: v.double() * NUM[node_id] for k, v in deltas[node_id].items()}
+            )
+            for k in base:
+                assert masked[k].dtype == torch.int64
+                assert float((masked[k] == honest[k]).double().mean()) < 0.01
+            decoded = decode_fixed(masked)
+            assert max(float(v.abs().max()) for v in decoded.values()) > 1e6
+
+
+def test_dropped_node_is_recovered_by_seed_reveals(tmp_path: Path) -> None:
+    with _coordinator(f"sqlite:///{tmp_path / 'c.db'}", deadline=2.0) as client:
+        tokens, base = _setup(client)
+        deltas = _deltas(base)
+        private = _join(client, tokens)
+        assert _submit(client, "a", tokens["a"], deltas["a"], private["a"]) == 200
+        assert _submit(client, "b", tokens["b"], deltas["b"], private["b"]) == 200
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            state = SecAggState.model_validate(
+                client.get("/v1/rounds/1/secagg", headers=admin).json()
+            )
+            if state.dropped:
+                break
+            time.sleep(0.1)
+        assert state.dropped == ["c"]
+        # c comes back too late: refused, so its update can never be unmasked.
+        assert _submit(client, "c", tokens["c"], deltas["c"], private["c"]) == 409
+        cohort = {m.node_id: m.public_key for m in state.cohort}
+        for s in ("a", "b"):
+            seed = pairwise_seed(
+                private[s], base64.b64decode(cohort["c"]), round_id=1, node_a=s, node_b="c"
+            )
+            r = client.post(
+                "/v1/rounds/1/secagg/reveals",
+                json={"seeds": {"c": seed.hex()}},
+                headers={"Authorization": f"Bearer {tokens[s]}"},
+            )
+            assert r.status_code == 200, r.text
+        new = _wait_version(client, 2)
+        expected = _fedavg(base, deltas, ["a", "b"])
+        for k in base:
+            assert torch.allclose(new[k], expected[k], atol=1e-6), k
+        meta = client.get("/v1/models/2", headers=admin).json()
+        assert meta["metrics"]["num_updates"] == 2 and meta["metrics"]["num_examples"] == 30
