@@ -139,8 +139,31 @@ def results_table(results: dict[str, dict[str, Any]], k: int) -> Table:
     return table
 
 
+def _experiment_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    argv = ["--data", str(args.data), "--rounds", str(args.rounds), "--seed", str(args.seed)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv + extra
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from shared.simulate import METHODS, SimulationConfig, load_dataset, run_simulation
+
+    if args.attack:
+        # Poisoning experiment: one hostile region, clean vs attacked, per strategy.
+        from shared import poisoning
+
+        extra = ["--attack", args.attack, "--local-epochs", str(args.local_epochs)]
+        if args.aggregation:
+            extra += ["--aggregation", args.aggregation]
+        poisoning.main(_experiment_argv(args, extra))
+        return 0
+    if args.dp_epsilon:
+        # DP-FedAvg: HR@10 against epsilon (delta 1e-5) next to the non-private run.
+        from shared import dp_experiment
+
+        dp_experiment.main(_experiment_argv(args, ["--epsilons", args.dp_epsilon]))
+        return 0
 
     overrides: dict[str, Any] = {}
     for name in ("embedding_dim", "lr", "num_negatives", "fedprox_mu", "batch_size", "threads"):
@@ -359,6 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batch-size", type=int, dest="batch_size")
     sim.add_argument("--fedprox-mu", type=float, dest="fedprox_mu")
     sim.add_argument("--threads", type=int, help="torch / ALS threads (default: all cores)")
+    sim.add_argument(
+        "--attack",
+        help="poisoning experiment instead: scale:F or signflip[:F] from the largest region "
+        "(see docs/security.md)",
+    )
+    sim.add_argument(
+        "--aggregation",
+        help="with --attack: comma-separated strategies (fedavg,clipped,trimmed_mean,median,krum)",
+    )
+    sim.add_argument(
+        "--dp-epsilon",
+        help="differential-privacy experiment instead: comma-separated epsilons, e.g. 1,4,8,inf "
+        "(see docs/privacy.md)",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     imp = sub.add_parser(

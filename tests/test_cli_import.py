@@ -136,3 +136,20 @@ def test_catalog_import_is_all_or_nothing_and_idempotent(
     # A wrong token is the coordinator's 4xx, reported and not retried.
     assert import_catalog(good, base, "wrong", client=coordinator) == 1
     assert "refused" in capsys.readouterr().err
+
+
+def test_simulate_runs_the_poisoning_and_dp_experiments(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from shared.cli import main
+    from shared.market import generate_market
+
+    generate_market(tmp_path, seed=2, regions=3, users=200, items=60)
+    base = ["simulate", "--data", str(tmp_path), "--rounds", "1", "--threads", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--attack", "signflip", "--aggregation", "median"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "median" in out and "signflip" in out and "HR@10" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--dp-epsilon", "8,inf"])
+    assert exit_info.value.code == 0
+    assert "inf" in capsys.readouterr().out
