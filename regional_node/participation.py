@@ -45,6 +45,7 @@ class NodeRuntime:
     next_retry_seconds: float | None = None
     rounds_joined: set[int] = field(default_factory=set)
     last_round_joined: int | None = None
+    update_residual: bytes | None = None  # error feedback of lossy update encodings
 
 
 def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random) -> float:
@@ -118,7 +119,11 @@ class Participant:
         if self.settings.id in rnd.participants:
             self._mark_joined(rnd.round_id)
             return
-        await self.train_and_submit(rnd.round_id, rnd.base_version)
+        encoding = self.settings.update_encoding
+        if encoding not in rnd.supported_encodings:
+            log.warning("coordinator does not take %s updates; sending dense", encoding)
+            encoding = "dense"
+        await self.train_and_submit(rnd.round_id, rnd.base_version, encoding)
 
     def _mark_joined(self, round_id: int) -> None:
         self.runtime.rounds_joined.add(round_id)
@@ -159,7 +164,9 @@ class Participant:
             "serving model version %s", active.version, extra={"model_version": active.version}
         )
 
-    async def train_and_submit(self, round_id: int, base_version: int) -> None:
+    async def train_and_submit(
+        self, round_id: int, base_version: int, encoding: str = "dense"
+    ) -> None:
         catalog = self.runtime.catalog
         if catalog is None:
             return
@@ -184,6 +191,10 @@ class Participant:
             holdout_eval=s.holdout_eval,
             min_users_for_metrics=s.min_users_for_metrics,
             threads=s.train_threads,
+            nice=s.train_nice,
+            encoding=encoding,
+            topk_fraction=s.update_topk_fraction,
+            residual=self.runtime.update_residual if encoding != "dense" else None,
         )
         self.runtime.training = True
         log.info(
@@ -210,6 +221,7 @@ class Participant:
                 payload=outcome.delta,
                 sha256=outcome.sha256,
                 metrics=outcome.metrics,
+                encoding=outcome.encoding,
             )
         except CoordinatorError as exc:
             if exc.status_code == 409:
@@ -218,6 +230,7 @@ class Participant:
                 self._mark_joined(round_id)
                 return
             raise
+        self.runtime.update_residual = outcome.residual
         await asyncio.to_thread(
             self.store.record_participation,
             round_id,

@@ -18,6 +18,8 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+READ_ONLY_OPTION = "fedjewel_read_only"
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -43,10 +45,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Readers (engine.execution_options(read_only=True)) take no write lock: in WAL
+            # mode they see a snapshot and neither wait for nor block writers.
+            read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same pool, for reads only: on SQLite its transactions start with a plain BEGIN."""
+    return engine.execution_options(**{READ_ONLY_OPTION: True})
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -35,6 +35,7 @@ from coordinator.models_registry.service import (
     promote,
 )
 from coordinator.settings import CoordinatorSettings
+from shared.compression import SUPPORTED_ENCODINGS, decode_update
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.model import ModelConfig, grow_state, init_state
 from shared.schemas import RoundOut, UpdateReceipt, utcnow
@@ -113,6 +114,7 @@ def round_out(session: Session, r: Round, settings: CoordinatorSettings) -> Roun
         min_updates=settings.min_updates,
         target_updates=settings.effective_target_updates,
         participants=participants,
+        supported_encodings=list(SUPPORTED_ENCODINGS),
     )
 
 
@@ -211,12 +213,16 @@ def submit_update(
         raise Unprocessable(
             f"num_examples {num_examples} exceeds the limit of {settings.max_num_examples}"
         )
-    if encoding != "dense":
-        raise Unprocessable(f"unsupported update encoding {encoding!r}")
+    if encoding not in SUPPORTED_ENCODINGS:
+        raise Unprocessable(
+            f"unsupported update encoding {encoding!r}; supported: {list(SUPPORTED_ENCODINGS)}"
+        )
     try:
-        delta = bytes_to_state(payload)
         base_state, _ = load_state(session, r.base_version, cache)
+        # Stored as received (compressed); decoded again, one at a time, when the round closes.
+        delta = decode_update(bytes_to_state(payload), base_state, encoding)
         check_compatible(delta, base_state)
+        del delta
     except (ValueError, UpdateMismatchError) as exc:
         raise Unprocessable(f"update rejected: {exc}") from exc
 
@@ -303,19 +309,24 @@ def _close_round(
 ) -> int:
     base_state, config = load_state(session, r.base_version, cache)
     rows = session.execute(
-        select(Update.id, Update.node_id, Update.num_examples, Update.metrics)
+        select(Update.id, Update.node_id, Update.num_examples, Update.metrics, Update.encoding)
         .where(Update.round_id == r.id)
         .order_by(Update.node_id)
     ).all()
-    acc = WeightedMeanAccumulator()
-    for update_id, _node_id, num_examples, _metrics in rows:
-        # One payload in memory at a time.
+    acc = WeightedMeanAccumulator(dtype=None)  # sum in float32: one model of memory, not two
+    for update_id, _node_id, num_examples, _metrics, encoding in rows:
+        # One payload in memory at a time (a column query: the ORM keeps no reference).
         payload = session.scalar(select(Update.payload).where(Update.id == update_id))
         assert payload is not None
-        acc.add(bytes_to_state(payload), int(num_examples))
-    new_state = apply_delta(base_state, acc.result())
+        delta = decode_update(bytes_to_state(payload), base_state, encoding or "dense")
+        del payload
+        acc.add(delta, int(num_examples))
+        del delta
+    mean = acc.take_result()
+    new_state = apply_delta(base_state, mean)
+    del mean
     new_state, new_config = grow_state(new_state, config, catalog_size(session))
-    metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m in rows)
+    metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m, _ in rows)
     metrics["num_examples"] = float(acc.total_examples)
     metrics["num_updates"] = float(acc.count)
     v = create_version(
