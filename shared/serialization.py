@@ -47,3 +47,79 @@ def read_metadata(data: bytes) -> dict[str, str]:
 
 def num_parameters(state: StateDict) -> int:
     return sum(int(t.numel()) for t in state.values())
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def state_views(data: bytes | bytearray | memoryview) -> StateDict:
+    """Parse safetensors without copying: every tensor is a view into `data`.
+
+    For large payloads (an update of a 100 MB model): `bytes_to_state` copies the
+    whole body once more. The views are read-only when `data` is `bytes`; never
+    modify them in place. Validates like safetensors: a JSON header, known
+    dtypes, and tensors that tile the data section exactly, in order.
+    """
+    import warnings
+
+    view = memoryview(data).cast("B")
+    if len(view) < 8:
+        raise ValueError("not a valid safetensors payload: shorter than its header")
+    header_len = int.from_bytes(view[:8], "little")
+    if header_len <= 0 or 8 + header_len > len(view):
+        raise ValueError("not a valid safetensors payload: bad header length")
+    try:
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a valid safetensors payload: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("not a valid safetensors payload: header is not an object")
+    base = 8 + header_len
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(x) for x in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid safetensors payload: bad entry {name!r}") from exc
+        numel = 1
+        for dim in shape:
+            if dim < 0:
+                raise ValueError(f"not a valid safetensors payload: bad shape of {name!r}")
+            numel *= dim
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != numel * itemsize:
+            raise ValueError(f"not a valid safetensors payload: size of {name!r} mismatches")
+        entries.append((begin, end, str(name), dtype, shape, numel))
+    entries.sort()
+    position = 0
+    for begin, end, name, *_ in entries:
+        if begin != position:
+            raise ValueError(f"not a valid safetensors payload: {name!r} overlaps or leaves a gap")
+        position = end
+    if base + position != len(view):
+        raise ValueError("not a valid safetensors payload: data section has the wrong size")
+    out: StateDict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # non-writable buffer: we never write
+        for begin, _end, name, dtype, shape, numel in entries:
+            if numel == 0:
+                out[name] = torch.empty(shape, dtype=dtype)
+                continue
+            flat = torch.frombuffer(view, dtype=dtype, count=numel, offset=base + begin)
+            out[name] = flat.reshape(shape)
+    return out

@@ -72,7 +72,7 @@ def test_topk_count_bounds() -> None:
 
 def test_error_feedback_loses_nothing() -> None:
     d = {"w": torch.tensor([0.1, -5.0, 0.2, 3.0])}
-    payload, residual = encode_with_feedback(d, None, "topk", topk_fraction=0.25)
+    _, residual = encode_with_feedback(d, None, "topk", topk_fraction=0.25)
     assert residual["w"].tolist() == pytest.approx([0.1, 0.0, 0.2, 3.0])
     # Next round: the delayed entries come back on top of the new delta.
     d2 = {"w": torch.tensor([0.0, 0.0, 0.0, 0.5])}

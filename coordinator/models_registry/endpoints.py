@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from coordinator.deps import AdminDep, ReaderDep, SessionDep
 from coordinator.models_registry import service
@@ -58,6 +59,7 @@ def get_model(version: int, session: SessionDep) -> ModelVersionOut:
 )
 def get_weights(
     version: int,
+    request: Request,
     session: SessionDep,
     _: ReaderDep,
     if_none_match: Annotated[str | None, Header()] = None,
@@ -66,11 +68,15 @@ def get_weights(
     etag = f'"{row.sha256}"'
     if if_none_match is not None and if_none_match.strip() in (etag, row.sha256):
         return Response(status_code=304, headers={"ETag": etag})
-    data = service.weights_bytes(session, version)
-    return Response(
-        content=data,
+    # Streamed in slices straight from the database: memory stays at one chunk per download.
+    return StreamingResponse(
+        service.iter_weights(request.app.state.db.engine, version, row.size_bytes),
         media_type="application/octet-stream",
-        headers={"ETag": etag, "X-Model-Version": str(version)},
+        headers={
+            "ETag": etag,
+            "X-Model-Version": str(version),
+            "Content-Length": str(row.size_bytes),
+        },
     )
 
 

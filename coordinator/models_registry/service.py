@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.models import ModelVersion
+from shared.db import read_only
 from shared.errors import Conflict, NotFound
 from shared.model import ModelConfig
 from shared.schemas import ModelVersionOut, utcnow
@@ -81,6 +83,29 @@ def weights_bytes(session: Session, version: int) -> bytes:
     if data is None:
         raise NotFound(f"no model version {version}")
     return bytes(data)
+
+
+WEIGHT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def iter_weights(
+    engine: Engine, version: int, size: int, chunk_bytes: int = WEIGHT_CHUNK_BYTES
+) -> Iterator[bytes]:
+    """A version's weights in slices read with SQL `substr` (1-based), one short read each.
+
+    Versions are immutable, so slices read in separate transactions belong to the
+    same blob; a download holds one chunk in memory, never the whole model.
+    """
+    for start in range(0, size, chunk_bytes):
+        with read_only(engine).connect() as conn:
+            chunk = conn.scalar(
+                select(
+                    func.substr(ModelVersion.weights, start + 1, min(chunk_bytes, size - start))
+                ).where(ModelVersion.version == version)
+            )
+        if chunk is None:
+            raise RuntimeError(f"model version {version} vanished while streaming")
+        yield bytes(chunk)
 
 
 def load_state(

@@ -39,7 +39,7 @@ from shared.compression import SUPPORTED_ENCODINGS, decode_update
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.model import ModelConfig, grow_state, init_state
 from shared.schemas import RoundOut, UpdateReceipt, utcnow
-from shared.serialization import bytes_to_state, sha256_hex
+from shared.serialization import sha256_hex, state_views
 
 log = logging.getLogger("fedjewel.coordinator.rounds")
 
@@ -187,7 +187,7 @@ def submit_update(
     round_id: int,
     base_version: int,
     num_examples: int,
-    payload: bytes,
+    payload: bytes | bytearray,
     sha256_claimed: str | None,
     metrics: dict[str, float],
     encoding: str = "dense",
@@ -220,7 +220,7 @@ def submit_update(
     try:
         base_state, _ = load_state(session, r.base_version, cache)
         # Stored as received (compressed); decoded again, one at a time, when the round closes.
-        delta = decode_update(bytes_to_state(payload), base_state, encoding)
+        delta = decode_update(state_views(payload), base_state, encoding)
         check_compatible(delta, base_state)
         del delta
     except (ValueError, UpdateMismatchError) as exc:
@@ -318,7 +318,7 @@ def _close_round(
         # One payload in memory at a time (a column query: the ORM keeps no reference).
         payload = session.scalar(select(Update.payload).where(Update.id == update_id))
         assert payload is not None
-        delta = decode_update(bytes_to_state(payload), base_state, encoding or "dense")
+        delta = decode_update(state_views(payload), base_state, encoding or "dense")
         del payload
         acc.add(delta, int(num_examples))
         del delta
