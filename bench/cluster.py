@@ -36,14 +36,49 @@ class Market:
 
 
 def make_market(
-    workdir: Path, *, items: int, users: int, regions: int = 6, seed: int = 1
+    workdir: Path,
+    *,
+    items: int,
+    users: int,
+    regions: int = 6,
+    seed: int = 1,
+    market_items: int = 2500,
 ) -> Market:
-    """A synthetic market (cached in `workdir` by its arguments)."""
-    out = workdir / f"market-s{seed}-r{regions}-u{users}-i{items}"
-    summary = generate_market(out, seed=seed, regions=regions, users=users, items=items)
+    """A synthetic market with a catalog of `items` items.
+
+    The generator's cost grows with users x items, so a 50k-item catalog is the
+    market's `market_items` items (the ones with behaviour) plus synthetic
+    long-tail items with the same kinds of attributes and no events yet.
+    """
+    market_items = min(items, market_items)
+    out = workdir / f"market-s{seed}-r{regions}-u{users}-i{market_items}"
+    summary = generate_market(out, seed=seed, regions=regions, users=users, items=market_items)
     catalog = read_catalog_csv(summary.catalog_path)
+    catalog += long_tail(catalog, items - len(catalog), seed=seed)
     events = read_events_csv(summary.events_path)
     return Market(summary=summary, catalog=catalog, events=events)
+
+
+def long_tail(like: Sequence[CatalogItem], n: int, *, seed: int) -> list[CatalogItem]:
+    """`n` new items whose attributes are drawn from the existing ones (deterministic)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b, c = rng.choice(like), rng.choice(like), rng.choice(like)
+        out.append(
+            CatalogItem(
+                item_id=f"T{i:06d}",
+                title=f"{a.material or ''} {b.category or 'jewel'}".strip(),
+                category=b.category,
+                material=a.material,
+                gemstone=c.gemstone,
+                style_tags=list(c.style_tags),
+                price_usd=round((a.price_usd or 100.0) * rng.uniform(0.6, 1.6), 2),
+            )
+        )
+    return out
 
 
 def event_json(records: Iterable[EventRecord]) -> list[dict[str, Any]]:

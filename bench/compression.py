@@ -9,7 +9,7 @@ last round the global model is evaluated leave-last-out (HR@10 over every
 region's users).
 
 Figures per encoding: bytes ÷ dense (mean over all updates) and HR@10 change
-relative to dense. Goal: a mode with ≤ 0.1× dense bytes and ≤ 1% relative loss.
+relative to dense. Goal: a mode with ≤ 0.1x dense bytes and ≤ 1% relative loss.
 
 `python -m bench.compression [--rounds 5] [--users 4000] [--items 1500] [--json out.json]`
 """

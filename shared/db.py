@@ -45,17 +45,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            # Readers (engine.execution_options(read_only=True)) take no write lock: in WAL
-            # mode they see a snapshot and neither wait for nor block writers.
-            read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            # Readers (`read_only(engine)`) open no transaction and take no write lock: each
+            # SELECT is its own snapshot in WAL mode, and never waits for or blocks writers.
+            if not conn.get_execution_options().get(READ_ONLY_OPTION, False):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
 def read_only(engine: Engine) -> Engine:
-    """The same pool, for reads only: on SQLite its transactions start with a plain BEGIN."""
+    """The same pool, for reads only (one SELECT per snapshot: no BEGIN on SQLite)."""
     return engine.execution_options(**{READ_ONLY_OPTION: True})
 
 
