@@ -26,7 +26,7 @@ BENCHMARKS = (
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--quick", action="store_true", help="tiny configurations (smoke test)")
     p.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHMARKS))
     args = p.parse_args(argv)

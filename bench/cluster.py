@@ -119,6 +119,8 @@ class Cluster:
     admin: httpx.Client | None = None
 
     def start_coordinator(self, database_url: str | None = None, **env: str) -> ServiceProcess:
+        if database_url is None:
+            _remove_sqlite(self.workdir / "coordinator.db")  # every run starts empty
         url = database_url or f"sqlite:///{self.workdir / 'coordinator.db'}"
         coord = ServiceProcess(
             name="coordinator",
@@ -153,6 +155,7 @@ class Cluster:
         """Start a node (registering it unless `token` is given); does not wait for it."""
         assert self.admin is not None and self.coordinator is not None
         token = token or register_node(self.admin, node_id, region)
+        _remove_sqlite(self.workdir / f"{node_id}.db")
         node = ServiceProcess(
             name=node_id,
             module="regional_node",
@@ -202,6 +205,11 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _remove_sqlite(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
 def register_node(admin: httpx.Client, node_id: str, region: str = "bench") -> str:
