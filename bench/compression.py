@@ -130,10 +130,10 @@ MODES = (
     Mode("dense", "dense"),
     Mode("float16", "float16"),
     Mode("int8", "int8"),
+    Mode("sign + EF", "sign"),
+    Mode("sign, no EF", "sign", feedback=False),
     Mode("topk 10% + EF", "topk", 0.10),
     Mode("topk 3% + EF", "topk", 0.03),
-    Mode("topk 1% + EF", "topk", 0.01),
-    Mode("topk 3%, no EF", "topk", 0.03, feedback=False),
 )
 
 
@@ -141,7 +141,7 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
     users = 400 if args.quick else args.users
     items = 300 if args.quick else args.items
     rounds = 2 if args.quick else args.rounds
-    modes = MODES[:3] + MODES[4:5] if args.quick else MODES
+    modes = MODES[:1] + MODES[3:4] + MODES[6:7] if args.quick else MODES
     torch.set_num_threads(1)
     result = BenchResult(
         "compression",

@@ -111,6 +111,16 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     return {name: base[name] + delta[name] for name in base}
 
 
+def apply_delta_in_place(
+    delta: dict[str, torch.Tensor], base: Mapping[str, torch.Tensor]
+) -> StateDict:
+    """`apply_delta` that writes base + delta into the delta's own tensors (no new model)."""
+    check_compatible(delta, base)
+    for name, value in delta.items():
+        value.add_(base[name])
+    return delta
+
+
 def compute_delta(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> StateDict:
     check_compatible(new, base)
     return {name: new[name] - base[name] for name in base}

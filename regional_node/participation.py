@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import pickle
 import random
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Participant:
         self.client = CoordinatorClient(settings.coordinator_url, settings.token)
         self._pool: ProcessPoolExecutor | None = None
         self._rng = random.Random()
+        self._catalog_cache: tuple[CatalogOut, bytes] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -164,6 +166,21 @@ class Participant:
             "serving model version %s", active.version, extra={"model_version": active.version}
         )
 
+    async def _catalog_blob(self, catalog: CatalogOut) -> bytes:
+        """The catalog as the worker needs it, pickled once per catalog (off the event loop).
+
+        Handing the worker a 50k-item list of dicts would be pickled again for every
+        job in the serving process, holding the GIL for a good part of a second.
+        """
+        cached = self._catalog_cache
+        if cached is not None and cached[0] is catalog:
+            return cached[1]
+        blob = await asyncio.to_thread(
+            lambda: pickle.dumps([item.model_dump() for item in catalog.items], protocol=5)
+        )
+        self._catalog_cache = (catalog, blob)
+        return blob
+
     async def train_and_submit(
         self, round_id: int, base_version: int, encoding: str = "dense"
     ) -> None:
@@ -177,7 +194,7 @@ class Participant:
         s = self.settings
         job = TrainJob(
             database_url=s.database_url,
-            catalog=[item.model_dump() for item in catalog.items],
+            catalog=await self._catalog_blob(catalog),
             base_weights=base.data,
             model_config=meta.config,
             train_config=TrainConfig(

@@ -31,7 +31,7 @@ class NodeSettings(BaseSettings):
     serve_threads: int = Field(
         default=1, ge=1, le=64, description="torch threads of the serving process."
     )
-    update_encoding: Literal["dense", "float16", "int8", "topk"] = Field(
+    update_encoding: Literal["dense", "float16", "int8", "topk", "sign"] = Field(
         default="dense",
         description="How updates are packed; falls back to dense when the coordinator "
         "does not list it in supported_encodings.",

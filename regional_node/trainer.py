@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from shared.training import (
 @dataclass(frozen=True)
 class TrainJob:
     database_url: str
-    catalog: list[dict[str, Any]]  # CatalogItem dumps in row order
+    catalog: list[dict[str, Any]] | bytes  # CatalogItem dumps in row order (or pickled)
     base_weights: bytes
     model_config: dict[str, Any]
     train_config: TrainConfig
@@ -63,7 +64,8 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     if job.nice and os.getpriority(os.PRIO_PROCESS, 0) < job.nice:
         os.setpriority(os.PRIO_PROCESS, 0, job.nice)  # absolute: the worker is reused
     config = ModelConfig.model_validate(job.model_config)
-    items = [CatalogItem.model_validate(d) for d in job.catalog]
+    dumps = pickle.loads(job.catalog) if isinstance(job.catalog, bytes) else job.catalog
+    items = [CatalogItem.model_validate(d) for d in dumps]
     row_of = {item.item_id: i for i, item in enumerate(items)}
     features = build_item_features(items, config.content_buckets)
     store = EventStore(job.database_url)

@@ -10,6 +10,10 @@ keeps the safetensors framing, the sha256 and the size cap of a dense update.
   row (per tensor for 1-D): ``q = round(x / s)``, ``s = max|row| / 127`` (~0.25x).
 * ``topk``    the largest-magnitude fraction of each tensor's entries as
   (int32 flat index, float16 value) pairs; everything else is zero.
+* ``sign``    one bit per entry (its sign, packed 8 to a byte) and one float32
+  scale per row, the row's mean |x|: ``x ~ sign(x) * mean|row|`` (~1/32 + 4/row
+  width of dense). Adam's steps have nearly equal magnitudes, so the sign carries
+  most of a local delta; error feedback carries the rest into the next round.
 
 Lossy encodings are meant to be used with *error feedback*: the node keeps what
 the encoding dropped (`residual`) and adds it to its next round's delta, so no
@@ -25,14 +29,16 @@ from typing import Literal, get_args
 import torch
 
 StateDict = dict[str, torch.Tensor]
-Encoding = Literal["dense", "float16", "int8", "topk"]
+Encoding = Literal["dense", "float16", "int8", "topk", "sign"]
 SUPPORTED_ENCODINGS: tuple[str, ...] = get_args(Encoding)
-LOSSY_ENCODINGS: frozenset[str] = frozenset({"float16", "int8", "topk"})
+LOSSY_ENCODINGS: frozenset[str] = frozenset({"float16", "int8", "topk", "sign"})
 
 # Suffixes of the extra tensors an encoding adds next to (or instead of) a parameter.
 SCALE_SUFFIX = "::scale"
 INDEX_SUFFIX = "::idx"
 VALUE_SUFFIX = "::val"
+BITS_SUFFIX = "::bits"
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 DEFAULT_TOPK_FRACTION = 0.01
 
 
@@ -50,10 +56,29 @@ def topk_count(numel: int, fraction: float) -> int:
     return min(numel, max(1, math.ceil(fraction * numel)))
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A 2-D view: one row per first-dimension index (one row for 0-D/1-D tensors)."""
+    return x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8, 8 flags per byte, most significant bit first, zero-padded."""
+    flat = bits.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8)])
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `count` flags, as bool."""
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0
+    return bits.reshape(-1)[:count]
+
+
 def _int8_scale(x: torch.Tensor) -> torch.Tensor:
     """Per-row scale (per-tensor for 0-D/1-D): max|x| / 127, as float32."""
-    flat = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
-    return (flat.abs().amax(dim=1) / 127.0).to(torch.float32)  # (rows,)
+    return (_rows(x).abs().amax(dim=1) / 127.0).to(torch.float32)  # (rows,)
 
 
 def encode_update(
@@ -66,7 +91,7 @@ def encode_update(
     _check_encoding(encoding)
     out: StateDict = {}
     for name, x in delta.items():
-        if any(name.endswith(s) for s in (SCALE_SUFFIX, INDEX_SUFFIX, VALUE_SUFFIX)):
+        if any(name.endswith(s) for s in (SCALE_SUFFIX, INDEX_SUFFIX, VALUE_SUFFIX, BITS_SUFFIX)):
             raise ValueError(f"parameter name {name!r} uses a reserved suffix")
         if encoding == "dense" or not x.is_floating_point():
             out[name] = x.contiguous()
@@ -79,6 +104,10 @@ def encode_update(
             q = torch.round(x.to(torch.float32).reshape(rows, -1) / safe.unsqueeze(1))
             out[name] = q.clamp_(-127, 127).to(torch.int8).reshape(x.shape).contiguous()
             out[name + SCALE_SUFFIX] = scale.contiguous()
+        elif encoding == "sign":
+            matrix = _rows(x.to(torch.float32))
+            out[name + BITS_SUFFIX] = pack_bits(matrix >= 0)
+            out[name + SCALE_SUFFIX] = matrix.abs().mean(dim=1).contiguous()
         else:  # topk
             flat = x.reshape(-1)
             k = topk_count(flat.numel(), topk_fraction)
@@ -124,6 +153,17 @@ def decode_update(
                 raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}, want {rows}")
             deq = q.to(torch.float32).reshape(rows, -1) * scale.unsqueeze(1)
             out[name] = deq.reshape(ref.shape).to(ref.dtype)
+        elif encoding == "sign":
+            bits = take(name + BITS_SUFFIX, torch.uint8)
+            scale = take(name + SCALE_SUFFIX, torch.float32)
+            rows = ref.shape[0] if ref.dim() >= 2 else 1
+            n = ref.numel()
+            if bits.dim() != 1 or bits.numel() != (n + 7) // 8:
+                raise ValueError(f"sign bits of {name!r} have the wrong length")
+            if tuple(scale.shape) != (rows,):
+                raise ValueError(f"scale of {name!r} has shape {tuple(scale.shape)}, want {rows}")
+            signs = unpack_bits(bits, n).reshape(rows, -1).to(torch.float32) * 2 - 1
+            out[name] = (signs * scale.unsqueeze(1)).reshape(ref.shape).to(ref.dtype)
         else:  # topk
             idx = take(name + INDEX_SUFFIX, torch.int32)
             val = take(name + VALUE_SUFFIX, torch.float16)

@@ -135,3 +135,34 @@ def test_decode_rejects_wrong_shapes_and_unknown_encodings() -> None:
         )
     with pytest.raises(ValueError, match="unsupported"):
         decode_update({"w": torch.zeros(2, 3)}, ref, "zstd")
+
+
+def test_pack_bits_round_trip() -> None:
+    from shared.compression import pack_bits, unpack_bits
+
+    flags = torch.tensor([True, False, True, True, False, False, False, True, True, False])
+    packed = pack_bits(flags)
+    assert packed.tolist() == [0b10110001, 0b10000000]
+    assert torch.equal(unpack_bits(packed, 10), flags)
+
+
+def test_sign_is_sign_times_row_mean_magnitude() -> None:
+    d = {
+        "w": torch.tensor([[1.0, -3.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+        "b": torch.tensor([0.5, -1.5]),
+    }
+    payload = encode_update(d, "sign")
+    assert payload["w::scale"].tolist() == [1.5, 0.0]
+    assert payload["b::scale"].tolist() == [1.0]
+    out = decode_update(payload, d, "sign")
+    assert out["w"].tolist() == [[1.5, -1.5, 1.5, 1.5], [0.0, 0.0, 0.0, 0.0]]
+    assert out["b"].tolist() == [1.0, -1.0]
+    # Error feedback keeps the difference for the next round.
+    _, residual = encode_with_feedback(d, None, "sign")
+    assert residual["w"][0].tolist() == [-0.5, -1.5, 0.5, -1.5]
+
+
+def test_sign_is_about_a_sixteenth_of_dense_for_32_wide_rows() -> None:
+    d = {"emb": torch.randn(5000, 32, generator=torch.Generator().manual_seed(0))}
+    dense = len(state_to_bytes(d))
+    assert len(state_to_bytes(encode_update(d, "sign"))) / dense < 0.07

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from coordinator.aggregation import (
     UpdateMismatchError,
     WeightedMeanAccumulator,
-    apply_delta,
+    apply_delta_in_place,
     check_compatible,
     weighted_metrics,
 )
@@ -300,6 +300,29 @@ def try_close_current_round(
     return version
 
 
+PAYLOAD_SLICE_BYTES = 4 * 1024 * 1024
+
+
+def read_update_payload(
+    session: Session, update_id: int, size: int, buffer: bytearray
+) -> memoryview:
+    """An update's payload, read in `substr()` slices into the front of `buffer`.
+
+    Fetching a large bytea whole costs the driver's copy of the wire data on top of
+    the Python bytes (on PostgreSQL's text protocol, hex: twice the size again).
+    """
+    view = memoryview(buffer)[:size]
+    for start in range(0, size, PAYLOAD_SLICE_BYTES):
+        length = min(PAYLOAD_SLICE_BYTES, size - start)
+        chunk = session.scalar(
+            select(func.substr(Update.payload, start + 1, length)).where(Update.id == update_id)
+        )
+        if chunk is None or len(chunk) != length:
+            raise RuntimeError(f"update {update_id}: stored payload is shorter than its size")
+        view[start : start + length] = chunk
+    return view
+
+
 def _close_round(
     session: Session,
     settings: CoordinatorSettings,
@@ -309,24 +332,30 @@ def _close_round(
 ) -> int:
     base_state, config = load_state(session, r.base_version, cache)
     rows = session.execute(
-        select(Update.id, Update.node_id, Update.num_examples, Update.metrics, Update.encoding)
+        select(
+            Update.id,
+            Update.node_id,
+            Update.num_examples,
+            Update.metrics,
+            Update.encoding,
+            Update.size_bytes,
+        )
         .where(Update.round_id == r.id)
         .order_by(Update.node_id)
     ).all()
     acc = WeightedMeanAccumulator(dtype=None)  # sum in float32: one model of memory, not two
-    for update_id, _node_id, num_examples, _metrics, encoding in rows:
-        # One payload in memory at a time (a column query: the ORM keeps no reference).
-        payload = session.scalar(select(Update.payload).where(Update.id == update_id))
-        assert payload is not None
+    # One payload at a time, read in slices into one buffer allocated once.
+    buffer = bytearray(max((int(row.size_bytes) for row in rows), default=0))
+    for update_id, _node_id, num_examples, _metrics, encoding, size in rows:
+        payload = read_update_payload(session, update_id, int(size), buffer)
         delta = decode_update(state_views(payload), base_state, encoding or "dense")
-        del payload
         acc.add(delta, int(num_examples))
-        del delta
-    mean = acc.take_result()
-    new_state = apply_delta(base_state, mean)
-    del mean
+        del delta, payload
+    del buffer
+    # The mean becomes the new state in place: no second model-sized buffer.
+    new_state = apply_delta_in_place(acc.take_result(), base_state)
     new_state, new_config = grow_state(new_state, config, catalog_size(session))
-    metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m, _ in rows)
+    metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m, _, _ in rows)
     metrics["num_examples"] = float(acc.total_examples)
     metrics["num_updates"] = float(acc.count)
     v = create_version(
