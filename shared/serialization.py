@@ -123,3 +123,44 @@ def state_views(data: bytes | bytearray | memoryview) -> StateDict:
             flat = torch.frombuffer(view, dtype=dtype, count=numel, offset=base + begin)
             out[name] = flat.reshape(shape)
     return out
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def state_to_buffer(state: StateDict, metadata: dict[str, str] | None = None) -> bytearray:
+    """Serialize to safetensors in one preallocated buffer: the model is copied once.
+
+    `state_to_bytes` (safetensors' own writer) holds a bytes copy of every tensor
+    *and* the joined output at once: 2-3x the model in memory. The layout here is
+    valid safetensors (any reader loads it); tensors are ordered by element size,
+    then name, so equal states give equal bytes and every tensor stays aligned.
+    """
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * ((-len(encoded)) % 8)  # tensors start 8-byte aligned
+    buf = bytearray(8 + len(encoded) + offset)
+    buf[:8] = len(encoded).to_bytes(8, "little")
+    buf[8 : 8 + len(encoded)] = encoded
+    position = 8 + len(encoded)
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            buf[position : position + nbytes] = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        position += nbytes
+    return buf
