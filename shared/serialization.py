@@ -161,6 +161,6 @@ def state_to_buffer(state: StateDict, metadata: dict[str, str] | None = None) ->
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
         if nbytes:
-            buf[position : position + nbytes] = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            buf[position : position + nbytes] = t.reshape(-1).view(torch.uint8).numpy().data
         position += nbytes
     return buf
