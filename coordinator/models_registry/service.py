@@ -16,7 +16,7 @@ from shared.db import read_only
 from shared.errors import Conflict, NotFound
 from shared.model import ModelConfig
 from shared.schemas import ModelVersionOut, utcnow
-from shared.serialization import StateDict, bytes_to_state, sha256_hex, state_to_buffer
+from shared.serialization import StateDict, sha256_hex, state_to_buffer, state_views
 
 
 class WeightCache:
@@ -116,10 +116,19 @@ def load_state(
     config = ModelConfig.model_validate(row.config)
     if cache is not None and (cached := cache.get(version)) is not None:
         return cached, config
-    data = weights_bytes(session, version)
+    # Read in slices into one buffer and parse it in place: the model costs one copy.
+    bind = session.get_bind()
+    if isinstance(bind, Engine):
+        data = bytearray(row.size_bytes)
+        position = 0
+        for chunk in iter_weights(bind, version, row.size_bytes):
+            data[position : position + len(chunk)] = chunk
+            position += len(chunk)
+    else:  # a session bound to one connection (tests): read on that connection
+        data = bytearray(weights_bytes(session, version))
     if sha256_hex(data) != row.sha256:
         raise RuntimeError(f"model version {version}: stored weights do not match their sha256")
-    state = bytes_to_state(data)
+    state = state_views(data)
     if cache is not None:
         cache.put(version, state)
     return state, config
