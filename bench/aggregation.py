@@ -145,7 +145,9 @@ def _close_round(db_url: str, count: int) -> None:
     from coordinator.models_registry.service import WeightCache, load_state
     from coordinator.rounds.service import try_close_current_round
     from coordinator.settings import CoordinatorSettings
+    from shared.memory import use_mmap_for_large_blocks
 
+    use_mmap_for_large_blocks()  # as the coordinator's lifespan does
     settings = CoordinatorSettings(database_url=db_url, min_updates=count)
     db = Database(db_url)
     cache = WeightCache(maxsize=2)

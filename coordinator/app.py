@@ -20,6 +20,7 @@ from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
 from coordinator.settings import CoordinatorSettings
 from shared.errors import ServiceUnavailable, error_responses, install_error_handlers
+from shared.memory import use_mmap_for_large_blocks
 
 log = logging.getLogger("fedjewel.coordinator")
 
@@ -49,6 +50,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        use_mmap_for_large_blocks()  # model-sized buffers go back to the OS when freed
         db = Database(settings.database_url)
         if settings.migrate_on_start:
             await asyncio.to_thread(db.migrate)
