@@ -124,22 +124,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rss_mb(pid: int) -> float:
-    """Current resident set of a process, from /proc (Linux)."""
+def _status_mb(pid: int, key: str) -> float:
+    """A `VmXxx:` line of /proc/<pid>/status (Linux), in MiB."""
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    """Current resident set of a process."""
+    return _status_mb(pid, "VmRSS")
 
 
 def hwm_mb(pid: int) -> float:
-    """Peak resident set (VmHWM) of a process, from /proc (Linux)."""
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak resident set (VmHWM) of a process since start or `reset_hwm`."""
+    return _status_mb(pid, "VmHWM")
 
 
 def reset_hwm(pid: int) -> bool:

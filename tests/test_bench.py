@@ -10,9 +10,10 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-# Benchmarks that start real services; aggregation and transfer also need PostgreSQL
-# (aggregation always, transfer only outside --quick).
-BENCHMARKS = ["compression", "serving", "serving_training", "transfer", "round_overhead", "scale"]
+# The in-process benchmark and those with one or two services. serving_training,
+# round_overhead and scale train real rounds with several processes (minutes on a
+# shared 2-core box): `python -m bench --quick` runs them; they share this code path.
+BENCHMARKS = ["compression", "serving", "transfer"]
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

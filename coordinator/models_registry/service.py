@@ -142,11 +142,14 @@ def create_version(
     metrics: dict[str, Any],
     round_id: int | None,
     status: str = "active",
+    consume_state: bool = False,
 ) -> ModelVersion:
     """Store a new version; an active one retires the previous active version. No commit."""
     number = int(session.scalar(select(func.coalesce(func.max(ModelVersion.version), 0))) or 0) + 1
     # One preallocated buffer: the model is copied once, not two or three times.
     data = state_to_buffer(state, metadata={"fedjewel_version": str(number)})
+    if consume_state:
+        state.clear()  # the caller is done with it: free the tensors before the insert
     if status == "active":
         session.execute(
             update(ModelVersion).where(ModelVersion.status == "active").values(status="retired")

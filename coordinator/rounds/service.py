@@ -359,7 +359,13 @@ def _close_round(
     metrics["num_examples"] = float(acc.total_examples)
     metrics["num_updates"] = float(acc.count)
     v = create_version(
-        session, new_state, new_config, metrics=metrics, round_id=r.id, status="active"
+        session,
+        new_state,
+        new_config,
+        metrics=metrics,
+        round_id=r.id,
+        status="active",
+        consume_state=True,
     )
     r.state = "closed"
     r.closed_at = now
