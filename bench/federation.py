@@ -51,7 +51,9 @@ def _ts(value: str) -> datetime:
 
 def closed_rounds(cluster: Cluster) -> list[dict[str, Any]]:
     assert cluster.admin is not None
-    rounds = cluster.admin.get("/v1/rounds", params={"limit": 1000}).json()
+    resp = cluster.admin.get("/v1/rounds", params={"limit": 1000})
+    resp.raise_for_status()  # an HTTP error is retried by wait_for
+    rounds = resp.json()
     return sorted((r for r in rounds if r["state"] == "closed"), key=lambda r: r["round_id"])
 
 

@@ -68,15 +68,18 @@ def get_weights(
     etag = f'"{row.sha256}"'
     if if_none_match is not None and if_none_match.strip() in (etag, row.sha256):
         return Response(status_code=304, headers={"ETag": etag})
-    # Streamed in slices straight from the database: memory stays at one chunk per download.
+    headers = {"ETag": etag, "X-Model-Version": str(version)}
+    if row.size_bytes <= service.WEIGHT_CHUNK_BYTES:
+        data = service.weights_bytes(session, version)
+        return Response(content=data, media_type="application/octet-stream", headers=headers)
+    # Large models stream in slices straight from the database: memory stays at one chunk
+    # per download. The request's own connection goes back to the pool first, so a burst
+    # of downloads queues for connections instead of holding one each while waiting.
+    session.close()
     return StreamingResponse(
         service.iter_weights(request.app.state.db.engine, version, row.size_bytes),
         media_type="application/octet-stream",
-        headers={
-            "ETag": etag,
-            "X-Model-Version": str(version),
-            "Content-Length": str(row.size_bytes),
-        },
+        headers={**headers, "Content-Length": str(row.size_bytes)},
     )
 
 

@@ -89,20 +89,24 @@ WEIGHT_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def iter_weights(
-    engine: Engine, version: int, size: int, chunk_bytes: int = WEIGHT_CHUNK_BYTES
+    source: Engine | Session, version: int, size: int, chunk_bytes: int = WEIGHT_CHUNK_BYTES
 ) -> Iterator[bytes]:
     """A version's weights in slices read with SQL `substr` (1-based), one short read each.
 
-    Versions are immutable, so slices read in separate transactions belong to the
-    same blob; a download holds one chunk in memory, never the whole model.
+    With an Engine (a streamed download), every slice checks a connection out and back
+    in, so no connection is held between chunks; versions are immutable, so slices read
+    in separate transactions belong to the same blob. With a Session, the slices are
+    read on the session's own connection (never a second checkout while holding one).
     """
     for start in range(0, size, chunk_bytes):
-        with read_only(engine).connect() as conn:
-            chunk = conn.scalar(
-                select(
-                    func.substr(ModelVersion.weights, start + 1, min(chunk_bytes, size - start))
-                ).where(ModelVersion.version == version)
-            )
+        stmt = select(
+            func.substr(ModelVersion.weights, start + 1, min(chunk_bytes, size - start))
+        ).where(ModelVersion.version == version)
+        if isinstance(source, Session):
+            chunk = source.scalar(stmt)
+        else:
+            with read_only(source).connect() as conn:
+                chunk = conn.scalar(stmt)
         if chunk is None:
             raise RuntimeError(f"model version {version} vanished while streaming")
         yield bytes(chunk)
@@ -117,15 +121,11 @@ def load_state(
     if cache is not None and (cached := cache.get(version)) is not None:
         return cached, config
     # Read in slices into one buffer and parse it in place: the model costs one copy.
-    bind = session.get_bind()
-    if isinstance(bind, Engine):
-        data = bytearray(row.size_bytes)
-        position = 0
-        for chunk in iter_weights(bind, version, row.size_bytes):
-            data[position : position + len(chunk)] = chunk
-            position += len(chunk)
-    else:  # a session bound to one connection (tests): read on that connection
-        data = bytearray(weights_bytes(session, version))
+    data = bytearray(row.size_bytes)
+    position = 0
+    for chunk in iter_weights(session, version, row.size_bytes):
+        data[position : position + len(chunk)] = chunk
+        position += len(chunk)
     if sha256_hex(data) != row.sha256:
         raise RuntimeError(f"model version {version}: stored weights do not match their sha256")
     state = state_views(data)
