@@ -59,3 +59,26 @@ def test_encoded_update_is_decoded_into_the_next_version(sqlite_url: str, encodi
         sent = decode_update(bytes_to_state(body), base, encoding)
         for name, value in base.items():
             assert torch.allclose(new[name], value + sent[name], atol=1e-6), name
+
+
+def test_weights_stream_in_slices_with_etag(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator.models_registry import service as registry
+
+    monkeypatch.setattr(registry, "WEIGHT_CHUNK_BYTES", 4096)  # every model streams
+    settings = CoordinatorSettings(
+        database_url=sqlite_url, admin_token="enc-admin", embedding_dim=8
+    )
+    with TestClient(create_app(settings)) as c:
+        assert c.put("/v1/catalog", json=tiny_catalog(), headers=ADMIN).status_code == 200
+        meta = c.get("/v1/models/1").json()
+        assert meta["size_bytes"] > 10 * 4096
+        resp = c.get("/v1/models/1/weights", headers=ADMIN)
+        assert resp.status_code == 200
+        assert int(resp.headers["content-length"]) == meta["size_bytes"] == len(resp.content)
+        assert sha256_hex(resp.content) == meta["sha256"] == resp.headers["etag"].strip('"')
+        again = c.get(
+            "/v1/models/1/weights", headers={**ADMIN, "If-None-Match": resp.headers["etag"]}
+        )
+        assert again.status_code == 304

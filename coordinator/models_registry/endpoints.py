@@ -77,7 +77,9 @@ def get_weights(
     # of downloads queues for connections instead of holding one each while waiting.
     session.close()
     return StreamingResponse(
-        service.iter_weights(request.app.state.db.engine, version, row.size_bytes),
+        service.iter_weights(
+            request.app.state.db.engine, version, row.size_bytes, service.WEIGHT_CHUNK_BYTES
+        ),
         media_type="application/octet-stream",
         headers={**headers, "Content-Length": str(row.size_bytes)},
     )
