@@ -180,7 +180,7 @@ def _close_round(db_url: str, count: int) -> None:
 def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
     items = 3000 if args.quick else args.items
     dim = 16 if args.quick else args.dim
-    counts = [2, 4] if args.quick else [int(c) for c in args.counts.split(",")]
+    counts = [2] if args.quick else [int(c) for c in args.counts.split(",")]
     result = BenchResult("aggregation", {"items": items, "dim": dim, "counts": counts})
     catalog = synthetic_catalog(items)
     per_update: dict[int, float] = {}

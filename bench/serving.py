@@ -139,13 +139,22 @@ def measure_scenarios(
     duration: float,
     tool: str,
     names: Sequence[str] | None = None,
+    warmup: float = 1.0,
 ) -> dict[str, dict[str, LoadResult]]:
     """{scenario: {"c1": LoadResult, "cN": LoadResult}}; healthz included."""
     headers = {"X-API-Key": API_KEY}
     out: dict[str, dict[str, LoadResult]] = {}
     for name in names or list(scenarios):
         paths = scenarios[name]
-        run_load(base_url, paths, concurrency=concurrency, duration=1, headers=headers, tool=tool)
+        if warmup > 0:
+            run_load(
+                base_url,
+                paths,
+                concurrency=concurrency,
+                duration=warmup,
+                headers=headers,
+                tool=tool,
+            )
         out[name] = {
             "c1": run_load(
                 base_url, paths, concurrency=1, duration=duration, headers=headers, tool=tool
@@ -187,6 +196,8 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
             concurrency=c,
             duration=duration,
             tool=args.tool,
+            names=["healthz", "history + filters + session"] if args.quick else None,
+            warmup=0 if args.quick else 1.0,
         )
     finally:
         setup.cluster.stop()
