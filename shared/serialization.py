@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import torch
 from safetensors.torch import load as _st_load
@@ -30,18 +31,29 @@ def bytes_to_state(data: bytes | bytearray) -> StateDict:
         raise ValueError(f"not a valid safetensors payload: {exc}") from exc
 
 
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` block of a safetensors payload (empty when absent)."""
-    if len(data) < 8:
+def _read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
+    """A safetensors payload's JSON header and where its data section starts."""
+    view = memoryview(data).cast("B")
+    if len(view) < 8:
         raise ValueError("not a valid safetensors payload: shorter than its header")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len <= 0 or 8 + header_len > len(data):
+    header_len = int.from_bytes(view[:8], "little")
+    if header_len <= 0 or 8 + header_len > len(view):
         raise ValueError("not a valid safetensors payload: bad header length")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except json.JSONDecodeError as exc:
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"not a valid safetensors payload: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("not a valid safetensors payload: header is not an object")
+    return header, 8 + header_len
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` block of a safetensors payload (empty when absent)."""
+    header, _ = _read_header(data)
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("not a valid safetensors payload: __metadata__ is not an object")
     return {str(k): str(v) for k, v in meta.items()}
 
 
@@ -74,18 +86,7 @@ def state_views(data: bytes | bytearray | memoryview) -> StateDict:
     import warnings
 
     view = memoryview(data).cast("B")
-    if len(view) < 8:
-        raise ValueError("not a valid safetensors payload: shorter than its header")
-    header_len = int.from_bytes(view[:8], "little")
-    if header_len <= 0 or 8 + header_len > len(view):
-        raise ValueError("not a valid safetensors payload: bad header length")
-    try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not a valid safetensors payload: {exc}") from exc
-    if not isinstance(header, dict):
-        raise ValueError("not a valid safetensors payload: header is not an object")
-    base = 8 + header_len
+    header, base = _read_header(view)
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
