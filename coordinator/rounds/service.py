@@ -300,7 +300,7 @@ def try_close_current_round(
     return version
 
 
-PAYLOAD_SLICE_BYTES = 4 * 1024 * 1024
+PAYLOAD_SLICE_BYTES = 1024 * 1024  # small slices: the driver holds each one twice (hex + bytes)
 
 
 def read_update_payload(
