@@ -25,6 +25,7 @@ from coordinator.secagg.endpoints import router as secagg_router
 from coordinator.settings import CoordinatorSettings
 from shared.db import database_ready
 from shared.errors import error_responses, install_error_handlers
+from shared.memory import use_mmap_for_large_blocks
 
 log = logging.getLogger("fedjewel.coordinator")
 
@@ -60,6 +61,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        use_mmap_for_large_blocks()  # model-sized buffers go back to the OS when freed
         db = Database(settings.database_url)
         if settings.migrate_on_start:
             await asyncio.to_thread(db.migrate)

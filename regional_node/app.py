@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import torch
 from fastapi import Body, FastAPI, Query
 
 from regional_node import service
@@ -30,6 +31,9 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One request = one small matvec + topk: more threads only add contention with
+        # the other requests (and the trainer, which has its own process).
+        torch.set_num_threads(settings.serve_threads)
         store = EventStore(settings.database_url)
         await asyncio.to_thread(store.migrate)
         app.state.store = store

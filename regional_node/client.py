@@ -79,11 +79,10 @@ class CoordinatorClient:
             if resp.status_code >= 400:
                 await resp.aread()
                 _raise_for_status(resp)
-            buf = bytearray()
-            async for chunk in resp.aiter_bytes():
-                buf += chunk
+            chunks = [chunk async for chunk in resp.aiter_bytes()]
             expected = resp.headers.get("ETag", "").strip('"')
-        data = bytes(buf)
+        data = b"".join(chunks)  # the one whole-body copy
+        del chunks
         actual = sha256_hex(data)
         if expected and actual != expected:
             raise CoordinatorError(502, f"weights of version {version} fail their sha256 check")

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -58,6 +59,7 @@ class NodeRuntime:
     dp_releases: int = 0
     training_refused: str | None = None
     insights_pushed_at: datetime | None = None
+    update_residual: bytes | None = None  # error feedback of lossy update encodings
 
 
 def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random) -> float:
@@ -88,6 +90,7 @@ class Participant:
             else None
         )
         self._insights_due = 0.0  # monotonic time of the next push
+        self._catalog_cache: tuple[CatalogOut, bytes] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -150,7 +153,11 @@ class Participant:
         if self.settings.id in rnd.participants:
             self._mark_joined(rnd.round_id)
             return
-        await self.train_and_submit(rnd.round_id, rnd.base_version)
+        encoding = self.settings.update_encoding
+        if encoding not in rnd.supported_encodings:
+            log.warning("coordinator does not take %s updates; sending dense", encoding)
+            encoding = "dense"
+        await self.train_and_submit(rnd.round_id, rnd.base_version, encoding)
 
     def _mark_joined(self, round_id: int) -> None:
         self.runtime.rounds_joined.add(round_id)
@@ -191,7 +198,24 @@ class Participant:
             "serving model version %s", active.version, extra={"model_version": active.version}
         )
 
-    async def train_and_submit(self, round_id: int, base_version: int) -> None:
+    async def _catalog_blob(self, catalog: CatalogOut) -> bytes:
+        """The catalog as the worker needs it, pickled once per catalog (off the event loop).
+
+        Handing the worker a 50k-item list of dicts would be pickled again for every
+        job in the serving process, holding the GIL for a good part of a second.
+        """
+        cached = self._catalog_cache
+        if cached is not None and cached[0] is catalog:
+            return cached[1]
+        blob = await asyncio.to_thread(
+            lambda: pickle.dumps([item.model_dump() for item in catalog.items], protocol=5)
+        )
+        self._catalog_cache = (catalog, blob)
+        return blob
+
+    async def train_and_submit(
+        self, round_id: int, base_version: int, encoding: str = "dense"
+    ) -> None:
         catalog = self.runtime.catalog
         if catalog is None:
             return
@@ -200,9 +224,12 @@ class Participant:
         if self.runtime.weights is None or self.runtime.weights.version != base_version:
             self.runtime.weights = base
         s = self.settings
+        if self.secagg is not None or s.dp_enabled:
+            # Masking and DP noise work on the dense delta; lossy encodings would break them.
+            encoding = "dense"
         job = TrainJob(
             database_url=s.database_url,
-            catalog=[item.model_dump() for item in catalog.items],
+            catalog=await self._catalog_blob(catalog),
             base_weights=base.data,
             model_config=meta.config,
             train_config=TrainConfig(
@@ -218,6 +245,10 @@ class Participant:
             threads=s.train_threads,
             dp=self._dp_config(),
             dp_unit_key=os.urandom(32),
+            nice=s.train_nice,
+            encoding=encoding,
+            topk_fraction=s.update_topk_fraction,
+            residual=self.runtime.update_residual if encoding != "dense" else None,
         )
         if not await self._within_budget(round_id):
             return
@@ -248,7 +279,7 @@ class Participant:
             await self._refresh_privacy_status()
             assert self.runtime.dp_epsilon is not None
             metrics["dp_epsilon"] = self.runtime.dp_epsilon
-        payload, sha, encoding = outcome.delta, outcome.sha256, "dense"
+        payload, sha, encoding = outcome.delta, outcome.sha256, outcome.encoding
         if self.secagg is not None:
             try:
                 payload = await self.secagg.mask(round_id, outcome.delta, outcome.num_examples)
@@ -275,6 +306,7 @@ class Participant:
                 self._mark_joined(round_id)
                 return
             raise
+        self.runtime.update_residual = outcome.residual
         await asyncio.to_thread(
             self.store.record_participation,
             round_id,

@@ -8,6 +8,8 @@ new version arrives, so a request sees one version from start to end.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +34,10 @@ class ServingModel:
     masks: dict[str, dict[str, torch.Tensor]] = field(
         default_factory=dict
     )  # field -> value -> mask
+    # (d, n) copy of item_vecs: u @ item_vecs_t reads memory in order, ~4x faster than
+    # item_vecs @ u for a 50k-item catalog on one thread.
+    item_vecs_t: torch.Tensor | None = None
+    blocked_cache: FilterCache = field(default_factory=lambda: FilterCache())
 
     @property
     def num_items(self) -> int:
@@ -72,6 +78,7 @@ def build_serving_model(
             per_value[value] = mask
         masks[name] = per_value
     return ServingModel(
+        item_vecs_t=item_vecs.T.contiguous(),
         version=version,
         sha256=sha256,
         model=model,
@@ -82,6 +89,28 @@ def build_serving_model(
         price=price,
         masks=masks,
     )
+
+
+class FilterCache:
+    """LRU of combined filter masks: storefronts repeat a handful of filter combinations."""
+
+    def __init__(self, maxsize: int = 128) -> None:
+        self._items: OrderedDict[Filters, torch.Tensor] = OrderedDict()
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+
+    def get(self, key: Filters) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Filters, value: torch.Tensor) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._maxsize:
+                self._items.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,34 @@ def candidate_mask(serving: ServingModel, filters: Filters, exclude: Sequence[st
     return mask
 
 
+def user_vector(
+    serving: ServingModel, known: Sequence[tuple[int, int]], country: int
+) -> torch.Tensor:
+    """`HybridTwoTower.user_vectors` for one user, without padding to max_history. -> (d,)
+
+    Padding positions get zero weight in the model, so dropping them gives the
+    same vector with a third of the small tensor operations.
+    """
+    m = serving.model
+    if known:
+        rows = torch.tensor([r for r, _ in known])
+        types = torch.tensor([t for _, t in known])
+        logits = m.event_weight[types] + m.recency_weight[-len(known) :]  # (L,)
+        pooled = torch.softmax(logits, dim=0) @ serving.item_vecs[rows]  # (d,)
+    else:
+        pooled = torch.zeros(serving.item_vecs.shape[1])
+    return torch.addmv(m.user_proj.bias, m.user_proj.weight, pooled) + m.country.weight[country]
+
+
+def blocked_mask(serving: ServingModel, filters: Filters) -> torch.Tensor:
+    """Rows the filters rule out (inactive items included); cached, shared: do not modify."""
+    cached = serving.blocked_cache.get(filters)
+    if cached is None:
+        cached = ~candidate_mask(serving, filters, ())
+        serving.blocked_cache.put(filters, cached)
+    return cached
+
+
 @torch.no_grad()
 def recommend(
     serving: ServingModel,
@@ -125,21 +182,19 @@ def recommend(
     cfg = serving.model.config
     known = [(serving.row_of[i], EVENT_TYPE_IDS[t]) for i, t in history if i in serving.row_of]
     known = known[-cfg.max_history :]
-    hist = torch.zeros(1, cfg.max_history, dtype=torch.long)
-    types = torch.zeros(1, cfg.max_history, dtype=torch.long)
-    if known:
-        hist[0, -len(known) :] = torch.tensor([r for r, _ in known])
-        types[0, -len(known) :] = torch.tensor([t for _, t in known])
-    countries = torch.tensor([country_bucket(country, cfg.country_buckets)])
-    user = serving.model.user_vectors(serving.item_vecs[hist], types, countries)  # (1, d)
-    scores = serving.item_vecs @ user[0]  # (n,)
-    mask = candidate_mask(serving, filters, exclude)
-    available = int(mask.sum())
-    if available == 0:
-        return []
-    scores = scores.masked_fill(~mask, float("-inf"))
-    top = torch.topk(scores, min(k, available))
+    user = user_vector(serving, known, country_bucket(country, cfg.country_buckets))  # (d,)
+    if serving.item_vecs_t is not None:
+        scores = user @ serving.item_vecs_t  # (n,)
+    else:
+        scores = serving.item_vecs @ user
+    scores.masked_fill_(blocked_mask(serving, filters), float("-inf"))
+    rows = [serving.row_of[i] for i in exclude if i in serving.row_of]
+    if rows:
+        scores[torch.tensor(rows)] = float("-inf")
+    top = torch.topk(scores, min(k, serving.num_items))
+    # Fewer candidates than k: the blocked rows come back as -inf and are dropped.
     return [
-        (serving.item_ids[int(r)], float(s))
+        (serving.item_ids[r], s)
         for s, r in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        if s != float("-inf")
     ]

@@ -55,11 +55,10 @@ def recommend_for(
     purchased: set[str] = set()
     if user_id is not None:
         max_history = serving.model.config.max_history if serving else 50
-        events = store.user_events(user_id, max_history)
+        events, purchased = store.user_context(user_id, max_history)
         history = [(item, etype) for item, etype, _ts, _c in events]
         if country is None:
             country = next((c for *_, c in reversed(events) if c), None)
-        purchased = store.purchased_items(user_id)
     history += [(item, "view") for item in session_items]
     exclude = sorted(purchased | set(session_items))
     if serving is not None and history:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,6 +25,20 @@ class NodeSettings(BaseSettings):
     num_negatives: int = Field(default=1024, ge=1)
     fedprox_mu: float = Field(default=0.0, ge=0)
     train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
+    train_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness of the training worker process."
+    )
+    serve_threads: int = Field(
+        default=1, ge=1, le=64, description="torch threads of the serving process."
+    )
+    update_encoding: Literal["dense", "float16", "int8", "topk", "sign"] = Field(
+        default="dense",
+        description="How updates are packed; falls back to dense when the coordinator "
+        "does not list it in supported_encodings.",
+    )
+    update_topk_fraction: float = Field(
+        default=0.01, gt=0, le=1, description="Share of entries a topk update keeps."
+    )
     holdout_eval: bool = Field(
         default=True, description="Hold out each user's last item to report held-out HR@10."
     )

@@ -7,17 +7,30 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from regional_node.models import Event, Participation
-from shared.db import make_engine, make_session_factory, upgrade_to_head
+from shared.db import make_engine, make_session_factory, read_only, upgrade_to_head
 from shared.schemas import EventIn
 
 # How much each event type says about interest, for regional popularity.
 POPULARITY_WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0}
 _INSERT_CHUNK = 2000
+
+# Built once: the per-request cost of /v1/recommend is two indexed lookups, not query building.
+_RECENT_EVENTS = (
+    select(Event.item_id, Event.event_type, Event.ts, Event.country)
+    .where(Event.user_id == bindparam("user_id"))
+    .order_by(Event.ts.desc(), Event.id.desc())
+    .limit(bindparam("limit"))
+)
+_PURCHASED = (
+    select(Event.item_id)
+    .where(Event.user_id == bindparam("user_id"), Event.event_type == "purchase")
+    .distinct()
+)
 
 
 def _aware(ts: datetime) -> datetime:
@@ -29,6 +42,7 @@ class EventStore:
         self.url = url
         self.engine = make_engine(url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.reader = read_only(self.engine)  # reads never take SQLite's write lock
         self._popularity: tuple[float, list[tuple[str, float]]] | None = None
         self._lock = threading.Lock()
 
@@ -83,6 +97,15 @@ class EventStore:
             ).all()
         return [(r[0], r[1], _aware(r[2]), r[3]) for r in reversed(rows)]
 
+    def user_context(
+        self, user_id: str, limit: int
+    ) -> tuple[list[tuple[str, str, datetime, str | None]], set[str]]:
+        """(`user_events(user_id, limit)`, `purchased_items(user_id)`) on one connection."""
+        with self.reader.connect() as conn:
+            rows = conn.execute(_RECENT_EVENTS, {"user_id": user_id, "limit": limit}).all()
+            purchased = set(conn.execute(_PURCHASED, {"user_id": user_id}).scalars())
+        return [(r[0], r[1], _aware(r[2]), r[3]) for r in reversed(rows)], purchased
+
     def purchased_items(self, user_id: str) -> set[str]:
         with self.sessions() as session:
             return set(
@@ -95,11 +118,11 @@ class EventStore:
 
     def iter_events(self) -> Iterator[tuple[str, str, str, float, str | None]]:
         """All events as (user_id, item_id, event_type, unix_time, country), for training."""
-        with self.sessions() as session:
-            result = session.execute(
-                select(Event.user_id, Event.item_id, Event.event_type, Event.ts, Event.country)
-                .order_by(Event.id)
-                .execution_options(yield_per=10_000)
+        with self.reader.connect() as conn:
+            result = conn.execution_options(yield_per=10_000).execute(
+                select(
+                    Event.user_id, Event.item_id, Event.event_type, Event.ts, Event.country
+                ).order_by(Event.id)
             )
             for user_id, item_id, etype, ts, country in result:
                 yield user_id, item_id, etype, _aware(ts).timestamp(), country
@@ -111,8 +134,8 @@ class EventStore:
         if cached is not None and now - cached[0] < ttl_seconds:
             return cached[1]
         with self._lock:
-            with self.sessions() as session:
-                rows = session.execute(
+            with self.reader.connect() as conn:
+                rows = conn.execute(
                     select(Event.item_id, Event.event_type, func.count()).group_by(
                         Event.item_id, Event.event_type
                     )

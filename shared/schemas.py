@@ -304,6 +304,10 @@ class RoundOut(BaseModel):
     min_updates: int
     target_updates: int
     participants: list[str] = Field(default_factory=list)
+    supported_encodings: list[str] = Field(
+        default_factory=lambda: ["dense"],
+        description="Update encodings the coordinator decodes (X-Update-Encoding).",
+    )
 
 
 class UpdateReceipt(BaseModel):

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from coordinator.deps import AdminDep, ReaderDep, SessionDep, VersionPath
 from coordinator.models_registry import service
@@ -67,6 +68,7 @@ def get_model(version: VersionPath, session: SessionDep) -> ModelVersionOut:
 )
 def get_weights(
     version: VersionPath,
+    request: Request,
     session: SessionDep,
     reader: ReaderDep,
     if_none_match: Annotated[str | None, Header()] = None,
@@ -77,11 +79,20 @@ def get_weights(
     etag = f'"{row.sha256}"'
     if if_none_match is not None and if_none_match.strip() in (etag, row.sha256):
         return Response(status_code=304, headers={"ETag": etag})
-    data = service.weights_bytes(session, version)
-    return Response(
-        content=data,
+    headers = {"ETag": etag, "X-Model-Version": str(version)}
+    if row.size_bytes <= service.WEIGHT_CHUNK_BYTES:
+        data = service.weights_bytes(session, version)
+        return Response(content=data, media_type="application/octet-stream", headers=headers)
+    # Large models stream in slices straight from the database: memory stays at one chunk
+    # per download. The request's own connection goes back to the pool first, so a burst
+    # of downloads queues for connections instead of holding one each while waiting.
+    session.close()
+    return StreamingResponse(
+        service.iter_weights(
+            request.app.state.db.engine, version, row.size_bytes, service.WEIGHT_CHUNK_BYTES
+        ),
         media_type="application/octet-stream",
-        headers={"ETag": etag, "X-Model-Version": str(version)},
+        headers={**headers, "Content-Length": str(row.size_bytes)},
     )
 
 

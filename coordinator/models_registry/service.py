@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.models import ModelVersion
+from shared.db import read_only
 from shared.errors import Conflict, NotFound
 from shared.model import ModelConfig
 from shared.schemas import ModelVersionOut, utcnow
-from shared.serialization import StateDict, bytes_to_state, sha256_hex, state_to_bytes
+from shared.serialization import StateDict, sha256_hex, state_to_buffer, state_views
 
 
 class WeightCache:
@@ -83,6 +85,33 @@ def weights_bytes(session: Session, version: int) -> bytes:
     return bytes(data)
 
 
+WEIGHT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def iter_weights(
+    source: Engine | Session, version: int, size: int, chunk_bytes: int = WEIGHT_CHUNK_BYTES
+) -> Iterator[bytes]:
+    """A version's weights in slices read with SQL `substr` (1-based), one short read each.
+
+    With an Engine (a streamed download), every slice checks a connection out and back
+    in, so no connection is held between chunks; versions are immutable, so slices read
+    in separate transactions belong to the same blob. With a Session, the slices are
+    read on the session's own connection (never a second checkout while holding one).
+    """
+    for start in range(0, size, chunk_bytes):
+        stmt = select(
+            func.substr(ModelVersion.weights, start + 1, min(chunk_bytes, size - start))
+        ).where(ModelVersion.version == version)
+        if isinstance(source, Session):
+            chunk = source.scalar(stmt)
+        else:
+            with read_only(source).connect() as conn:
+                chunk = conn.scalar(stmt)
+        if chunk is None:
+            raise RuntimeError(f"model version {version} vanished while streaming")
+        yield bytes(chunk)
+
+
 def load_state(
     session: Session, version: int, cache: WeightCache | None = None
 ) -> tuple[StateDict, ModelConfig]:
@@ -91,10 +120,15 @@ def load_state(
     config = ModelConfig.model_validate(row.config)
     if cache is not None and (cached := cache.get(version)) is not None:
         return cached, config
-    data = weights_bytes(session, version)
+    # Read in slices into one buffer and parse it in place: the model costs one copy.
+    data = bytearray(row.size_bytes)
+    position = 0
+    for chunk in iter_weights(session, version, row.size_bytes):
+        data[position : position + len(chunk)] = chunk
+        position += len(chunk)
     if sha256_hex(data) != row.sha256:
         raise RuntimeError(f"model version {version}: stored weights do not match their sha256")
-    state = bytes_to_state(data)
+    state = state_views(data)
     if cache is not None:
         cache.put(version, state)
     return state, config
@@ -108,10 +142,14 @@ def create_version(
     metrics: dict[str, Any],
     round_id: int | None,
     status: str = "active",
+    consume_state: bool = False,
 ) -> ModelVersion:
     """Store a new version; an active one retires the previous active version. No commit."""
     number = int(session.scalar(select(func.coalesce(func.max(ModelVersion.version), 0))) or 0) + 1
-    data = state_to_bytes(state, metadata={"fedjewel_version": str(number)})
+    # One preallocated buffer: the model is copied once, not two or three times.
+    data = state_to_buffer(state, metadata={"fedjewel_version": str(number)})
+    if consume_state:
+        state.clear()  # the caller is done with it: free the tensors before the insert
     if status == "active":
         session.execute(
             update(ModelVersion).where(ModelVersion.status == "active").values(status="retired")

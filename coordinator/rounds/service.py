@@ -25,7 +25,9 @@ from coordinator.aggregation import (
     MAX_AGGREGATED_METRICS,
     AggregationStrategy,
     UpdateMismatchError,
+    WeightedMeanAccumulator,
     apply_delta,
+    apply_delta_in_place,
     check_compatible,
     make_strategy,
     max_metrics,
@@ -42,11 +44,12 @@ from coordinator.models_registry.service import (
 )
 from coordinator.secagg.service import check_masked_update, secure_mean_delta, step_secure_round
 from coordinator.settings import CoordinatorSettings
+from shared.compression import SUPPORTED_ENCODINGS, decode_update
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.model import ModelConfig, grow_state, init_state
 from shared.schemas import RoundOut, UpdateReceipt, utcnow
 from shared.secagg import SECAGG_ENCODING
-from shared.serialization import bytes_to_state, sha256_hex
+from shared.serialization import sha256_hex, state_views
 
 log = logging.getLogger("fedjewel.coordinator.rounds")
 
@@ -121,6 +124,7 @@ def round_out(session: Session, r: Round, settings: CoordinatorSettings) -> Roun
         min_updates=settings.min_updates,
         target_updates=settings.effective_target_updates,
         participants=participants,
+        supported_encodings=list(SUPPORTED_ENCODINGS),
     )
 
 
@@ -193,7 +197,7 @@ def submit_update(
     round_id: int,
     base_version: int,
     num_examples: int,
-    payload: bytes,
+    payload: bytes | bytearray,
     sha256_claimed: str | None,
     metrics: dict[str, float],
     encoding: str = "dense",
@@ -220,14 +224,18 @@ def submit_update(
             f"num_examples {num_examples} exceeds the limit of {settings.max_num_examples}"
         )
     if settings.secure_aggregation or encoding == SECAGG_ENCODING:
-        check_masked_update(session, settings, cache, r, node, payload, encoding)
+        check_masked_update(session, settings, cache, r, node, bytes(payload), encoding)
     else:
-        if encoding != "dense":
-            raise Unprocessable(f"unsupported update encoding {encoding!r}")
+        if encoding not in SUPPORTED_ENCODINGS:
+            raise Unprocessable(
+                f"unsupported update encoding {encoding!r}; supported: {list(SUPPORTED_ENCODINGS)}"
+            )
         try:
-            delta = bytes_to_state(payload)
             base_state, _ = load_state(session, r.base_version, cache)
+            # Stored as received (compressed); decoded again, one at a time, at the close.
+            delta = decode_update(state_views(payload), base_state, encoding)
             check_compatible(delta, base_state)
+            del delta
         except (ValueError, UpdateMismatchError) as exc:
             raise Unprocessable(f"update rejected: {exc}") from exc
 
@@ -340,6 +348,29 @@ def strategy_from_settings(settings: CoordinatorSettings) -> AggregationStrategy
     )
 
 
+PAYLOAD_SLICE_BYTES = 1024 * 1024  # small slices: the driver holds each one twice (hex + bytes)
+
+
+def read_update_payload(
+    session: Session, update_id: int, size: int, buffer: bytearray
+) -> memoryview:
+    """An update's payload, read in `substr()` slices into the front of `buffer`.
+
+    Fetching a large bytea whole costs the driver's copy of the wire data on top of
+    the Python bytes (on PostgreSQL's text protocol, hex: twice the size again).
+    """
+    view = memoryview(buffer)[:size]
+    for start in range(0, size, PAYLOAD_SLICE_BYTES):
+        length = min(PAYLOAD_SLICE_BYTES, size - start)
+        chunk = session.scalar(
+            select(func.substr(Update.payload, start + 1, length)).where(Update.id == update_id)
+        )
+        if chunk is None or len(chunk) != length:
+            raise RuntimeError(f"update {update_id}: stored payload is shorter than its size")
+        view[start : start + length] = chunk
+    return view
+
+
 def _close_round(
     session: Session,
     settings: CoordinatorSettings,
@@ -349,22 +380,46 @@ def _close_round(
 ) -> int:
     base_state, config = load_state(session, r.base_version, cache)
     rows = session.execute(
-        select(Update.id, Update.node_id, Update.num_examples, Update.metrics)
+        select(
+            Update.id,
+            Update.node_id,
+            Update.num_examples,
+            Update.metrics,
+            Update.encoding,
+            Update.size_bytes,
+        )
         .where(Update.round_id == r.id)
         .order_by(Update.node_id)
     ).all()
     if settings.secure_aggregation:
         # Only the sum is ever decoded: individual payloads stay masked.
         delta, total_examples, count = secure_mean_delta(session, r.id, base_state)
+        new_state = apply_delta(base_state, delta)
+    elif settings.aggregation == "fedavg":
+        # Streaming FedAvg: one payload at a time, read in slices into one buffer
+        # allocated once, summed in float32 (one model of memory, not two).
+        acc = WeightedMeanAccumulator(dtype=None)
+        buffer = bytearray(max((int(row.size_bytes) for row in rows), default=0))
+        for update_id, _node_id, num_examples, _metrics, encoding, size in rows:
+            payload = read_update_payload(session, update_id, int(size), buffer)
+            delta = decode_update(state_views(payload), base_state, encoding or "dense")
+            acc.add(delta, int(num_examples))
+            del delta, payload
+        del buffer
+        total_examples, count = acc.total_examples, acc.count
+        # The mean becomes the new state in place: no second model-sized buffer.
+        new_state = apply_delta_in_place(acc.take_result(), base_state)
     else:
         strategy = strategy_from_settings(settings)
 
         def updates() -> Iterator[tuple[dict[str, Tensor], int]]:
-            for update_id, _node_id, num_examples, _metrics in rows:
-                # Loaded one at a time: a streaming strategy holds one payload at once.
-                payload = session.scalar(select(Update.payload).where(Update.id == update_id))
-                assert payload is not None
-                yield bytes_to_state(payload), int(num_examples)
+            for update_id, _node_id, num_examples, _metrics, encoding, size in rows:
+                # A fresh buffer per update: robust strategies keep every update.
+                payload = read_update_payload(session, update_id, int(size), bytearray(int(size)))
+                yield (
+                    decode_update(state_views(payload), base_state, encoding or "dense"),
+                    int(num_examples),
+                )
 
         log.info(
             "aggregating round %s: %d updates with %s",
@@ -374,16 +429,22 @@ def _close_round(
             extra={"round_id": r.id},
         )
         delta = strategy.aggregate(updates() if strategy.streaming else list(updates()))
-        total_examples, count = sum(int(n) for _, _, n, _ in rows), len(rows)
-    new_state = apply_delta(base_state, delta)
+        total_examples, count = sum(int(row.num_examples) for row in rows), len(rows)
+        new_state = apply_delta(base_state, delta)
     new_state, new_config = grow_state(new_state, config, catalog_size(session))
-    metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m in rows)
+    metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m, _, _ in rows)
     # A privacy loss is as large as the worst node's, not an average.
-    metrics.update(max_metrics((m or {} for _, _, _, m in rows), MAX_AGGREGATED_METRICS))
+    metrics.update(max_metrics((m or {} for _, _, _, m, _, _ in rows), MAX_AGGREGATED_METRICS))
     metrics["num_examples"] = float(total_examples)
     metrics["num_updates"] = float(count)
     v = create_version(
-        session, new_state, new_config, metrics=metrics, round_id=r.id, status="active"
+        session,
+        new_state,
+        new_config,
+        metrics=metrics,
+        round_id=r.id,
+        status="active",
+        consume_state=True,
     )
     r.state = "closed"
     r.closed_at = now

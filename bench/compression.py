@@ -1,0 +1,197 @@
+"""Update size vs quality: dense, float16, int8 and top-k (with error feedback) updates.
+
+A federated simulation in one process on the synthetic market (same seed,
+same data, same training for every encoding): each round every region trains
+from the global model, packs its delta with the encoding (lossy encodings keep
+an error-feedback residual per region across rounds), the aggregator decodes
+and takes the example-weighted mean, exactly as the coordinator does. After the
+last round the global model is evaluated leave-last-out (HR@10 over every
+region's users).
+
+Figures per encoding: bytes ÷ dense (mean over all updates) and HR@10 change
+relative to dense. Goal: a mode with ≤ 0.1x dense bytes and ≤ 1% relative loss.
+
+`python -m bench.compression [--rounds 5] [--users 4000] [--items 1500] [--json out.json]`
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import BenchResult, run_main
+from coordinator.aggregation import WeightedMeanAccumulator, apply_delta, compute_delta
+from shared.compression import decode_update, encode_update, encode_with_feedback
+from shared.data import read_catalog_csv, read_events_csv
+from shared.features import ItemFeatures, build_item_features
+from shared.market import generate_market
+from shared.metrics import summarize_ranks
+from shared.model import HybridTwoTower, ModelConfig, init_state
+from shared.serialization import state_to_bytes
+from shared.training import (
+    Examples,
+    TrainConfig,
+    UserSequence,
+    build_sequences,
+    make_examples,
+    rank_held_out,
+    split_leave_last_out,
+    train_local,
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    encoding: str
+    topk_fraction: float = 0.01
+    feedback: bool = True
+
+
+@dataclass
+class Federation:
+    config: ModelConfig
+    features: ItemFeatures
+    regions: dict[str, Examples]
+    train: dict[str, UserSequence]
+    held_out: dict[str, int]
+
+
+def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: int) -> Federation:
+    summary = generate_market(workdir / "market", seed=seed, users=users, items=items)
+    catalog = read_catalog_csv(summary.catalog_path)
+    events = read_events_csv(summary.events_path)
+    row_of = {c.item_id: i for i, c in enumerate(catalog)}
+    config = ModelConfig(num_items=len(catalog), embedding_dim=dim, seed=seed)
+    features = build_item_features(catalog, config.content_buckets)
+    regions: dict[str, Examples] = {}
+    train_all: dict[str, UserSequence] = {}
+    held_all: dict[str, int] = {}
+    for region in summary.regions:
+        seqs = build_sequences(
+            (
+                (e.user_id, row_of[e.item_id], e.event_type, e.timestamp.timestamp(), e.country)
+                for e in events
+                if e.region == region
+            ),
+            country_buckets=config.country_buckets,
+        )
+        train, held = split_leave_last_out(seqs)
+        regions[region] = make_examples(train.values(), config.max_history)
+        train_all.update(train)
+        held_all.update(held)
+    return Federation(config, features, regions, train_all, held_all)
+
+
+def simulate(
+    fed: Federation, mode: Mode, *, rounds: int, epochs: int, seed: int
+) -> dict[str, float]:
+    """Federated rounds with one encoding; returns HR@10, NDCG@10 and bytes ÷ dense."""
+    torch.manual_seed(seed)
+    state = init_state(fed.config)
+    residuals: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(fed.regions)
+    sent_bytes = dense_bytes = 0
+    for rnd in range(rounds):
+        acc = WeightedMeanAccumulator(dtype=None)
+        for i, (region, examples) in enumerate(fed.regions.items()):
+            if len(examples) == 0:
+                continue
+            model = HybridTwoTower(fed.config)
+            model.load_state_dict(state)
+            cfg = TrainConfig(epochs=epochs, lr=0.01, batch_size=256, seed=seed + 100 * rnd + i)
+            result = train_local(model, fed.features, examples, cfg)
+            delta = compute_delta({k: v.detach() for k, v in model.state_dict().items()}, state)
+            if mode.feedback and mode.encoding != "dense":
+                payload, residuals[region] = encode_with_feedback(
+                    delta, residuals[region], mode.encoding, topk_fraction=mode.topk_fraction
+                )
+            else:
+                payload = encode_update(delta, mode.encoding, topk_fraction=mode.topk_fraction)
+            sent_bytes += len(state_to_bytes(payload))
+            dense_bytes += len(state_to_bytes(delta))
+            acc.add(decode_update(payload, state, mode.encoding), result.num_examples)
+        state = apply_delta(state, acc.take_result())
+    model = HybridTwoTower(fed.config)
+    model.load_state_dict(state)
+    ranks = rank_held_out(model, fed.features, fed.train, fed.held_out)
+    summary = summarize_ranks(ranks.values(), k=10)
+    return {
+        "hr@10": float(summary["hr@10"]),
+        "ndcg@10": float(summary["ndcg@10"]),
+        "users": float(summary["users"]),
+        "bytes_ratio": sent_bytes / dense_bytes,
+    }
+
+
+MODES = (
+    Mode("dense", "dense"),
+    Mode("float16", "float16"),
+    Mode("int8", "int8"),
+    Mode("sign + EF", "sign"),
+    Mode("sign, no EF", "sign", feedback=False),
+    Mode("topk 10% + EF", "topk", 0.10),
+    Mode("topk 3% + EF", "topk", 0.03),
+)
+
+
+def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
+    users = 400 if args.quick else args.users
+    items = 300 if args.quick else args.items
+    rounds = 2 if args.quick else args.rounds
+    modes = MODES[:1] + MODES[3:4] + MODES[6:7] if args.quick else MODES
+    torch.set_num_threads(1)
+    result = BenchResult(
+        "compression",
+        {"users": users, "items": items, "rounds": rounds, "epochs": args.epochs, "dim": args.dim},
+    )
+    fed = build_federation(workdir, users=users, items=items, dim=args.dim, seed=args.seed)
+    result.config["eval_users"] = len(fed.held_out)
+    runs = {
+        m.name: simulate(fed, m, rounds=rounds, epochs=args.epochs, seed=args.seed) for m in modes
+    }
+    dense_hr = runs["dense"]["hr@10"]
+    result.add("dense HR@10", dense_hr)
+    for name, run in runs.items():
+        result.rows.append({"mode": name, **run})
+        if name == "dense":
+            continue
+        loss = (dense_hr - run["hr@10"]) / dense_hr if dense_hr > 0 else 0.0
+        result.add(f"{name}: bytes ÷ dense", run["bytes_ratio"])
+        result.add(
+            f"{name}: HR@10 relative loss",
+            loss,
+            goal="<= 0.01",
+            note=f"HR@10 {run['hr@10']:.4f}",
+        )
+    best = [
+        n
+        for n, r in runs.items()
+        if r["bytes_ratio"] <= 0.1 and (dense_hr - r["hr@10"]) <= 0.01 * dense_hr
+    ]
+    result.add(
+        "modes with ≤0.1x bytes and ≤1% HR@10 loss",
+        len(best),
+        goal=">= 1",
+        note=", ".join(best) or "none",
+    )
+    return result
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--users", type=int, default=4000)
+    p.add_argument("--items", type=int, default=1500)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--seed", type=int, default=1)
+
+
+def main(argv: list[str] | None = None) -> BenchResult:
+    return run_main("compression", __doc__ or "", _body, argv, add_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Update encodings through the coordinator's API: advertised, decoded, aggregated."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from shared.compression import decode_update, encode_update
+from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
+from tests.conftest import tiny_catalog
+
+ADMIN = {"Authorization": "Bearer enc-admin"}
+
+
+@pytest.mark.parametrize("encoding", ["int8", "topk"])
+def test_encoded_update_is_decoded_into_the_next_version(sqlite_url: str, encoding: str) -> None:
+    settings = CoordinatorSettings(
+        database_url=sqlite_url, admin_token="enc-admin", embedding_dim=8, round_check_seconds=0.1
+    )
+    with TestClient(create_app(settings)) as c:
+        assert c.put("/v1/catalog", json=tiny_catalog(), headers=ADMIN).status_code == 200
+        token = c.post("/v1/nodes", json={"node_id": "n1", "region": "EU"}, headers=ADMIN).json()[
+            "token"
+        ]
+        node = {"Authorization": f"Bearer {token}"}
+        current = c.get("/v1/rounds/current").json()
+        assert {"dense", "float16", "int8", "topk"} <= set(current["supported_encodings"])
+
+        base = bytes_to_state(c.get("/v1/models/1/weights", headers=node).content)
+        g = torch.Generator().manual_seed(0)
+        delta = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
+        body = state_to_bytes(encode_update(delta, encoding, topk_fraction=0.05))
+        assert len(body) < 0.4 * len(state_to_bytes(delta))  # int8 on 8-wide rows: 0.375
+
+        def post(enc: str, payload: bytes):  # type: ignore[no-untyped-def]
+            return c.post(
+                f"/v1/rounds/{current['round_id']}/updates",
+                params={"num_examples": 10, "base_version": 1},
+                content=payload,
+                headers={**node, "X-Content-SHA256": sha256_hex(payload), "X-Update-Encoding": enc},
+            )
+
+        unknown = post("zstd", body)
+        assert unknown.status_code == 422 and "supported" in unknown.json()["detail"]
+        wrong = post("float16", body)  # an int8/topk body is not a float16 one
+        assert wrong.status_code == 422
+        assert post(encoding, body).status_code == 200
+
+        deadline = time.monotonic() + 30
+        while c.get("/v1/models/latest").json()["version"] < 2:
+            assert time.monotonic() < deadline, "the round did not close"
+            time.sleep(0.1)
+        new = bytes_to_state(c.get("/v1/models/2/weights", headers=node).content)
+        sent = decode_update(bytes_to_state(body), base, encoding)
+        for name, value in base.items():
+            assert torch.allclose(new[name], value + sent[name], atol=1e-6), name
+
+
+def test_weights_stream_in_slices_with_etag(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator.models_registry import service as registry
+
+    monkeypatch.setattr(registry, "WEIGHT_CHUNK_BYTES", 4096)  # every model streams
+    settings = CoordinatorSettings(
+        database_url=sqlite_url, admin_token="enc-admin", embedding_dim=8
+    )
+    with TestClient(create_app(settings)) as c:
+        assert c.put("/v1/catalog", json=tiny_catalog(), headers=ADMIN).status_code == 200
+        meta = c.get("/v1/models/1").json()
+        assert meta["size_bytes"] > 10 * 4096
+        resp = c.get("/v1/models/1/weights", headers=ADMIN)
+        assert resp.status_code == 200
+        assert int(resp.headers["content-length"]) == meta["size_bytes"] == len(resp.content)
+        assert sha256_hex(resp.content) == meta["sha256"] == resp.headers["etag"].strip('"')
+        again = c.get(
+            "/v1/models/1/weights", headers={**ADMIN, "If-None-Match": resp.headers["etag"]}
+        )
+        assert again.status_code == 304
