@@ -67,22 +67,32 @@ class NodeSettings(BaseSettings):
     dp_epsilon_budget: float = Field(
         default=8.0, gt=0, description="The node refuses to train past this epsilon."
     )
-    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    dp_delta: float = Field(
+        default=1e-5, gt=0, lt=1, description="DP delta the accountant reports epsilon for."
+    )
     dp_groups: int = Field(
         default=0, ge=0, description="0: one unit per user; n: users hashed into n buckets."
     )
-    dp_sampling_rate: float = Field(default=1.0, gt=0, le=1)
+    dp_sampling_rate: float = Field(
+        default=1.0, gt=0, le=1, description="Share of users sampled into each DP round."
+    )
     secure_aggregation: bool = Field(default=False, description="Pairwise-mask every update.")
-    secagg_wait_seconds: float = Field(default=120.0, gt=0)
+    secagg_wait_seconds: float = Field(
+        default=120.0, gt=0, description="How long to wait for the secure-aggregation cohort."
+    )
     insights_enabled: bool = Field(default=True, description="Push regional aggregates.")
     insights_min_users: int = Field(
         default=20, ge=1, description="Cells from fewer distinct users are suppressed."
     )
-    insights_weeks: int = Field(default=8, ge=1, le=104)
+    insights_weeks: int = Field(
+        default=8, ge=1, le=104, description="Weeks of trend in a regional insights report."
+    )
     insights_noise_scale: float = Field(
         default=0.0, ge=0, description="Laplace noise scale on insight counts (0 = none)."
     )
-    insights_interval_seconds: float = Field(default=300.0, gt=0)
+    insights_interval_seconds: float = Field(
+        default=300.0, gt=0, description="Seconds between regional insights pushes."
+    )
     log_json: bool = False
 
     @property
