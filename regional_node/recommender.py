@@ -28,7 +28,7 @@ class ServingModel:
     model: HybridTwoTower
     item_ids: list[str]
     row_of: dict[str, int]
-    item_vecs: torch.Tensor  # (n, d)
+    item_vecs: torch.Tensor  # (n, d + 1): the last column is the item bias
     active: torch.Tensor  # (n,) bool: recommendable
     price: torch.Tensor  # (n,) float, NaN when unknown
     masks: dict[str, dict[str, torch.Tensor]] = field(
@@ -144,20 +144,22 @@ def candidate_mask(serving: ServingModel, filters: Filters, exclude: Sequence[st
 def user_vector(
     serving: ServingModel, known: Sequence[tuple[int, int]], country: int
 ) -> torch.Tensor:
-    """`HybridTwoTower.user_vectors` for one user, without padding to max_history. -> (d,)
+    """`HybridTwoTower.user_vectors` for one user, without padding to max_history. -> (d + 1,)
 
     Padding positions get zero weight in the model, so dropping them gives the
     same vector with a third of the small tensor operations.
     """
     m = serving.model
+    d = m.config.embedding_dim  # item vectors carry their bias in column d
     if known:
         rows = torch.tensor([r for r, _ in known])
         types = torch.tensor([t for _, t in known])
         logits = m.event_weight[types] + m.recency_weight[-len(known) :]  # (L,)
-        pooled = torch.softmax(logits, dim=0) @ serving.item_vecs[rows]  # (d,)
+        pooled = torch.softmax(logits, dim=0) @ serving.item_vecs[rows, :d]  # (d,)
     else:
-        pooled = torch.zeros(serving.item_vecs.shape[1])
-    return torch.addmv(m.user_proj.bias, m.user_proj.weight, pooled) + m.country.weight[country]
+        pooled = torch.zeros(d)
+    user = torch.addmv(m.user_proj.bias, m.user_proj.weight, pooled) + m.country.weight[country]
+    return torch.cat([user, torch.ones(1)])  # the 1 multiplies the item bias
 
 
 def blocked_mask(serving: ServingModel, filters: Filters) -> torch.Tensor:

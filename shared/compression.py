@@ -133,7 +133,7 @@ def decode_update(
 
     def take(key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if key not in payload:
-            raise ValueError(f"{encoding} update lacks tensor {key!r}")
+            raise ValueError(f"{encoding} update: missing parameter {key!r}")
         t = payload[key]
         if dtype is not None and t.dtype != dtype:
             raise ValueError(f"tensor {key!r} has dtype {t.dtype}, expected {dtype}")

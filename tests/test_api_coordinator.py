@@ -185,7 +185,7 @@ def test_update_validation(client: TestClient) -> None:
     assert _submit(client, node, b"not safetensors").status_code == 422
     wrong_shape = state_to_bytes({"item_id.weight": torch.zeros(3, 3)})
     r = _submit(client, node, wrong_shape)
-    assert r.status_code == 422 and "missing parameters" in r.json()["detail"]
+    assert r.status_code == 422 and "missing parameter" in r.json()["detail"]
     state = bytes_to_state(good)
     state["country.weight"][0, 0] = float("nan")
     r = _submit(client, node, state_to_bytes(state))

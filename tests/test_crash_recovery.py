@@ -16,7 +16,12 @@ import httpx
 import pytest
 import torch
 
-from coordinator.aggregation import aggregate_weighted_mean, apply_delta
+from coordinator.aggregation import (
+    WeightedMeanAccumulator,
+    aggregate_weighted_mean,
+    apply_delta,
+    apply_delta_in_place,
+)
 from shared.devservers import ServiceProcess
 from shared.serialization import bytes_to_state
 from tests.conftest import PG_URL_BASE, _pg_admin, _require_postgres, tiny_catalog
@@ -69,9 +74,18 @@ def _setup(url: str, nodes: int) -> tuple[httpx.Client, list[dict[str, str]], by
 
 
 def _expected(weights: bytes, deltas: list[tuple[bytes, int]]) -> dict[str, torch.Tensor]:
+    """base + FedAvg computed the way the coordinator does (float32 running sum, in place)."""
     base = bytes_to_state(weights)
-    mean = aggregate_weighted_mean((bytes_to_state(d), n) for d, n in deltas)
-    return apply_delta(base, mean)
+    acc = WeightedMeanAccumulator(dtype=None)
+    for d, n in deltas:
+        acc.add(bytes_to_state(d), n)
+    lean = apply_delta_in_place(acc.take_result(), base)
+    # ... which is FedAvg: the float64 reference agrees to float32 rounding.
+    reference = apply_delta(
+        base, aggregate_weighted_mean((bytes_to_state(d), n) for d, n in deltas)
+    )
+    assert all(torch.allclose(lean[k], reference[k], atol=1e-6) for k in reference)
+    return lean
 
 
 def _assert_version_is_fedavg(

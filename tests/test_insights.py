@@ -175,7 +175,10 @@ def test_noise_changes_counts_but_not_the_shape(market, tmp_path: Path) -> None:
 def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     report = _report(market, stored_rows, "EA")
     settings = CoordinatorSettings(
-        database_url=f"sqlite:///{tmp_path / 'c.db'}", admin_token=ADMIN, embedding_dim=8
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        admin_token=ADMIN,
+        embedding_dim=8,
+        dashboard_public=False,  # insights are then as private as the dashboard
     )
     with TestClient(create_app(settings)) as client:
         admin = {"Authorization": f"Bearer {ADMIN}"}
@@ -200,3 +203,7 @@ def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # typ
         assert RegionReport.model_validate(got["regions"][0]["report"]) == report
         assert got["highlights"] and {h["region"] for h in got["highlights"]} == {"EA"}
         assert client.get("/v1/insights", headers=tokens["eu-1"]).status_code == 200
+    # With a public dashboard (the default), insights are public too.
+    public = settings.model_copy(update={"dashboard_public": True})
+    with TestClient(create_app(public)) as client:
+        assert client.get("/v1/insights").status_code == 200

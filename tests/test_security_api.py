@@ -199,7 +199,8 @@ def _rejections(weights: bytes) -> list[tuple[str, bytes, dict[str, object], int
         ("too large", b"x" * (MAX_UPDATE_BYTES + 1), {}, 413, "limit"),
         ("bad metrics header", good, {"metrics": "{not json"}, 422, "X-Update-Metrics"),
         ("NaN metric", good, {"metrics": '{"loss": NaN}'}, 422, "finite"),
-        ("bad encoding", good, {"encoding": "topk"}, 422, "encoding"),
+        ("bad encoding", good, {"encoding": "zstd"}, 422, "encoding"),
+        ("payload not in its encoding", good, {"encoding": "topk"}, 422, "missing parameter"),
     ]
 
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from coordinator.deps import NodeDep, ReaderDep, SessionDep
+from fastapi import APIRouter, Depends
+
+from coordinator.deps import BearerDep, NodeDep, SessionDep, SettingsDep, require_reader
 from coordinator.insights import service
 from shared.errors import error_responses
 from shared.insights_schemas import InsightsOut, RegionReport
@@ -10,15 +12,26 @@ from shared.insights_schemas import InsightsOut, RegionReport
 router = APIRouter(prefix="/v1/insights", tags=["insights"])
 
 
+def require_insights_reader(creds: BearerDep, settings: SettingsDep, session: SessionDep) -> None:
+    """Insights are as visible as the dashboard that shows them (COORDINATOR_DASHBOARD_PUBLIC);
+    when the dashboard is private, the admin token or a node token is needed."""
+    if not settings.dashboard_public:
+        require_reader(creds, settings, session)
+
+
 @router.get(
     "",
     summary="Regional insights (aggregate, thresholded on each node)",
     description="The latest report of every node: shares of views and purchases by category, "
     "material, gemstone and price band with weekly trends, plus cross-region highlights. "
-    "Admin token or any node token.",
+    "Public while the dashboard is public (`COORDINATOR_DASHBOARD_PUBLIC`, the default); "
+    "otherwise the admin token or any node token. Every figure is already thresholded on "
+    "the node (cells over fewer than `NODE_INSIGHTS_MIN_USERS` users are suppressed).",
     responses=error_responses(401, 403),
 )
-def get_insights(_: ReaderDep, session: SessionDep) -> InsightsOut:
+def get_insights(
+    _: Annotated[None, Depends(require_insights_reader)], session: SessionDep
+) -> InsightsOut:
     return service.list_insights(session)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from coordinator.deps import NodeDep, ReaderDep, SessionDep, SettingsDep
+from coordinator.deps import NodeDep, ReaderDep, RoundIdPath, SessionDep, SettingsDep
 from coordinator.secagg import service
 from shared.errors import error_responses
 from shared.privacy_schemas import PublicKeyIn, SecAggState, SeedRevealIn
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/rounds", tags=["secure aggregation"])
     description="The cohort's public keys once sealed, who submitted, who dropped, who revealed.",
     responses=error_responses(401, 403, 404, 422),
 )
-def get_state(round_id: int, _: ReaderDep, session: SessionDep) -> SecAggState:
+def get_state(round_id: RoundIdPath, _: ReaderDep, session: SessionDep) -> SecAggState:
     return service.state_out(session, round_id)
 
 
@@ -29,7 +29,7 @@ def get_state(round_id: int, _: ReaderDep, session: SessionDep) -> SecAggState:
     responses=error_responses(400, 401, 403, 404, 409, 422),
 )
 async def publish_key(
-    round_id: int,
+    round_id: RoundIdPath,
     body: PublicKeyIn,
     request: Request,
     node: NodeDep,
@@ -51,7 +51,7 @@ async def publish_key(
     responses=error_responses(400, 401, 403, 404, 409, 422),
 )
 async def reveal(
-    round_id: int,
+    round_id: RoundIdPath,
     body: SeedRevealIn,
     request: Request,
     node: NodeDep,
