@@ -276,17 +276,40 @@ def _serve_in_thread(app: Any) -> Iterator[str]:
 
 @pytest.fixture
 def coordinator_with_insights(tmp_path: Path) -> Iterator[str]:
-    """A coordinator that also has a GET /v1/insights (as another component will add)."""
-    app = create_app(CoordinatorSettings(database_url=f"sqlite:///{tmp_path / 'c.db'}"))
+    """A coordinator holding real regional reports pushed by two nodes."""
+    from datetime import datetime
 
-    @app.get("/v1/insights")
-    def insights() -> list[dict[str, object]]:
-        return [
-            {"region": "EU", "top_category": "ring", "hr@10": 0.2},
-            {"region": "NA", "top_category": "necklace", "hr@10": 0.25},
-        ]
+    from regional_node.insights import compute_report
+    from shared.schemas import CatalogItem
+    from tests.conftest import tiny_catalog, tiny_events
 
+    settings = CoordinatorSettings(database_url=f"sqlite:///{tmp_path / 'c.db'}", admin_token=ADMIN)
+    app = create_app(settings)
+    catalog = [CatalogItem.model_validate(c) for c in tiny_catalog()]
     with _serve_in_thread(app) as url:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        for node_id, region, material in (("eu-1", "EU", "silver"), ("na-1", "NA", "gold")):
+            r = httpx.post(
+                url + "/v1/nodes", json={"node_id": node_id, "region": region}, headers=admin
+            )
+            token = {"Authorization": f"Bearer {r.json()['token']}"}
+            events = [
+                (
+                    str(e["user_id"]),
+                    str(e["item_id"]),
+                    str(e["event_type"]),
+                    datetime.fromisoformat(str(e["timestamp"])).timestamp(),
+                )
+                for e in tiny_events(node_id, users=40, material=material, seed=1)
+            ]
+            report = compute_report(events, catalog, region=region, weeks=4, min_users=3)
+            assert report is not None
+            r = httpx.post(
+                f"{url}/v1/insights/{node_id}",
+                content=report.model_dump_json(),
+                headers={**token, "Content-Type": "application/json"},
+            )
+            assert r.status_code == 204, r.text
         yield url
 
 
@@ -301,10 +324,13 @@ def test_regional_insights_panel_appears_when_the_endpoint_exists(
         ),
         "the regional insights panel",
     )
-    rows = panel.find_elements(By.CSS_SELECTOR, "tbody tr")
-    assert [r.text.split()[0] for r in rows] == ["EU", "NA"]
     headers = [h.text for h in panel.find_elements(By.CSS_SELECTOR, "th")]
-    assert headers == ["region", "top_category", "hr@10"]
+    assert headers == ["region", "kind", "dimension", "value", "share", "trend"]
+    rows = [r.text for r in panel.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    assert {r.split()[0] for r in rows} == {"EU", "NA"}
+    # Each region's own taste comes out on top of its material highlights.
+    assert any(r.startswith("EU") and "silver" in r for r in rows), rows
+    assert any(r.startswith("NA") and "gold" in r for r in rows), rows
     # No rounds yet: the empty states say what to do.
     assert "upload a catalog" in browser.find_element(By.ID, "rounds").text
     _assert_same_origin_only(browser, coordinator_with_insights)

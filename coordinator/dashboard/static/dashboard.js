@@ -225,35 +225,32 @@
     ]), 10, "no model yet");
   }
 
-  // ---------- REGIONAL INSIGHTS HOOK ----------
-  // GET v1/insights is added by another part of the system. While it answers 404 (or is not
-  // JSON) the panel stays hidden. Its shape is not fixed here, so the renderer is generic:
-  // a list of objects becomes a table, an object becomes one block per key, anything else text.
-  // Replace renderInsights with a purpose-built view once the schema is settled.
-  function renderGeneric(value) {
-    if (Array.isArray(value)) {
-      if (value.length && value.every((r) => r && typeof r === "object" && !Array.isArray(r))) {
-        const cols = [...new Set(value.flatMap((r) => Object.keys(r)))];
-        return el("div", { class: "table-wrap" }, el("table", {},
-          el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c)))),
-          el("tbody", {}, value.map((r) => el("tr", {}, cols.map((c) => el("td", {}, cell(r[c]))))))));
-      }
-      return el("div", {}, value.map(cell).join(", "));
-    }
-    if (value && typeof value === "object") {
-      return el("div", {}, Object.entries(value).map(([k, v]) =>
-        el("div", { class: "insight-block" }, el("h3", {}, k), renderGeneric(v))));
-    }
-    return el("div", {}, cell(value));
-  }
+  // ---------- REGIONAL INSIGHTS (GET v1/insights) ----------
+  // Thresholded, node-side aggregates: per region, the strongest shares of views and
+  // purchases by category, material, gemstone and price band, with their weekly trend.
   function cell(v) {
     if (v === null || v === undefined) return "–";
     if (typeof v === "number") return Number.isInteger(v) ? fmt.num(v) : fmt.num(v, 4);
     if (typeof v === "object") return JSON.stringify(v);
     return String(v);
   }
+  function pct(v) { return v === null || v === undefined ? "–" : `${(100 * v).toFixed(1)} %`; }
+  function trend(v) {
+    if (v === null || v === undefined) return "–";
+    const pts = 100 * v;
+    return `${pts >= 0 ? "+" : ""}${pts.toFixed(2)} pts/week`;
+  }
   function renderInsights(data) {
-    $("insights-body").replaceChildren(renderGeneric(data));
+    const regions = (data && data.regions) || [];
+    if (!regions.length) { $("insights").hidden = true; return; }
+    const rows = (data.highlights || []).map((h) => el("tr", {},
+      el("td", {}, h.region), el("td", {}, h.kind), el("td", {}, h.dimension),
+      el("td", {}, cell(h.value)), el("td", { class: "num" }, pct(h.share)),
+      el("td", { class: "num" }, trend(h.trend_per_week))));
+    $("insights-body").replaceChildren(el("div", { class: "table-wrap" }, el("table", {},
+      el("thead", {}, el("tr", {}, ["region", "kind", "dimension", "value", "share", "trend"]
+        .map((c) => el("th", {}, c)))),
+      el("tbody", {}, rows))));
     $("insights").hidden = false;
   }
 
