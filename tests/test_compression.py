@@ -108,7 +108,7 @@ def test_sizes_against_dense() -> None:
             {"w::idx": torch.tensor([9], dtype=torch.int32), "w::val": torch.ones(1).half()},
             "outside",
         ),
-        ({"w::idx": torch.tensor([1], dtype=torch.int32)}, "lacks"),
+        ({"w::idx": torch.tensor([1], dtype=torch.int32)}, "missing parameter"),
         (
             {
                 "w::idx": torch.tensor([1], dtype=torch.int32),
