@@ -8,8 +8,7 @@ model from the coordinator, storefront events arrive at the node over HTTP.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,21 +91,6 @@ def event_json(records: Iterable[EventRecord]) -> list[dict[str, Any]]:
         }
         for e in records
     ]
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, procs: Sequence[ServiceProcess] = ()
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail_log(20)}" for p in procs)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
 
 
 @dataclass

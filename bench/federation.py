@@ -8,7 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import Cluster, Market, make_market, wait_for
+from bench.cluster import Cluster, Market, make_market
+from shared.devservers import wait_for
 
 
 def start_federation(

@@ -29,12 +29,11 @@ from bench.cluster import (
     make_market,
     post_update,
     register_node,
-    wait_for,
     zero_update,
 )
 from bench.common import BenchResult, run_main
 from bench.load import LoadResult, run_load
-from shared.devservers import ServiceProcess
+from shared.devservers import ServiceProcess, wait_for
 
 REGION = "EU"
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.cluster import API_KEY, wait_for
+from bench.cluster import API_KEY
 from bench.common import BenchResult, run_main
 from bench.load import run_load
 from bench.serving import REGION, scenario_paths, start_serving_node, start_training
+from shared.devservers import wait_for
 
 
 def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -109,3 +109,27 @@ class ServiceProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    procs: Sequence[ServiceProcess] = (),
+    *,
+    poll: float = 0.2,
+) -> None:
+    """Poll until `predicate()` is true; an HTTP error counts as "not yet".
+
+    On timeout the error carries the tail of each process's log.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail_log(30)}" for p in procs)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")

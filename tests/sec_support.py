@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -62,21 +61,6 @@ def row_counts(db_url: str) -> dict[str, int]:
             }
     finally:
         engine.dispose()
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, procs: list[ServiceProcess]
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail_log(40)}" for p in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def start_coordinator(

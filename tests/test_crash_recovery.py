@@ -22,7 +22,7 @@ from coordinator.aggregation import (
     apply_delta,
     apply_delta_in_place,
 )
-from shared.devservers import ServiceProcess
+from shared.devservers import ServiceProcess, wait_for
 from shared.serialization import bytes_to_state
 from tests.conftest import PG_URL_BASE, _pg_admin, _require_postgres, tiny_catalog
 from tests.sec_support import (
@@ -32,7 +32,6 @@ from tests.sec_support import (
     seeded_delta,
     start_coordinator,
     submit,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e, pytest.mark.slow]

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from shared.devservers import ServiceProcess
+from shared.devservers import ServiceProcess, wait_for
 from tests.conftest import tiny_catalog, tiny_events
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ADMIN = "e2e-admin-token"
 REGIONS = [("eu-1", "EU", "silver"), ("na-1", "NA", "gold"), ("me-1", "ME", "platinum")]
-
-
-def _wait_for(predicate, timeout: float, what: str, procs: list[ServiceProcess]) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    logs = "\n\n".join(f"--- {p.name} ---\n{p.tail_log(30)}" for p in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def test_three_nodes_three_rounds(db_url: str, tmp_path: Path) -> None:
@@ -82,7 +71,7 @@ def test_three_nodes_three_rounds(db_url: str, tmp_path: Path) -> None:
             return int(admin.get("/v1/models/latest").json()["version"])
 
         # Version 1 is the initialization; three closed rounds make version 4.
-        _wait_for(lambda: latest() >= 4, 240, "three rounds to complete", procs)
+        wait_for(lambda: latest() >= 4, 240, "three rounds to complete", procs)
         versions = admin.get("/v1/models").json()
         numbers = [v["version"] for v in versions]
         assert numbers == sorted(numbers, reverse=True) and numbers[-1] == 1
@@ -94,7 +83,7 @@ def test_three_nodes_three_rounds(db_url: str, tmp_path: Path) -> None:
         assert "train_loss" in versions[0]["metrics"]
 
         newest = latest()
-        _wait_for(
+        wait_for(
             lambda: all(
                 httpx.get(n.url + "/v1/status").json()["model_version"] >= newest for n in nodes
             ),

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from regional_node.participation import backoff_seconds
-from shared.devservers import ServiceProcess
+from shared.devservers import ServiceProcess, wait_for
 from tests.conftest import tiny_catalog, tiny_events
 from tests.sec_support import (
     ADMIN,
@@ -25,7 +25,6 @@ from tests.sec_support import (
     seeded_delta,
     start_coordinator,
     submit,
-    wait_for,
 )
 
 KEY = {"X-API-Key": "shop-key"}

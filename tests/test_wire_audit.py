@@ -20,13 +20,12 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from shared.devservers import ServiceProcess
+from shared.devservers import ServiceProcess, wait_for
 from shared.insights_schemas import RegionReport
 from shared.privacy import dp_epsilon
 from shared.serialization import bytes_to_state, read_metadata
 from shared.wire_recorder import read_log
 from tests.conftest import tiny_catalog, tiny_events
-from tests.test_e2e import _wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -147,7 +146,7 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path) -> None:
             return int(admin.get("/v1/models/latest").json()["version"])
 
         # Three rounds with all three nodes; then dp-1 has spent what its budget allows.
-        _wait_for(lambda: latest() >= 4, 200, "three secure rounds", procs)
+        wait_for(lambda: latest() >= 4, 200, "three secure rounds", procs)
         rounds = {r["round_id"]: r for r in admin.get("/v1/rounds").json()}
         for round_id in (1, 2, 3):
             assert sorted(rounds[round_id]["participants"]) == sorted(NODES)
@@ -155,7 +154,7 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path) -> None:
         def dp_status() -> dict[str, Any]:
             return dict(httpx.get(nodes["dp-1"].url + "/v1/status").json()["privacy"])
 
-        _wait_for(lambda: dp_status()["training_refused"] is not None, 60, "refusal", procs)
+        wait_for(lambda: dp_status()["training_refused"] is not None, 60, "refusal", procs)
         status = dp_status()
         assert status["dp_enabled"] and status["dp_releases"] == 3
         assert status["dp_epsilon"] == pytest.approx(eps3)
