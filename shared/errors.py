@@ -46,6 +46,10 @@ class ServiceUnavailable(ApiError):
     status_code = 503
 
 
+class StoredDataCorrupted(ServiceUnavailable, RuntimeError):
+    """Stored bytes fail their checksum: refuse to serve them, say so as JSON (503)."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)

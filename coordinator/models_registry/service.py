@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.models import ModelVersion
 from shared.db import read_only
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, StoredDataCorrupted
 from shared.model import ModelConfig
 from shared.schemas import ModelVersionOut, utcnow
 from shared.serialization import StateDict, sha256_hex, state_to_buffer, state_views
@@ -127,7 +127,9 @@ def load_state(
         data[position : position + len(chunk)] = chunk
         position += len(chunk)
     if sha256_hex(data) != row.sha256:
-        raise RuntimeError(f"model version {version}: stored weights do not match their sha256")
+        raise StoredDataCorrupted(
+            f"model version {version}: stored weights do not match their sha256"
+        )
     state = state_views(data)
     if cache is not None:
         cache.put(version, state)
