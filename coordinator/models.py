@@ -78,11 +78,26 @@ class ModelVersion(Base):
     round_id: Mapped[int | None] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    weights: Mapped[bytes] = deferred(mapped_column(LargeBinary))
     config: Mapped[dict[str, Any]]
     metrics: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), index=True)
     num_items: Mapped[int]
+
+
+class ModelVersionChunk(Base):
+    """A version's serialized weights, in order of `seq` (migration 0003).
+
+    Written slice by slice as the new version is serialized, so the coordinator never
+    holds the whole serialized model (nor the driver a copy of it as one parameter);
+    read back slice by slice for downloads and loads. Slices are at most
+    `WEIGHT_CHUNK_BYTES`, except versions moved here from before 0003 (one slice each).
+    """
+
+    __tablename__ = "model_version_chunks"
+
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Round(Base):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -129,13 +131,27 @@ def state_views(data: bytes | bytearray | memoryview) -> StateDict:
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
-def state_to_buffer(state: StateDict, metadata: dict[str, str] | None = None) -> bytearray:
-    """Serialize to safetensors in one preallocated buffer: the model is copied once.
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without a copy."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
-    `state_to_bytes` (safetensors' own writer) holds a bytes copy of every tensor
-    *and* the joined output at once: 2-3x the model in memory. The layout here is
-    valid safetensors (any reader loads it); tensors are ordered by element size,
-    then name, so equal states give equal bytes and every tensor stays aligned.
+
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    """Where everything goes in a serialized state: the header bytes, then tensors in order."""
+
+    prefix: bytes  # 8-byte length + JSON header (padded)
+    order: list[str]
+    size: int  # of the whole serialization
+
+
+def safetensors_header(
+    state: StateDict, metadata: dict[str, str] | None = None
+) -> SafetensorsLayout:
+    """The safetensors header of `state` and the order its tensors follow it in.
+
+    Tensors are ordered by element size, then name, so equal states give equal bytes
+    and every tensor stays aligned; the header is padded to a multiple of 8.
     """
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
@@ -154,14 +170,59 @@ def state_to_buffer(state: StateDict, metadata: dict[str, str] | None = None) ->
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * ((-len(encoded)) % 8)  # tensors start 8-byte aligned
-    buf = bytearray(8 + len(encoded) + offset)
-    buf[:8] = len(encoded).to_bytes(8, "little")
-    buf[8 : 8 + len(encoded)] = encoded
-    position = 8 + len(encoded)
-    for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        if nbytes:
-            buf[position : position + nbytes] = t.reshape(-1).view(torch.uint8).numpy().data
-        position += nbytes
+    prefix = len(encoded).to_bytes(8, "little") + encoded
+    return SafetensorsLayout(prefix=prefix, order=order, size=len(prefix) + offset)
+
+
+def iter_state_bytes(
+    state: StateDict, metadata: dict[str, str] | None = None, *, consume: bool = False
+) -> Iterator[memoryview]:
+    """The safetensors serialization of `state` as a sequence of zero-copy pieces.
+
+    The header first, then each tensor's bytes (the same bytes `state_to_buffer`
+    writes). With `consume`, each tensor is removed from `state` once its piece has
+    been handed out and the consumer moved on, so a caller that writes pieces
+    away (to a database, a socket) holds one model less by the end.
+    """
+    layout = safetensors_header(state, metadata)
+    yield memoryview(layout.prefix)
+    for name in layout.order:
+        t = state.pop(name) if consume else state[name]
+        t = t.detach().contiguous().cpu()
+        if t.numel():
+            yield _tensor_bytes(t)
+        del t
+
+
+def state_to_buffer(state: StateDict, metadata: dict[str, str] | None = None) -> bytearray:
+    """Serialize to safetensors in one preallocated buffer: the model is copied once.
+
+    `state_to_bytes` (safetensors' own writer) holds a bytes copy of every tensor
+    *and* the joined output at once: 2-3x the model in memory. The layout here is
+    valid safetensors (any reader loads it); tensors are ordered by element size,
+    then name, so equal states give equal bytes and every tensor stays aligned.
+    """
+    buf = bytearray(safetensors_header(state, metadata).size)
+    position = 0
+    for piece in iter_state_bytes(state, metadata):
+        buf[position : position + len(piece)] = piece
+        position += len(piece)
     return buf
+
+
+def iter_slices(pieces: Iterable[memoryview], slice_bytes: int) -> Iterator[bytes]:
+    """Re-cut a stream of pieces into slices of exactly `slice_bytes` (the last may be
+    shorter): one slice-sized copy at a time, never the whole."""
+    buf = bytearray()
+    for piece in pieces:
+        start = 0
+        while start < len(piece):
+            take = min(slice_bytes - len(buf), len(piece) - start)
+            buf += piece[start : start + take]
+            start += take
+            if len(buf) == slice_bytes:
+                yield bytes(buf)
+                buf.clear()
+        del piece
+    if buf:
+        yield bytes(buf)

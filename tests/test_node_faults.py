@@ -143,7 +143,7 @@ def test_rollback_and_unreachable_coordinator(pg_url: str, tmp_path: Path) -> No
         engine = create_engine(pg_url)
         with engine.begin() as conn:
             conn.execute(
-                text("UPDATE model_versions SET weights = :w WHERE version = 3"),
+                text("UPDATE model_version_chunks SET data = :w WHERE version = 3 AND seq = 0"),
                 {"w": v1},
             )
         engine.dispose()

@@ -368,7 +368,7 @@ def test_coordinator_verifies_stored_weights_when_loading(sqlite_url: str) -> No
     from sqlalchemy import update
 
     from coordinator.db import Database
-    from coordinator.models import ModelVersion
+    from coordinator.models import ModelVersionChunk
     from coordinator.models_registry.service import load_state
     from coordinator.rounds.service import bootstrap_model_if_needed
 
@@ -381,10 +381,14 @@ def test_coordinator_verifies_stored_weights_when_loading(sqlite_url: str) -> No
             session.commit()
             state, _ = load_state(session, 1)
             assert state  # intact weights load
-            flipped = bytearray(session.get(ModelVersion, 1).weights)  # type: ignore[union-attr]
+            chunk = session.get(ModelVersionChunk, (1, 0))
+            assert chunk is not None
+            flipped = bytearray(chunk.data)
             flipped[-1] ^= 0x01
             session.execute(
-                update(ModelVersion).where(ModelVersion.version == 1).values(weights=bytes(flipped))
+                update(ModelVersionChunk)
+                .where(ModelVersionChunk.version == 1, ModelVersionChunk.seq == 0)
+                .values(data=bytes(flipped))
             )
             session.commit()
             with pytest.raises(RuntimeError, match="sha256"):

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from coordinator.models import ModelVersion
+from coordinator.models import ModelVersion, ModelVersionChunk
 from shared.db import read_only
 from shared.errors import Conflict, NotFound, StoredDataCorrupted
 from shared.model import ModelConfig
 from shared.schemas import ModelVersionOut, utcnow
-from shared.serialization import StateDict, sha256_hex, state_to_buffer, state_views
+from shared.serialization import (
+    StateDict,
+    iter_slices,
+    iter_state_bytes,
+    safetensors_header,
+    sha256_hex,
+    state_views,
+)
 
 
 class WeightCache:
@@ -78,38 +86,56 @@ def list_versions(session: Session, limit: int = 100) -> list[ModelVersion]:
     )
 
 
-def weights_bytes(session: Session, version: int) -> bytes:
-    data = session.scalar(select(ModelVersion.weights).where(ModelVersion.version == version))
-    if data is None:
-        raise NotFound(f"no model version {version}")
-    return bytes(data)
-
-
 WEIGHT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def _chunk_lengths(source: Engine | Session, version: int) -> list[tuple[int, int]]:
+    """(seq, length) of a version's stored slices, in order."""
+    stmt = (
+        select(ModelVersionChunk.seq, func.length(ModelVersionChunk.data))
+        .where(ModelVersionChunk.version == version)
+        .order_by(ModelVersionChunk.seq)
+    )
+    if isinstance(source, Session):
+        rows = source.execute(stmt).all()
+    else:
+        with read_only(source).connect() as conn:
+            rows = conn.execute(stmt).all()
+    return [(int(seq), int(length)) for seq, length in rows]
 
 
 def iter_weights(
     source: Engine | Session, version: int, size: int, chunk_bytes: int = WEIGHT_CHUNK_BYTES
 ) -> Iterator[bytes]:
-    """A version's weights in slices read with SQL `substr` (1-based), one short read each.
+    """A version's weights, slice by slice, each read at most `chunk_bytes` at a time
+    (SQL `substr`, 1-based: a slice moved from before migration 0003 may be large).
 
-    With an Engine (a streamed download), every slice checks a connection out and back
+    With an Engine (a streamed download), every read checks a connection out and back
     in, so no connection is held between chunks; versions are immutable, so slices read
     in separate transactions belong to the same blob. With a Session, the slices are
     read on the session's own connection (never a second checkout while holding one).
     """
-    for start in range(0, size, chunk_bytes):
-        stmt = select(
-            func.substr(ModelVersion.weights, start + 1, min(chunk_bytes, size - start))
-        ).where(ModelVersion.version == version)
-        if isinstance(source, Session):
-            chunk = source.scalar(stmt)
-        else:
-            with read_only(source).connect() as conn:
-                chunk = conn.scalar(stmt)
-        if chunk is None:
-            raise RuntimeError(f"model version {version} vanished while streaming")
-        yield bytes(chunk)
+    lengths = _chunk_lengths(source, version)
+    if sum(length for _, length in lengths) != size:
+        raise RuntimeError(f"model version {version}: stored weights do not add up to its size")
+    for seq, length in lengths:
+        for start in range(0, length, chunk_bytes):
+            stmt = select(
+                func.substr(ModelVersionChunk.data, start + 1, min(chunk_bytes, length - start))
+            ).where(ModelVersionChunk.version == version, ModelVersionChunk.seq == seq)
+            if isinstance(source, Session):
+                chunk = source.scalar(stmt)
+            else:
+                with read_only(source).connect() as conn:
+                    chunk = conn.scalar(stmt)
+            if chunk is None:
+                raise RuntimeError(f"model version {version} vanished while streaming")
+            yield bytes(chunk)
+
+
+def weights_bytes(session: Session, version: int) -> bytes:
+    row = get_version(session, version)
+    return b"".join(iter_weights(session, version, row.size_bytes))
 
 
 def load_state(
@@ -146,12 +172,18 @@ def create_version(
     status: str = "active",
     consume_state: bool = False,
 ) -> ModelVersion:
-    """Store a new version; an active one retires the previous active version. No commit."""
+    """Store a new version; an active one retires the previous active version. No commit.
+
+    The weights are serialized straight from `state` into slices of
+    `WEIGHT_CHUNK_BYTES`, each inserted as its own row: neither this process nor the
+    database driver ever holds the serialized model whole. With `consume_state`, each
+    tensor leaves `state` (and memory) once its bytes are written.
+    """
     number = int(session.scalar(select(func.coalesce(func.max(ModelVersion.version), 0))) or 0) + 1
-    # One preallocated buffer: the model is copied once, not two or three times.
-    data = state_to_buffer(state, metadata={"fedjewel_version": str(number)})
-    if consume_state:
-        state.clear()  # the caller is done with it: free the tensors before the insert
+    metadata = {"fedjewel_version": str(number)}
+    digest = hashlib.sha256()
+    for piece in iter_state_bytes(state, metadata):  # zero-copy views: hashing costs no memory
+        digest.update(piece)
     if status == "active":
         session.execute(
             update(ModelVersion).where(ModelVersion.status == "active").values(status="retired")
@@ -160,9 +192,8 @@ def create_version(
         version=number,
         created_at=utcnow(),
         round_id=round_id,
-        sha256=sha256_hex(data),
-        size_bytes=len(data),
-        weights=data,
+        sha256=digest.hexdigest(),
+        size_bytes=safetensors_header(state, metadata).size,
         config=config.model_dump(),
         metrics=metrics,
         status=status,
@@ -170,6 +201,10 @@ def create_version(
     )
     session.add(row)
     session.flush()
+    pieces = iter_state_bytes(state, metadata, consume=consume_state)
+    for seq, data in enumerate(iter_slices(pieces, WEIGHT_CHUNK_BYTES)):
+        session.execute(insert(ModelVersionChunk).values(version=number, seq=seq, data=data))
+        del data
     return row
 
 
