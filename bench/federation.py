@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Sequence
 from datetime import datetime
@@ -58,18 +59,32 @@ def closed_rounds(cluster: Cluster) -> list[dict[str, Any]]:
     return sorted((r for r in rounds if r["state"] == "closed"), key=lambda r: r["round_id"])
 
 
-def run_rounds(cluster: Cluster, rounds: int, timeout: float) -> list[float]:
+def run_rounds(cluster: Cluster, rounds: int, timeout: float, poll: float = 0.2) -> list[float]:
     """Wait until `rounds` rounds have closed; seconds from open to close of each."""
     wait_for(
         lambda: len(closed_rounds(cluster)) >= rounds,
         timeout,
         f"{rounds} rounds to close",
         cluster.procs(),
+        poll=poll,
     )
     return [
         (_ts(r["closed_at"]) - _ts(r["created_at"])).total_seconds()
         for r in closed_rounds(cluster)[:rounds]
     ]
+
+
+def round_periods(cluster: Cluster, rounds: int) -> list[float]:
+    """Seconds from the opening of each of the first `rounds` closed rounds to the opening
+    of the next one: the whole cycle, the coordinator's aggregation and commit included
+    (a round's own `closed_at` is taken before it aggregates)."""
+    assert cluster.admin is not None
+    resp = cluster.admin.get("/v1/rounds", params={"limit": 1000})
+    resp.raise_for_status()
+    opened = sorted((r["round_id"], _ts(r["created_at"])) for r in resp.json())
+    return [
+        (later - earlier).total_seconds() for (_, earlier), (_, later) in itertools.pairwise(opened)
+    ][:rounds]
 
 
 def steady(seconds: Sequence[float]) -> float:

@@ -21,6 +21,7 @@ from coordinator.nodes.endpoints import router as nodes_router
 from coordinator.operator_tools import install_operator_tools
 from coordinator.rounds.endpoints import router as rounds_router
 from coordinator.rounds.service import try_close_current_round
+from coordinator.rounds.waiting import RoundSignal
 from coordinator.secagg.endpoints import router as secagg_router
 from coordinator.settings import CoordinatorSettings
 from shared.db import database_ready
@@ -51,9 +52,12 @@ async def _round_closer(app: FastAPI) -> None:
             await asyncio.wait_for(wakeup.wait(), timeout=settings.round_check_seconds)
         wakeup.clear()
         try:
-            await asyncio.to_thread(_close_ready_round, app)
+            version = await asyncio.to_thread(_close_ready_round, app)
         except Exception:  # keep closing future rounds; the failure is logged
             log.exception("closing the round failed; will retry")
+            continue
+        if version is not None:
+            app.state.round_signal.notify()  # long-polling nodes learn of the new round now
 
 
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
@@ -68,6 +72,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         await asyncio.to_thread(bootstrap_from_settings, db, settings.bootstrap_nodes)
         app.state.db = db
         app.state.round_wakeup = asyncio.Event()
+        app.state.round_signal = RoundSignal()
         task = asyncio.create_task(_round_closer(app))
         try:
             yield

@@ -45,8 +45,16 @@ class CoordinatorClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def current_round(self) -> RoundOut | None:
-        resp = await self._http.get("/v1/rounds/current")
+    async def current_round(
+        self, *, after: int | None = None, wait: float = 0.0
+    ) -> RoundOut | None:
+        """The open round; with `after`, long-polls up to `wait` s for a newer one."""
+        params: dict[str, str] = {}
+        timeout = self._http.timeout
+        if after is not None:
+            params = {"after": str(after), "wait": f"{wait:.3f}"}
+            timeout = httpx.Timeout(self._http.timeout.read or 60.0, read=wait + 30.0)
+        resp = await self._http.get("/v1/rounds/current", params=params, timeout=timeout)
         if resp.status_code == 404:
             return None
         _raise_for_status(resp)

@@ -9,6 +9,7 @@ retries with exponential backoff plus jitter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -24,15 +25,15 @@ import httpx
 from regional_node.client import CoordinatorClient, CoordinatorError, Weights
 from regional_node.insights import compute_report
 from regional_node.privacy_budget import PrivacyAccountant
-from regional_node.recommender import ServingModel, build_serving_model
+from regional_node.recommender import CatalogIndex, ServingModel, build_serving_model
 from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
-from regional_node.trainer import TrainJob, TrainOutcome, run_train_job
+from regional_node.trainer import TrainJob, prepare_worker, timed_train_job
 from shared.dp_training import DPConfig
 from shared.insights_schemas import RegionReport
 from shared.model import ModelConfig
-from shared.schemas import CatalogOut
+from shared.schemas import CatalogOut, RoundOut
 from shared.secagg import SECAGG_ENCODING
 from shared.serialization import bytes_to_state, sha256_hex
 from shared.training import TrainConfig
@@ -89,8 +90,13 @@ class Participant:
             if settings.secure_aggregation
             else None
         )
-        self._insights_due = 0.0  # monotonic time of the next push
         self._catalog_cache: tuple[CatalogOut, bytes] | None = None
+        self._serving_catalog: CatalogOut | None = None  # the catalog `serving` was built on
+        self._catalog_index: CatalogIndex | None = None
+        self._downloads: dict[int, asyncio.Task[Weights]] = {}
+        self._round_seen: int | None = None  # newest open round seen (long-poll `after`)
+        self._insights_refresh = asyncio.Event()
+        self._insights_event_id: int | None = None  # newest event in the last report
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -98,6 +104,13 @@ class Participant:
                 max_workers=1, mp_context=multiprocessing.get_context("spawn")
             )
         return self._pool
+
+    def _warm_worker(self) -> None:
+        """Start the training worker now, so the first round does not pay for its start-up
+        (a spawned interpreter importing torch)."""
+        s = self.settings
+        future = self._executor().submit(prepare_worker, s.train_threads, s.train_nice)
+        future.add_done_callback(lambda f: f.exception())  # a failure shows at the first job
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -109,55 +122,113 @@ class Participant:
         rt.rounds_joined = await asyncio.to_thread(self.store.joined_rounds)
         rt.last_round_joined = max(rt.rounds_joined) if rt.rounds_joined else None
         await self._refresh_privacy_status()
-        while True:
-            try:
-                await self.step()
-                rt.coordinator_reachable = True
-                rt.last_error = None
-                rt.consecutive_failures = 0
-                rt.next_retry_seconds = None
-                delay = self.settings.poll_seconds
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                rt.consecutive_failures += 1
-                unreachable = isinstance(exc, httpx.TransportError)
-                if unreachable:
-                    rt.coordinator_reachable = False
-                rt.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                delay = backoff_seconds(
-                    rt.consecutive_failures,
-                    self.settings.poll_seconds,
-                    self.settings.backoff_max_seconds,
-                    self._rng,
-                )
-                rt.next_retry_seconds = delay
-                log.warning(
-                    "round loop failed (%s); retrying in %.1fs",
-                    rt.last_error,
-                    delay,
-                    extra={"node_id": self.settings.id},
-                )
-            await asyncio.sleep(delay)
+        self._warm_worker()
+        insights = (
+            asyncio.create_task(self.run_insights_forever())
+            if self.settings.insights_enabled
+            else None
+        )
+        fresh: RoundOut | None = None
+        try:
+            while True:
+                try:
+                    await self.step(fresh)
+                    rt.coordinator_reachable = True
+                    rt.last_error = None
+                    rt.consecutive_failures = 0
+                    rt.next_retry_seconds = None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    rt.consecutive_failures += 1
+                    unreachable = isinstance(exc, httpx.TransportError)
+                    if unreachable:
+                        rt.coordinator_reachable = False
+                    rt.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    delay = backoff_seconds(
+                        rt.consecutive_failures,
+                        self.settings.poll_seconds,
+                        self.settings.backoff_max_seconds,
+                        self._rng,
+                    )
+                    rt.next_retry_seconds = delay
+                    log.warning(
+                        "round loop failed (%s); retrying in %.1fs",
+                        rt.last_error,
+                        delay,
+                        extra={"node_id": self.settings.id},
+                    )
+                    fresh = None
+                    await asyncio.sleep(delay)
+                    continue
+                fresh = await self.wait_for_next_round(self.settings.poll_seconds)
+        finally:
+            if insights is not None:
+                insights.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await insights
 
-    async def step(self) -> None:
-        """One pass: sync catalog and active model, then train if a round needs us."""
-        await self.sync_model()
+    async def wait_for_next_round(self, seconds: float) -> RoundOut | None:
+        """Wait up to `seconds` for the next poll; returns at once with a newer open round.
+
+        A long poll on the coordinator (`GET /v1/rounds/current?after=..&wait=..`): a
+        node that has sent its update starts the next round as soon as it opens instead
+        of at its next poll. Any failure here just falls back to sleeping; the next
+        step reports it.
+        """
+        started = time.monotonic()
+        seen = self._round_seen or 0
+        try:
+            rnd = await self.client.current_round(after=seen, wait=seconds)
+        except (httpx.HTTPError, CoordinatorError):
+            rnd = None
+        if rnd is not None and rnd.round_id > seen:
+            return rnd
+        remaining = seconds - (time.monotonic() - started)
+        if remaining > 0:  # an older coordinator answers at once: keep the poll interval
+            await asyncio.sleep(remaining)
+        return None
+
+    def _wants(self, rnd: RoundOut | None) -> bool:
+        joined = self.runtime.rounds_joined
+        return rnd is not None and rnd.state == "open" and rnd.round_id not in joined
+
+    async def step(self, fresh: RoundOut | None = None) -> None:
+        """One pass: sync the catalog; train if a round needs us, while the serving model
+        catches up with the active version beside it (never before it)."""
         if self.secagg is not None:
             await self.secagg.answer_reveals()
-        if self.settings.insights_enabled and time.monotonic() >= self._insights_due:
-            await self.push_insights()
-        rnd = await self.client.current_round()
-        if rnd is None or rnd.state != "open" or rnd.round_id in self.runtime.rounds_joined:
+        await self.sync_catalog()
+        rnd = fresh if fresh is not None else await self.client.current_round()
+        if rnd is not None:
+            self._round_seen = max(self._round_seen or 0, rnd.round_id)
+        if rnd is None or not self._wants(rnd):
+            await self.sync_serving()
             return
         if self.settings.id in rnd.participants:
             self._mark_joined(rnd.round_id)
+            await self.sync_serving()
             return
         encoding = self.settings.update_encoding
         if encoding not in rnd.supported_encodings:
             log.warning("coordinator does not take %s updates; sending dense", encoding)
             encoding = "dense"
-        await self.train_and_submit(rnd.round_id, rnd.base_version, encoding)
+        # Training starts as soon as the base weights are here; the serving model for the
+        # new version is built in a thread of this process meanwhile (the worker trains in
+        # its own process), and swapped in when ready.
+        serving = asyncio.create_task(self.sync_serving())
+        try:
+            await self.train_and_submit(rnd.round_id, rnd.base_version, encoding)
+        except asyncio.CancelledError:
+            serving.cancel()
+            raise
+        except Exception:
+            # The round failed; the serving model still catches up (its own error, if
+            # any, is the next step's to report).
+            with contextlib.suppress(Exception):
+                await serving
+            raise
+        await serving
 
     def _mark_joined(self, round_id: int) -> None:
         self.runtime.rounds_joined.add(round_id)
@@ -173,16 +244,25 @@ class Participant:
 
     async def sync_model(self) -> None:
         """Serve the coordinator's active version (or the newest catalog) as soon as it exists."""
-        catalog_before = self.runtime.catalog
-        catalog = await self.sync_catalog()
+        await self.sync_catalog()
+        await self.sync_serving()
+
+    async def sync_serving(self) -> None:
+        """Rebuild the serving model when the active version or the catalog changed."""
+        catalog = self.runtime.catalog
         active = await self.client.active_model()
         if active is None or catalog is None:
             return
         serving = self.runtime.serving
-        if serving is not None and serving.version == active.version and catalog is catalog_before:
+        if (
+            serving is not None
+            and serving.version == active.version
+            and catalog is self._serving_catalog
+        ):
             return
-        weights = await self.client.weights(active.version, self.runtime.weights)
+        weights = await self.weights(active.version)
         config = ModelConfig.model_validate(active.config)
+        index = self._catalog_index if catalog is self._serving_catalog else None
         new_serving = await asyncio.to_thread(
             build_serving_model,
             active.version,
@@ -191,12 +271,29 @@ class Participant:
             bytes_to_state(weights.data),
             catalog.items,
             catalog.inactive_item_ids,
+            index,
         )
-        self.runtime.weights = weights
+        self._serving_catalog = catalog
+        self._catalog_index = new_serving.catalog_index
         self.runtime.serving = new_serving  # atomic reference swap
         log.info(
             "serving model version %s", active.version, extra={"model_version": active.version}
         )
+
+    async def weights(self, version: int) -> Weights:
+        """A version's weights: the last download when it is that version (versions are
+        immutable), else one download shared by every caller asking at the same time."""
+        cached = self.runtime.weights
+        if cached is not None and cached.version == version:
+            return cached
+        task = self._downloads.get(version)
+        if task is None:
+            task = asyncio.create_task(self.client.weights(version, cached))
+            self._downloads[version] = task
+            task.add_done_callback(lambda _t: self._downloads.pop(version, None))
+        weights = await asyncio.shield(task)
+        self.runtime.weights = weights
+        return weights
 
     async def _catalog_blob(self, catalog: CatalogOut) -> bytes:
         """The catalog as the worker needs it, pickled once per catalog (off the event loop).
@@ -219,10 +316,9 @@ class Participant:
         catalog = self.runtime.catalog
         if catalog is None:
             return
-        meta = await self.client.model(base_version)
-        base = await self.client.weights(base_version, self.runtime.weights)
-        if self.runtime.weights is None or self.runtime.weights.version != base_version:
-            self.runtime.weights = base
+        meta, base = await asyncio.gather(
+            self.client.model(base_version), self.weights(base_version)
+        )
         s = self.settings
         if self.secagg is not None or s.dp_enabled:
             # Masking and DP noise work on the dense delta; lossy encodings would break them.
@@ -261,13 +357,15 @@ class Participant:
             base_version,
             extra={"round_id": round_id, "node_id": s.id},
         )
+        started = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
-            outcome: TrainOutcome | None = await loop.run_in_executor(
-                self._executor(), run_train_job, job
+            outcome, worker_seconds = await loop.run_in_executor(
+                self._executor(), timed_train_job, job
             )
         finally:
             self.runtime.training = False
+        job_seconds = time.perf_counter() - started
         if outcome is None:
             log.info("no training examples yet; skipping round %s", round_id)
             return
@@ -315,11 +413,14 @@ class Participant:
             receipt.num_examples,
         )
         self._mark_joined(round_id)
-        self._insights_due = 0.0  # refresh the regional report with the round
+        self._insights_refresh.set()  # refresh the regional report if events arrived
         log.info(
-            "submitted update to round %s (%d examples)",
+            "submitted update to round %s (%d examples; trained in %.2fs, %.2fs with the "
+            "hand-over to the worker)",
             round_id,
             outcome.num_examples,
+            worker_seconds,
+            job_seconds,
             extra={"round_id": round_id, "node_id": s.id},
         )
 
@@ -385,16 +486,43 @@ class Participant:
             noise_scale=s.insights_noise_scale,
         )
 
-    async def push_insights(self) -> None:
+    async def run_insights_forever(self) -> None:
+        """Push the regional report every NODE_INSIGHTS_INTERVAL_SECONDS, and after a round
+        when events arrived since the last report. Its own task: computing the report
+        reads every event, and must never hold up a round."""
+        s = self.settings
+        while True:
+            try:
+                pushed = await self.push_insights()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # best effort: retried at the next poll
+                log.warning("insights push failed: %s: %s", type(exc).__name__, exc)
+                pushed = False
+            timeout = s.insights_interval_seconds if pushed else s.poll_seconds
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                self._insights_refresh.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._insights_refresh.wait(), timeout=remaining)
+                if not self._insights_refresh.is_set():
+                    break  # the interval is over
+                newest = await asyncio.to_thread(self.store.last_event_id)
+                if newest != self._insights_event_id:
+                    break  # a round ended and the report is out of date
+
+    async def push_insights(self) -> bool:
         """Compute the regional report here and push only the aggregate to the coordinator."""
+        newest = await asyncio.to_thread(self.store.last_event_id)
         report = await asyncio.to_thread(self._report)
         if report is None:
-            return
-        self._insights_due = time.monotonic() + self.settings.insights_interval_seconds
+            return False
         try:
             await self.client.push_insights(self.settings.id, report)
         except CoordinatorError as exc:
             # Insights are best effort: a refusal must not stop training or serving.
             log.warning("insights push refused: %s", exc)
-            return
+            return True  # retried at the interval, not at every poll
+        self._insights_event_id = newest
         self.runtime.insights_pushed_at = datetime.now(UTC)
+        return True

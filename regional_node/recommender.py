@@ -15,49 +15,41 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.features import build_item_features, country_bucket
+from regional_node.ann import (
+    IvfIndex,
+    allowed_per_cluster,
+    build_ivf,
+    default_clusters,
+    ivf_search,
+)
+from shared.features import ItemFeatures, build_item_features, country_bucket
 from shared.model import EVENT_TYPE_IDS, HybridTwoTower, ModelConfig
 from shared.schemas import CatalogItem
 from shared.serialization import StateDict
 
 
 @dataclass(frozen=True)
-class ServingModel:
-    version: int
-    sha256: str
-    model: HybridTwoTower
+class CatalogIndex:
+    """What serving needs from a catalog alone, shared by every model version on it.
+
+    Built once per catalog (and content-bucket count): a new model version on the
+    same catalog reuses the features, filter masks, prices and the cache of
+    combined filter masks instead of rebuilding them.
+    """
+
+    content_buckets: int
+    features: ItemFeatures
     item_ids: list[str]
     row_of: dict[str, int]
-    item_vecs: torch.Tensor  # (n, d + 1): the last column is the item bias
     active: torch.Tensor  # (n,) bool: recommendable
     price: torch.Tensor  # (n,) float, NaN when unknown
-    masks: dict[str, dict[str, torch.Tensor]] = field(
-        default_factory=dict
-    )  # field -> value -> mask
-    # (d, n) copy of item_vecs: u @ item_vecs_t reads memory in order, ~4x faster than
-    # item_vecs @ u for a 50k-item catalog on one thread.
-    item_vecs_t: torch.Tensor | None = None
+    masks: dict[str, dict[str, torch.Tensor]]  # field -> value -> mask
     blocked_cache: FilterCache = field(default_factory=lambda: FilterCache())
 
-    @property
-    def num_items(self) -> int:
-        return len(self.item_ids)
 
-
-def build_serving_model(
-    version: int,
-    sha256: str,
-    config: ModelConfig,
-    state: StateDict,
-    catalog: Sequence[CatalogItem],
-    inactive_item_ids: Sequence[str] = (),
-) -> ServingModel:
-    model = HybridTwoTower(config)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    features = build_item_features(catalog, config.content_buckets)
-    with torch.no_grad():
-        item_vecs = model.item_vectors(features).contiguous()
+def build_catalog_index(
+    catalog: Sequence[CatalogItem], inactive_item_ids: Sequence[str], content_buckets: int
+) -> CatalogIndex:
     inactive = set(inactive_item_ids)
     active = torch.tensor([it.item_id not in inactive for it in catalog], dtype=torch.bool)
     price = torch.tensor(
@@ -77,17 +69,92 @@ def build_serving_model(
             mask[torch.tensor(rows)] = True
             per_value[value] = mask
         masks[name] = per_value
+    return CatalogIndex(
+        content_buckets=content_buckets,
+        features=build_item_features(catalog, content_buckets),
+        item_ids=[it.item_id for it in catalog],
+        row_of={it.item_id: i for i, it in enumerate(catalog)},
+        active=active,
+        price=price,
+        masks=masks,
+    )
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    version: int
+    sha256: str
+    model: HybridTwoTower
+    item_ids: list[str]
+    row_of: dict[str, int]
+    item_vecs: torch.Tensor  # (n, d + 1): the last column is the item bias
+    active: torch.Tensor  # (n,) bool: recommendable
+    price: torch.Tensor  # (n,) float, NaN when unknown
+    masks: dict[str, dict[str, torch.Tensor]] = field(
+        default_factory=dict
+    )  # field -> value -> mask
+    # (d, n) copy of item_vecs: u @ item_vecs_t reads memory in order, ~4x faster than
+    # item_vecs @ u for a 50k-item catalog on one thread.
+    item_vecs_t: torch.Tensor | None = None
+    blocked_cache: FilterCache = field(default_factory=lambda: FilterCache())
+    catalog_index: CatalogIndex | None = None
+    ivf: IvfIndex | None = None  # approximate search (regional_node/ann.py), None = exact
+    ivf_candidates: int = 0  # allowed items scored exactly per request
+    ivf_allowed: FilterCache = field(default_factory=lambda: FilterCache())  # per filter
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def build_serving_model(
+    version: int,
+    sha256: str,
+    config: ModelConfig,
+    state: StateDict,
+    catalog: Sequence[CatalogItem],
+    inactive_item_ids: Sequence[str] = (),
+    index: CatalogIndex | None = None,
+    *,
+    ivf_clusters: int | None = None,
+    ivf_candidates: int = 2000,
+) -> ServingModel:
+    """The serving form of a version; `index` (same catalog) skips the catalog work.
+
+    `ivf_clusters` (0: about 2·sqrt(n)) builds an IVF index for approximate search,
+    for catalogs of more than 4 x `ivf_candidates` items (smaller ones are scored
+    exactly: that is as cheap). None: exact search only.
+    """
+    model = HybridTwoTower(config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    if (
+        index is None
+        or index.content_buckets != config.content_buckets
+        or len(index.item_ids) != len(catalog)
+    ):
+        index = build_catalog_index(catalog, inactive_item_ids, config.content_buckets)
+    with torch.no_grad():
+        item_vecs = model.item_vectors(index.features).contiguous()
+    ivf = None
+    if ivf_clusters is not None and item_vecs.shape[0] > 4 * ivf_candidates:
+        clusters = ivf_clusters or default_clusters(item_vecs.shape[0])
+        ivf = build_ivf(item_vecs, clusters, seed=version)
     return ServingModel(
+        ivf=ivf,
+        ivf_candidates=ivf_candidates,
         item_vecs_t=item_vecs.T.contiguous(),
         version=version,
         sha256=sha256,
         model=model,
-        item_ids=[it.item_id for it in catalog],
-        row_of={it.item_id: i for i, it in enumerate(catalog)},
+        item_ids=index.item_ids,
+        row_of=index.row_of,
         item_vecs=item_vecs,
-        active=active,
-        price=price,
-        masks=masks,
+        active=index.active,
+        price=index.price,
+        masks=index.masks,
+        blocked_cache=index.blocked_cache,
+        catalog_index=index,
     )
 
 
@@ -179,24 +246,54 @@ def recommend(
     k: int,
     filters: Filters,
     exclude: Sequence[str],
+    *,
+    exact: bool = False,
 ) -> list[tuple[str, float]]:
-    """Top-k items for a user vector built from the history; topk, never a full sort."""
+    """Top-k items for a user vector built from the history; topk, never a full sort.
+
+    With an IVF index on the serving model (NODE_RECOMMEND_SEARCH=ivf) only the items
+    of the best clusters are scored; `exact` (or too few allowed items found there)
+    scores every item.
+    """
     cfg = serving.model.config
     known = [(serving.row_of[i], EVENT_TYPE_IDS[t]) for i, t in history if i in serving.row_of]
     known = known[-cfg.max_history :]
     user = user_vector(serving, known, country_bucket(country, cfg.country_buckets))  # (d,)
+    blocked = blocked_mask(serving, filters)
+    rows = [serving.row_of[i] for i in exclude if i in serving.row_of]
+    if serving.ivf is not None and not exact:
+        allowed = serving.ivf_allowed.get(filters)
+        if allowed is None:
+            allowed = allowed_per_cluster(serving.ivf, blocked)
+            serving.ivf_allowed.put(filters, allowed)
+        values, found, complete = ivf_search(
+            serving.ivf,
+            user,
+            k,
+            serving.ivf_candidates,
+            blocked,
+            allowed,
+            torch.tensor(rows, dtype=torch.int64) if rows else None,
+        )
+        if complete:
+            return _ranked(serving, values, found)
     if serving.item_vecs_t is not None:
         scores = user @ serving.item_vecs_t  # (n,)
     else:
         scores = serving.item_vecs @ user
-    scores.masked_fill_(blocked_mask(serving, filters), float("-inf"))
-    rows = [serving.row_of[i] for i in exclude if i in serving.row_of]
+    scores.masked_fill_(blocked, float("-inf"))
     if rows:
         scores[torch.tensor(rows)] = float("-inf")
     top = torch.topk(scores, min(k, serving.num_items))
+    return _ranked(serving, top.values, top.indices)
+
+
+def _ranked(
+    serving: ServingModel, values: torch.Tensor, rows: torch.Tensor
+) -> list[tuple[str, float]]:
     # Fewer candidates than k: the blocked rows come back as -inf and are dropped.
     return [
         (serving.item_ids[r], s)
-        for s, r in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        for s, r in zip(values.tolist(), rows.tolist(), strict=True)
         if s != float("-inf")
     ]

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +25,17 @@ _RECENT_EVENTS = (
     .where(Event.user_id == bindparam("user_id"))
     .order_by(Event.ts.desc(), Event.id.desc())
     .limit(bindparam("limit"))
+)
+# /v1/recommend's one query: the user's newest events (part 0, newest first) and every
+# item the user bought (part 1). One round trip, and no timestamp parsing (ts only sorts).
+_RECOMMEND_CONTEXT = text(
+    "SELECT 0 AS part, item_id, event_type, country, ts, id FROM ("
+    "SELECT item_id, event_type, country, ts, id FROM events WHERE user_id = :user_id "
+    "ORDER BY ts DESC, id DESC LIMIT :limit) AS recent "
+    "UNION ALL "
+    "SELECT DISTINCT 1, item_id, event_type, NULL, NULL, NULL FROM events "
+    "WHERE user_id = :user_id AND event_type = 'purchase' "
+    "ORDER BY part, ts DESC, id DESC"
 )
 _PURCHASED = (
     select(Event.item_id)
@@ -45,6 +56,7 @@ class EventStore:
         self.reader = read_only(self.engine)  # reads never take SQLite's write lock
         self._popularity: tuple[float, list[tuple[str, float]]] | None = None
         self._lock = threading.Lock()
+        self._refreshing = False
 
     def migrate(self) -> None:
         upgrade_to_head("node", self.url)
@@ -78,13 +90,19 @@ class EventStore:
                 stmt = self._insert().values(rows).on_conflict_do_nothing()
                 result = session.execute(stmt)
                 inserted += max(int(result.rowcount or 0), 0)  # type: ignore[attr-defined]
-        if inserted:
-            self._popularity = None
+        cached = self._popularity
+        if inserted and cached is not None:
+            self._popularity = (float("-inf"), cached[1])  # stale: recomputed in the background
         return inserted
 
     def count(self) -> int:
         with self.sessions() as session:
             return int(session.scalar(select(func.count()).select_from(Event)) or 0)
+
+    def last_event_id(self) -> int | None:
+        """Id of the newest stored event (changes only when events are inserted)."""
+        with self.reader.connect() as conn:
+            return conn.scalar(select(func.max(Event.id)))
 
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, datetime, str | None]]:
         """The user's most recent events, oldest first: (item_id, event_type, ts, country)."""
@@ -105,6 +123,26 @@ class EventStore:
             rows = conn.execute(_RECENT_EVENTS, {"user_id": user_id, "limit": limit}).all()
             purchased = set(conn.execute(_PURCHASED, {"user_id": user_id}).scalars())
         return [(r[0], r[1], _aware(r[2]), r[3]) for r in reversed(rows)], purchased
+
+    def recommend_context(
+        self, user_id: str, limit: int
+    ) -> tuple[list[tuple[str, str]], set[str], str | None]:
+        """(newest `limit` events as (item_id, event_type), oldest first; purchased items;
+        the country of the newest event that has one): one query, for /v1/recommend."""
+        with self.reader.connect() as conn:
+            rows = conn.execute(_RECOMMEND_CONTEXT, {"user_id": user_id, "limit": limit}).all()
+        history: list[tuple[str, str]] = []
+        purchased: set[str] = set()
+        country: str | None = None
+        for part, item_id, event_type, event_country, _ts, _id in rows:
+            if part:
+                purchased.add(item_id)
+                continue
+            history.append((item_id, event_type))
+            if country is None and event_country:
+                country = event_country
+        history.reverse()
+        return history, purchased, country
 
     def purchased_items(self, user_id: str) -> set[str]:
         with self.sessions() as session:
@@ -128,24 +166,42 @@ class EventStore:
                 yield user_id, item_id, etype, _aware(ts).timestamp(), country
 
     def popularity(self, ttl_seconds: float = 30.0) -> list[tuple[str, float]]:
-        """Items by weighted event count in this region, most popular first (cached)."""
-        now = time.monotonic()
+        """Items by weighted event count in this region, most popular first (cached).
+
+        Only the first call computes in the caller's thread; afterwards a stale ranking
+        (older than `ttl_seconds`, or events arrived) is answered as it is while one
+        background thread recomputes it, so no request waits for the full scan.
+        """
         cached = self._popularity
-        if cached is not None and now - cached[0] < ttl_seconds:
-            return cached[1]
-        with self._lock:
-            with self.reader.connect() as conn:
-                rows = conn.execute(
-                    select(Event.item_id, Event.event_type, func.count()).group_by(
-                        Event.item_id, Event.event_type
-                    )
-                ).all()
-            scores: dict[str, float] = {}
-            for item_id, etype, n in rows:
-                scores[item_id] = scores.get(item_id, 0.0) + POPULARITY_WEIGHTS[etype] * int(n)
-            ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-            self._popularity = (now, ranked)
-            return ranked
+        if cached is None:
+            with self._lock:
+                if self._popularity is None:
+                    self._popularity = (time.monotonic(), self._rank_popularity())
+                return self._popularity[1]
+        if time.monotonic() - cached[0] >= ttl_seconds and not self._refreshing:
+            self._refreshing = True
+            threading.Thread(target=self._refresh_popularity, daemon=True).start()
+        return cached[1]
+
+    def _refresh_popularity(self) -> None:
+        try:
+            ranked = self._rank_popularity()
+            with self._lock:
+                self._popularity = (time.monotonic(), ranked)
+        finally:
+            self._refreshing = False
+
+    def _rank_popularity(self) -> list[tuple[str, float]]:
+        with self.reader.connect() as conn:
+            rows = conn.execute(
+                select(Event.item_id, Event.event_type, func.count()).group_by(
+                    Event.item_id, Event.event_type
+                )
+            ).all()
+        scores: dict[str, float] = {}
+        for item_id, etype, n in rows:
+            scores[item_id] = scores.get(item_id, 0.0) + POPULARITY_WEIGHTS[etype] * int(n)
+        return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
 
     # Participation bookkeeping ------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,11 +68,16 @@ def users_with_examples(sequences: dict[str, UserSequence]) -> int:
     return sum(1 for seq in sequences.values() if len(seq.items) >= 2)
 
 
+def prepare_worker(threads: int, nice: int) -> None:
+    """Run once in a fresh worker: imports are done by now; set threads and priority."""
+    torch.set_num_threads(threads)
+    if nice and os.getpriority(os.PRIO_PROCESS, 0) < nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def run_train_job(job: TrainJob) -> TrainOutcome | None:
     """Train from the base weights on this node's events; None when there is nothing to learn."""
-    torch.set_num_threads(job.threads)
-    if job.nice and os.getpriority(os.PRIO_PROCESS, 0) < job.nice:
-        os.setpriority(os.PRIO_PROCESS, 0, job.nice)  # absolute: the worker is reused
+    prepare_worker(job.threads, job.nice)  # again: the worker is reused
     config = ModelConfig.model_validate(job.model_config)
     dumps = pickle.loads(job.catalog) if isinstance(job.catalog, bytes) else job.catalog
     items = [CatalogItem.model_validate(d) for d in dumps]
@@ -132,6 +138,14 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
         encoding=job.encoding,
         residual=residual,
     )
+
+
+def timed_train_job(job: TrainJob) -> tuple[TrainOutcome | None, float]:
+    """`run_train_job` and the seconds it took inside the worker (the rest of a round's
+    time is the node's and the coordinator's overhead)."""
+    started = time.perf_counter()
+    outcome = run_train_job(job)
+    return outcome, time.perf_counter() - started
 
 
 def _run_dp_job(

@@ -175,6 +175,37 @@ def test_round_closes_with_weighted_mean(client: TestClient) -> None:
     assert _submit(client, a, one, round_id=99).status_code == 404
 
 
+def test_current_round_long_poll(client: TestClient) -> None:
+    """`after` + `wait`: answered when a newer round opens, not at the end of the wait."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    waited = client.get("/v1/rounds/current", params={"after": 0, "wait": 1})
+    assert waited.status_code == 404  # no catalog yet: no round, even after waiting
+    client.put("/v1/catalog", json=tiny_catalog(10), headers=ADMIN)
+    a, b = _register(client, "a"), _register(client, "b")
+    # A round newer than `after` is open already: answered at once.
+    started = time.monotonic()
+    assert client.get("/v1/rounds/current", params={"after": 0, "wait": 20}).json()["round_id"] == 1
+    assert time.monotonic() - started < 5
+    # No newer round within the wait: the current one, after the wait.
+    started = time.monotonic()
+    r = client.get("/v1/rounds/current", params={"after": 1, "wait": 0.5})
+    assert r.json()["round_id"] == 1 and time.monotonic() - started >= 0.5
+    assert client.get("/v1/rounds/current", params={"after": 1, "wait": 31}).status_code == 422
+    assert client.get("/v1/rounds/current", params={"after": -1}).status_code == 422
+
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        waiting = pool.submit(client.get, "/v1/rounds/current", params={"after": 1, "wait": 25})
+        time.sleep(0.3)
+        assert not waiting.done()
+        assert _submit(client, a, _zero_delta(client, a)).status_code == 200
+        assert _submit(client, b, _zero_delta(client, b)).status_code == 200
+        answer = waiting.result(timeout=20)
+    assert answer.json()["round_id"] == 2 and answer.json()["base_version"] == 2
+    assert time.monotonic() - started < 15  # woken by the close, not by the 25 s wait
+
+
 def test_update_validation(client: TestClient) -> None:
     client.put("/v1/catalog", json=tiny_catalog(10), headers=ADMIN)
     node = _register(client, "a")

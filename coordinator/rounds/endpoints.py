@@ -5,8 +5,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from coordinator.deps import NodeDep, RoundIdPath, SessionDep, SettingsDep
+from coordinator.deps import (
+    MAX_DB_ID,
+    DatabaseDep,
+    NodeDep,
+    RoundIdPath,
+    SessionDep,
+    SettingsDep,
+)
 from coordinator.rounds import service
+from coordinator.rounds.waiting import MAX_WAIT_SECONDS, wait_for_round
 from shared.errors import NotFound, error_responses
 from shared.schemas import RoundOut, UpdateReceipt
 from shared.streaming import read_body_capped
@@ -17,14 +25,31 @@ router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 @router.get(
     "/current",
     summary="The open training round",
-    description="Round id, base version, deadline and how many updates it has.",
-    responses=error_responses(404),
+    description=(
+        "Round id, base version, deadline and how many updates it has. With `after`, a "
+        "long poll: the answer comes as soon as a round newer than `after` is open, or "
+        "after `wait` seconds with whatever is current then (a node that has sent its "
+        "update learns of the next round at once instead of at its next poll)."
+    ),
+    responses=error_responses(404, 422),
 )
-def current_round(session: SessionDep, settings: SettingsDep) -> RoundOut:
-    r = service.current_round(session)
-    if r is None:
+async def current_round(
+    request: Request,
+    db: DatabaseDep,
+    settings: SettingsDep,
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=MAX_DB_ID, description="Wait for a round newer than this id."),
+    ] = None,
+    wait: Annotated[
+        float,
+        Query(ge=0, le=MAX_WAIT_SECONDS, description="Longest wait in seconds (with `after`)."),
+    ] = 0.0,
+) -> RoundOut:
+    rnd = await wait_for_round(db, settings, request.app.state.round_signal, after=after, wait=wait)
+    if rnd is None:
         raise NotFound("no open round: no catalog uploaded yet, or COORDINATOR_MAX_ROUNDS reached")
-    return service.round_out(session, r, settings)
+    return rnd
 
 
 @router.get(
