@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {}
     failed = []
+    markets = tempfile.TemporaryDirectory(prefix="fedjewel-bench-markets-")
+    os.environ["FEDJEWEL_BENCH_MARKETS"] = markets.name  # generated once, shared
+    started = time.monotonic()
     for name in chosen:
         start = time.monotonic()
         print(f"\n=== bench.{name} ===", flush=True)
@@ -50,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             summary[name] = {"error": traceback.format_exc(limit=3)}
         print(f"--- {name}: {time.monotonic() - start:.0f} s", flush=True)
+    markets.cleanup()
+    summary["total_seconds"] = round(time.monotonic() - started, 1)
+    print(f"\ntotal: {summary['total_seconds']:.0f} s", flush=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out / 'summary.json'}" + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0

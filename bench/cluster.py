@@ -8,6 +8,8 @@ model from the coordinator, storefront events arrive at the node over HTTP.
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +52,18 @@ def make_market(
     long-tail items with the same kinds of attributes and no events yet.
     """
     market_items = min(items, market_items)
-    out = workdir / f"market-s{seed}-r{regions}-u{users}-i{market_items}"
-    summary = generate_market(out, seed=seed, regions=regions, users=users, items=market_items)
+    name = f"market-s{seed}-r{regions}-u{users}-i{market_items}"
+    # `python -m bench` shares generated markets between benchmarks (same arguments,
+    # same market: the generator is deterministic).
+    shared = os.environ.get("FEDJEWEL_BENCH_MARKETS")
+    out = (Path(shared) if shared else workdir) / name
+    saved = out / "summary.pickle"
+    if shared and saved.exists():
+        summary = pickle.loads(saved.read_bytes())
+    else:
+        summary = generate_market(out, seed=seed, regions=regions, users=users, items=market_items)
+        if shared:
+            saved.write_bytes(pickle.dumps(summary))
     catalog = read_catalog_csv(summary.catalog_path)
     catalog += long_tail(catalog, items - len(catalog), seed=seed)
     events = read_events_csv(summary.events_path)

@@ -44,10 +44,17 @@ class ServingSetup:
     node: ServiceProcess
     market: Market
     helper_token: str
+    search: str = "ivf"
 
 
 def start_serving_node(
-    workdir: Path, *, items: int, users: int, epochs: int = 1, seed: int = 1
+    workdir: Path,
+    *,
+    items: int,
+    users: int,
+    epochs: int = 1,
+    seed: int = 1,
+    search: str = "ivf",
 ) -> ServingSetup:
     """Coordinator with the catalog, one idle node serving version 1 with a region's events.
 
@@ -71,6 +78,7 @@ def start_serving_node(
             token=node_token,
             poll_seconds="1",
             local_epochs=str(epochs),
+            recommend_search=search,
         )
         node.wait_ready(timeout=120)
         wait_for(
@@ -80,7 +88,7 @@ def start_serving_node(
             cluster.procs(),
         )
         cluster.post_events(node, market.region_events(REGION))
-        return ServingSetup(cluster, node, market, helper_token)
+        return ServingSetup(cluster, node, market, helper_token, search)
     except BaseException:
         cluster.stop()
         raise
@@ -127,6 +135,73 @@ def scenario_paths(market: Market, *, n: int = 500, seed: int = 0) -> dict[str, 
     out["new user, session only"] = [
         path(session_items=session(), k=10, country="DE") for _ in range(n)
     ]
+    return out
+
+
+def search_recall(
+    setup: ServingSetup, scenarios: dict[str, list[str]], *, per_scenario: int = 300
+) -> dict[str, float]:
+    """Recall@10 of the node's search (IVF unless NODE_RECOMMEND_SEARCH=exact) against
+    exact search, per scenario: the same serving model the node built (same catalog,
+    weights, settings and seed), the same history from the node's own database."""
+    from urllib.parse import parse_qs, urlparse
+
+    from regional_node.recommender import Filters, build_serving_model, recommend
+    from regional_node.settings import NodeSettings
+    from regional_node.store import EventStore
+    from shared.model import ModelConfig
+    from shared.schemas import CatalogOut
+    from shared.serialization import bytes_to_state
+
+    admin = setup.cluster.admin
+    assert admin is not None
+    version = setup.cluster.node_status(setup.node)["model_version"]
+    catalog = CatalogOut.model_validate(admin.get("/v1/catalog").json())
+    meta = admin.get(f"/v1/models/{version}").json()
+    weights = admin.get(f"/v1/models/{version}/weights").content
+    s = NodeSettings(allow_anonymous=True, recommend_search=setup.search)
+    serving = build_serving_model(
+        version,
+        meta["sha256"],
+        ModelConfig.model_validate(meta["config"]),
+        bytes_to_state(weights),
+        catalog.items,
+        catalog.inactive_item_ids,
+        ivf_clusters=s.ivf_clusters if s.recommend_search == "ivf" else None,
+        ivf_candidates=s.ivf_candidates,
+    )
+    store = EventStore(f"sqlite:///{setup.cluster.workdir / (setup.node.name + '.db')}")
+    out: dict[str, float] = {}
+    try:
+        for name, paths in scenarios.items():
+            if name == "healthz":
+                continue
+            hits = total = 0
+            for path in paths[:per_scenario]:
+                q = {k: v[0] for k, v in parse_qs(urlparse(path).query).items()}
+                session = [i for i in q.get("session_items", "").split(",") if i]
+                history: list[tuple[str, str]] = []
+                purchased: set[str] = set()
+                country = q.get("country")
+                if "user_id" in q:
+                    history, purchased, last = store.recommend_context(q["user_id"], 30)
+                    country = country or last
+                history += [(i, "view") for i in session]
+                filters = Filters(
+                    category=q.get("category"),
+                    material=q.get("material"),
+                    max_price=float(q["max_price"]) if "max_price" in q else None,
+                )
+                exclude = sorted(purchased | set(session))
+                k = int(q.get("k", 10))
+                args = (serving, history, country, k, filters, exclude)
+                exact = {i for i, _ in recommend(*args, exact=True)}
+                found = {i for i, _ in recommend(*args)}
+                hits += len(exact & found)
+                total += len(exact)
+            out[name] = hits / max(total, 1)
+    finally:
+        store.dispose()
     return out
 
 
@@ -185,19 +260,22 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
             "concurrency": c,
         },
     )
-    setup = start_serving_node(workdir, items=items, users=users)
+    setup = start_serving_node(workdir, items=items, users=users, search=args.search)
+    result.config["search"] = args.search
     try:
         status = setup.cluster.node_status(setup.node)
         result.config["node_events"] = status["event_count"]
+        scenarios = scenario_paths(setup.market)
         measured = measure_scenarios(
             setup.node.url,
-            scenario_paths(setup.market),
+            scenarios,
             concurrency=c,
             duration=duration,
             tool=args.tool,
             names=["healthz", "history + filters + session"] if args.quick else None,
             warmup=0 if args.quick else 1.0,
         )
+        recall = search_recall(setup, scenarios, per_scenario=50 if args.quick else 300)
     finally:
         setup.cluster.stop()
     health = measured["healthz"][f"c{c}"]
@@ -218,6 +296,11 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
         )
         result.add(f"{name}: p99 c=1", runs["c1"].p99_ms, "ms", goal="<= 20")
         result.add(f"{name}: p50 c=1", runs["c1"].p50_ms, "ms")
+        result.add(
+            f"{name}: recall@10 against exact search",
+            recall[name],
+            note=f"search={args.search}; 1 = exact",
+        )
     result.config["load_tool"] = measured["healthz"]["c1"].tool
     return result
 
@@ -228,6 +311,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--tool", choices=["auto", "wrk", "httpx"], default="auto")
+    p.add_argument(
+        "--search",
+        choices=["ivf", "exact"],
+        default="ivf",
+        help="the node's NODE_RECOMMEND_SEARCH (ivf is the default)",
+    )
 
 
 def main(argv: list[str] | None = None) -> BenchResult:

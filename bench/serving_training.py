@@ -88,7 +88,7 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=50_000)
     p.add_argument("--users", type=int, default=6000)
-    p.add_argument("--duration", type=float, default=8.0, help="seconds per load run")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     p.add_argument(
         "--epochs", type=int, default=3, help="local epochs (training must outlast the run)"
     )

@@ -93,43 +93,46 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor, block: int = 8192) -> tor
     return torch.cat(out)
 
 
-def allowed_per_cluster(index: IvfIndex, blocked: torch.Tensor) -> torch.Tensor:
-    """(c,) items per cluster that a filter combination leaves (cache it with the mask)."""
-    return torch.bincount(index.cluster_of[~blocked], minlength=index.num_clusters)
+@dataclass(frozen=True)
+class IvfView:
+    """The index restricted to the items one filter combination allows (cached per
+    combination): a request gathers and scores allowed items only."""
+
+    starts: torch.Tensor  # (c,) int64: first entry of each cluster in `positions`
+    sizes: torch.Tensor  # (c,) int64: allowed items per cluster
+    positions: torch.Tensor  # (m,) int64: allowed items' positions in the index, by cluster
+
+
+def ivf_view(index: IvfIndex, blocked: torch.Tensor) -> IvfView:
+    positions = torch.nonzero(~blocked[index.rows]).flatten()  # sorted: grouped by cluster
+    sizes = torch.bincount(index.cluster_of[index.rows[positions]], minlength=index.num_clusters)
+    return IvfView(starts=torch.cumsum(sizes, 0) - sizes, sizes=sizes, positions=positions)
 
 
 @torch.no_grad()
 def ivf_search(
     index: IvfIndex,
+    view: IvfView,
     user: torch.Tensor,  # (d + 1,)
     k: int,
     candidates: int,
-    blocked: torch.Tensor,  # (n,) bool, True = never recommend
-    allowed: torch.Tensor,  # (c,) from allowed_per_cluster(index, blocked)
-    exclude_rows: torch.Tensor | None = None,  # (e,) int64
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(scores, rows, complete): the best k allowed items among the clusters probed.
+    """(scores, rows, exhausted): the best k allowed items of the clusters probed, best
+    first, scored exactly.
 
     Clusters are taken by centroid score until they hold at least `candidates` allowed
-    items (all clusters when fewer exist). `complete` is False when fewer than k
-    allowed items were found although clusters were left unprobed: the caller then
-    falls back to exact search.
+    items; `exhausted` says every cluster was probed (the answer is then exact).
     """
     order = torch.argsort(user @ index.centroids_t, descending=True)  # (c,)
-    have = torch.cumsum(allowed[order], 0)
+    have = torch.cumsum(view.sizes[order], 0)
     enough = int(torch.searchsorted(have, torch.tensor([candidates])).item()) + 1
-    probe = order[: min(enough, order.numel())]
-    sizes = index.sizes[probe]
+    probe = order[:enough]
+    sizes = view.sizes[probe]
     ends = torch.cumsum(sizes, 0)
-    # Positions of every item of the probed clusters (contiguous runs in `rows`).
-    offsets = torch.repeat_interleave(index.starts[probe] - (ends - sizes), sizes)
-    positions = torch.arange(int(ends[-1].item())) + offsets
-    rows = index.rows[positions]
+    total = int(ends[-1].item())
+    # Entries of every probed cluster: contiguous runs in `view.positions`.
+    offsets = torch.repeat_interleave(view.starts[probe] - (ends - sizes), sizes, output_size=total)
+    positions = view.positions[torch.arange(total) + offsets]
     scores = index.vecs.index_select(0, positions) @ user  # (m,)
-    scores.masked_fill_(blocked[rows], float("-inf"))
-    if exclude_rows is not None and exclude_rows.numel():
-        scores.masked_fill_(torch.isin(rows, exclude_rows), float("-inf"))
-    top = torch.topk(scores, min(k, scores.numel()))
-    found = int(torch.isfinite(top.values).sum().item())
-    complete = found >= k or probe.numel() == order.numel()
-    return top.values, rows[top.indices], complete
+    top = torch.topk(scores, min(k, total))
+    return top.values, index.rows[positions[top.indices]], enough >= order.numel()

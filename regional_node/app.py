@@ -11,6 +11,7 @@ from typing import Annotated
 
 import torch
 from fastapi import Body, FastAPI, Query
+from fastapi.responses import JSONResponse, Response
 
 from regional_node import service
 from regional_node.deps import ApiKeyDep, RuntimeDep, SettingsDep, StoreDep
@@ -96,9 +97,10 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
             "recommendations; with no history at all the answer is regional popularity "
             "(`strategy: popularity`)."
         ),
+        response_model=RecommendResponse,
         responses=error_responses(401, 422),
     )
-    def get_recommend(
+    async def get_recommend(
         _: ApiKeyDep,
         store: StoreDep,
         runtime: RuntimeDep,
@@ -114,9 +116,13 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         gemstone: Annotated[str | None, Query(max_length=64)] = None,
         max_price: Annotated[float | None, Query(ge=0)] = None,
         min_price: Annotated[float | None, Query(ge=0)] = None,
-    ) -> RecommendResponse:
+    ) -> Response:
+        # On the event loop, not in the thread pool: the work is one indexed query and
+        # sub-millisecond tensor ops (popularity refreshes in the background), and the
+        # thread hop cost more than that. The answer is serialized as built: the schema
+        # above documents it.
         session = [s.strip() for s in (session_items or "").split(",") if s.strip()]
-        return service.recommend_for(
+        body = service.recommend_for(
             store,
             runtime,
             user_id=user_id,
@@ -131,6 +137,7 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
                 min_price=min_price,
             ),
         )
+        return JSONResponse(body)
 
     @app.get(
         "/v1/status",

@@ -1,4 +1,9 @@
-"""FastAPI dependencies of the node, in one place."""
+"""FastAPI dependencies of the node, in one place.
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, and a
+thread hop per dependency cost /v1/recommend more than its scoring. None of them
+blocks (state lookups and a constant-time key comparison).
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,17 @@ from regional_node.store import EventStore
 from shared.errors import Unauthorized
 
 
-def get_settings(request: Request) -> NodeSettings:
+async def get_settings(request: Request) -> NodeSettings:
     settings: NodeSettings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> EventStore:
+async def get_store(request: Request) -> EventStore:
     store: EventStore = request.app.state.store
     return store
 
 
-def get_runtime(request: Request) -> NodeRuntime:
+async def get_runtime(request: Request) -> NodeRuntime:
     runtime: NodeRuntime = request.app.state.runtime
     return runtime
 
@@ -36,7 +41,9 @@ RuntimeDep = Annotated[NodeRuntime, Depends(get_runtime)]
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="Storefront API key.")
 
 
-def require_api_key(settings: SettingsDep, key: Annotated[str | None, Depends(_api_key)]) -> None:
+async def require_api_key(
+    settings: SettingsDep, key: Annotated[str | None, Depends(_api_key)]
+) -> None:
     keys = settings.api_key_list
     if not keys and settings.allow_anonymous:
         return

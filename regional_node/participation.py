@@ -272,6 +272,10 @@ class Participant:
             catalog.items,
             catalog.inactive_item_ids,
             index,
+            ivf_clusters=self.settings.ivf_clusters
+            if self.settings.recommend_search == "ivf"
+            else None,
+            ivf_candidates=self.settings.ivf_candidates,
         )
         self._serving_catalog = catalog
         self._catalog_index = new_serving.catalog_index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from regional_node.participation import NodeRuntime
 from regional_node.recommender import Filters, candidate_mask, recommend
@@ -10,13 +11,7 @@ from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
 from shared.errors import PayloadTooLarge
 from shared.privacy_schemas import PrivacyStatus
-from shared.schemas import (
-    EventIn,
-    EventsAccepted,
-    NodeStatus,
-    RecommendedItem,
-    RecommendResponse,
-)
+from shared.schemas import EventIn, EventsAccepted, NodeStatus
 
 
 def ingest_events(
@@ -49,26 +44,27 @@ def recommend_for(
     country: str | None,
     session_items: Sequence[str],
     filters: Filters,
-) -> RecommendResponse:
+) -> dict[str, Any]:
+    """The `RecommendResponse` as a plain dict (the endpoint serializes it as it is:
+    building and re-validating the pydantic model cost more than the scoring)."""
     serving = runtime.serving  # one version for the whole request
     history: list[tuple[str, str]] = []
     purchased: set[str] = set()
     if user_id is not None:
         max_history = serving.model.config.max_history if serving else 50
-        events, purchased = store.user_context(user_id, max_history)
-        history = [(item, etype) for item, etype, _ts, _c in events]
+        history, purchased, last_country = store.recommend_context(user_id, max_history)
         if country is None:
-            country = next((c for *_, c in reversed(events) if c), None)
+            country = last_country
     history += [(item, "view") for item in session_items]
     exclude = sorted(purchased | set(session_items))
     if serving is not None and history:
         items = recommend(serving, history, country, k, filters, exclude)
-        return RecommendResponse(
-            user_id=user_id,
-            model_version=serving.version,
-            strategy="model",
-            items=[RecommendedItem(item_id=i, score=s) for i, s in items],
-        )
+        return {
+            "user_id": user_id,
+            "model_version": serving.version,
+            "strategy": "model",
+            "items": [{"item_id": i, "score": s} for i, s in items],
+        }
     # No history yet: regional popularity, still honouring filters and exclusions.
     ranked = store.popularity()
     excluded = set(exclude)
@@ -76,27 +72,27 @@ def recommend_for(
     if serving is not None:
         mask = candidate_mask(serving, filters, exclude)
         allowed = {serving.item_ids[i] for i in mask.nonzero().flatten().tolist()}
-    picks: list[RecommendedItem] = []
+    picks: list[dict[str, Any]] = []
     for item_id, score in ranked:
         if item_id in excluded or (allowed is not None and item_id not in allowed):
             continue
-        picks.append(RecommendedItem(item_id=item_id, score=score))
+        picks.append({"item_id": item_id, "score": score})
         if len(picks) == k:
             break
     if len(picks) < k and allowed is not None and serving is not None:
         # A new region with little data: fill with catalog items the filters allow.
-        chosen = {p.item_id for p in picks}
+        chosen = {p["item_id"] for p in picks}
         for item_id in serving.item_ids:
             if item_id in allowed and item_id not in chosen:
-                picks.append(RecommendedItem(item_id=item_id, score=0.0))
+                picks.append({"item_id": item_id, "score": 0.0})
                 if len(picks) == k:
                     break
-    return RecommendResponse(
-        user_id=user_id,
-        model_version=serving.version if serving else None,
-        strategy="popularity",
-        items=picks,
-    )
+    return {
+        "user_id": user_id,
+        "model_version": serving.version if serving else None,
+        "strategy": "popularity",
+        "items": picks,
+    }
 
 
 def node_status(settings: NodeSettings, store: EventStore, runtime: NodeRuntime) -> NodeStatus:

@@ -39,6 +39,22 @@ class NodeSettings(BaseSettings):
     update_topk_fraction: float = Field(
         default=0.01, gt=0, le=1, description="Share of entries a topk update keeps."
     )
+    recommend_search: Literal["ivf", "exact"] = Field(
+        default="ivf",
+        description="ivf: score only the items of the best k-means clusters of the item "
+        "vectors (built once per model version; recall@10 in docs/performance.md); exact: "
+        "score every item. Catalogs of at most 4 x NODE_IVF_CANDIDATES items are always "
+        "scored exactly.",
+    )
+    ivf_clusters: int = Field(
+        default=0, ge=0, description="IVF clusters per model version (0: about 2 x sqrt(items))."
+    )
+    ivf_candidates: int = Field(
+        default=2000,
+        ge=1,
+        description="IVF: clusters are probed, best centroid first, until they hold this "
+        "many items the request's filters allow; those are scored exactly.",
+    )
     holdout_eval: bool = Field(
         default=True, description="Hold out each user's last item to report held-out HR@10."
     )
