@@ -179,7 +179,8 @@ class Participant:
         started = time.monotonic()
         seen = self._round_seen or 0
         try:
-            rnd = await self.client.current_round(after=seen, wait=seconds)
+            # The coordinator waits at most 30 s per call; the rest is slept below.
+            rnd = await self.client.current_round(after=seen, wait=min(seconds, 30.0))
         except (httpx.HTTPError, CoordinatorError):
             rnd = None
         if rnd is not None and rnd.round_id > seen:
