@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-AggregationStrategy = Literal["fedavg", "clipped", "trimmed_mean", "median", "krum"]
+AggregationStrategy = Literal["fedavg", "fedavg_rows", "clipped", "trimmed_mean", "median", "krum"]
 
 
 class CoordinatorSettings(BaseSettings):
@@ -38,8 +38,12 @@ class CoordinatorSettings(BaseSettings):
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_num_examples: int = Field(default=100_000_000, ge=1)
     aggregation: AggregationStrategy = Field(
-        default="fedavg",
-        description="fedavg streams; the robust rules hold all of a round's updates in memory.",
+        default="fedavg_rows",
+        description=(
+            "fedavg_rows: FedAvg per embedding row over the nodes that changed the row "
+            "(a region's own rows are not diluted); fedavg: plain sample-weighted mean. "
+            "Both stream; the robust rules hold all of a round's updates in memory."
+        ),
     )
     clip_norm: float | None = Field(
         default=None, gt=0, description="clipped: L2 bound per update (unset: the round's median)."

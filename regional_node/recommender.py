@@ -37,6 +37,8 @@ class ServingModel:
     # (d, n) copy of item_vecs: u @ item_vecs_t reads memory in order, ~4x faster than
     # item_vecs @ u for a 50k-item catalog on one thread.
     item_vecs_t: torch.Tensor | None = None
+    # True when the weights are the global version fine-tuned on this node's events.
+    personalized: bool = False
     blocked_cache: FilterCache = field(default_factory=lambda: FilterCache())
 
     @property
@@ -51,6 +53,8 @@ def build_serving_model(
     state: StateDict,
     catalog: Sequence[CatalogItem],
     inactive_item_ids: Sequence[str] = (),
+    *,
+    personalized: bool = False,
 ) -> ServingModel:
     model = HybridTwoTower(config)
     model.load_state_dict(state, strict=True)
@@ -88,6 +92,7 @@ def build_serving_model(
         active=active,
         price=price,
         masks=masks,
+        personalized=personalized,
     )
 
 

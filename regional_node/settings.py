@@ -24,6 +24,12 @@ class NodeSettings(BaseSettings):
     batch_size: int = Field(default=256, ge=1, le=65536)
     num_negatives: int = Field(default=1024, ge=1)
     fedprox_mu: float = Field(default=0.0, ge=0)
+    personalize: bool = Field(
+        default=True,
+        description="Serve the global model fine-tuned on this region's events: the model "
+        "this node trained from the newest version in its round (no extra work), or a "
+        "fine-tune job when a version arrives that no open round will train on.",
+    )
     train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
     train_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness of the training worker process."
