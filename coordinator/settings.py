@@ -64,7 +64,8 @@ class CoordinatorSettings(BaseSettings):
     model_seed: int = 0
     secure_aggregation: bool = Field(
         default=False,
-        description="Accept only pairwise-masked updates (docs/privacy.md); the sum is unmasked.",
+        description="Accept only pairwise-masked updates (docs/privacy.md); the sum is unmasked, "
+        "so aggregation is the plain sample-weighted mean (robust rules are refused).",
     )
     migrate_on_start: bool = True
     bootstrap_nodes: str = Field(
@@ -84,6 +85,16 @@ class CoordinatorSettings(BaseSettings):
     def _target_at_least_min(self) -> CoordinatorSettings:
         if self.target_updates is not None and self.target_updates < self.min_updates:
             raise ValueError("TARGET_UPDATES must be >= MIN_UPDATES")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_sums_only(self) -> CoordinatorSettings:
+        # Masked updates can only be summed: a rule that looks at single updates cannot run.
+        if self.secure_aggregation and self.aggregation not in ("fedavg", "fedavg_rows"):
+            raise ValueError(
+                f"COORDINATOR_AGGREGATION={self.aggregation} needs individual updates; with "
+                "COORDINATOR_SECURE_AGGREGATION only the sum is visible (use fedavg)"
+            )
         return self
 
     @field_validator("bootstrap_nodes")

@@ -148,3 +148,13 @@ def test_strategy_from_settings() -> None:
     assert strategy_from_settings(CoordinatorSettings()).streaming
     with pytest.raises(ValueError):
         make_strategy("mean-ish")
+
+
+def test_secure_aggregation_refuses_rules_that_need_single_updates() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="only the sum is visible"):
+        CoordinatorSettings(secure_aggregation=True, aggregation="krum")
+    # The mean needs only the sum: allowed (fedavg_rows falls back to the plain mean).
+    assert CoordinatorSettings(secure_aggregation=True).aggregation == "fedavg_rows"
+    assert CoordinatorSettings(secure_aggregation=True, aggregation="fedavg").secure_aggregation
