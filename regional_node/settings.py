@@ -58,6 +58,12 @@ class NodeSettings(BaseSettings):
         default=False, description="Serve /v1/recommend and /v1/events without an API key."
     )
     max_events_per_batch: int = Field(default=10_000, ge=1)
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body (a POST /v1/events batch); a bigger one is refused "
+        "with 413 while it streams, before it is parsed.",
+    )
     backoff_max_seconds: float = Field(default=60.0, gt=0)
     # Privacy (docs/privacy.md).
     dp_enabled: bool = Field(default=False, description="DP-FedAvg with user-level clipping.")
