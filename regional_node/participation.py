@@ -262,8 +262,6 @@ class Participant:
         if outcome is None:
             log.info("no training examples yet; skipping round %s", round_id)
             return
-        if outcome.local_state is not None:
-            await self._serve_personalized(base_version, outcome.local_state)
         metrics = dict(outcome.metrics)
         if self.accountant is not None:
             await asyncio.to_thread(
@@ -309,6 +307,9 @@ class Participant:
         )
         self._mark_joined(round_id)
         self._insights_due = 0.0  # refresh the regional report with the round
+        if outcome.local_state is not None:
+            # After the upload, so serving the fine-tuned model never delays the round.
+            await self._serve_personalized(base_version, outcome.local_state)
         log.info(
             "submitted update to round %s (%d examples)",
             round_id,
