@@ -4,7 +4,8 @@ A federated simulation in one process on the synthetic market (same seed,
 same data, same training for every encoding): each round every region trains
 from the global model, packs its delta with the encoding (lossy encodings keep
 an error-feedback residual per region across rounds), the aggregator decodes
-and takes the example-weighted mean, exactly as the coordinator does. After the
+and takes the example-weighted mean per row (`fedavg_rows`, the coordinator's
+default), exactly as the coordinator does. After the
 last round the global model is evaluated leave-last-out (HR@10 over every
 region's users).
 
@@ -95,7 +96,7 @@ def simulate(
     residuals: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(fed.regions)
     sent_bytes = dense_bytes = 0
     for rnd in range(rounds):
-        acc = WeightedMeanAccumulator(dtype=None)
+        acc = WeightedMeanAccumulator(dtype=None, rowwise=True)  # the coordinator default
         for i, (region, examples) in enumerate(fed.regions.items()):
             if len(examples) == 0:
                 continue

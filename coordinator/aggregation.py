@@ -60,6 +60,22 @@ def check_compatible(
             raise UpdateMismatchError(f"parameter {name!r} contains NaN or Inf")
 
 
+_ROW_CHUNK = 4096
+
+
+def touched_rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows,) bool: which rows (first axis) of `t` hold any non-zero value.
+
+    Computed a few thousand rows at a time, so the temporary is small even for a
+    50k-row embedding table.
+    """
+    flat = t.reshape(t.shape[0], -1)
+    return torch.cat(
+        [chunk.ne(0).any(dim=1) for chunk in flat.split(_ROW_CHUNK)]
+        or [torch.zeros(0, dtype=torch.bool)]
+    )
+
+
 class WeightedMeanAccumulator:
     """Running Σ n_k · Δ_k and Σ n_k; `result()` gives Σ n_k/n · Δ_k.
 
@@ -67,12 +83,23 @@ class WeightedMeanAccumulator:
     tests, or None to sum in each parameter's own dtype, which halves the
     aggregator's memory (the coordinator's choice: float32 over 50 updates
     loses about 50 ulp, far below the noise of training).
+
+    `rowwise=True` is FedAvg per row ("fedavg_rows"): each row of a tensor with
+    two or more dimensions is divided by the examples of the updates that changed
+    that row, not by every update's. Embedding tables are sparse: the rows of a
+    region's countries, or of items only one region's shoppers touched, are left
+    exactly unchanged by the other nodes, and the plain mean shrinks such a row's
+    step by n_k/n (a 5% region moves its own country vector 5% of the way).
+    Dense layers are changed in every row by every node, so for them, and for
+    1-D tensors, it is plain FedAvg. A row no update changed stays unchanged.
     """
 
-    def __init__(self, *, dtype: torch.dtype | None = torch.float64) -> None:
+    def __init__(self, *, dtype: torch.dtype | None = torch.float64, rowwise: bool = False) -> None:
         self._sum: StateDict | None = None
         self._reference: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self._dtype = dtype
+        self._rowwise = rowwise
+        self._row_examples: dict[str, torch.Tensor] = {}  # name -> (rows,) float64
         self.total_examples = 0
         self.count = 0
 
@@ -94,28 +121,48 @@ class WeightedMeanAccumulator:
             )
             for name, value in update.items():
                 self._sum[name].add_(value.to(self._sum[name].dtype), alpha=num_examples)
+        if self._rowwise:
+            for name, value in update.items():
+                if value.dim() >= 2:
+                    rows = touched_rows(value).to(torch.float64).mul_(num_examples)
+                    seen = self._row_examples.get(name)
+                    self._row_examples[name] = rows if seen is None else seen.add_(rows)
         self.total_examples += num_examples
         self.count += 1
+
+    def _divide_(self, name: str, total: torch.Tensor) -> torch.Tensor:
+        """Σ n_k·Δ_k ÷ (Σ n_k, or per row the examples of the updates that changed it)."""
+        rows = self._row_examples.get(name)
+        if rows is None:
+            return total.div_(float(self.total_examples))
+        # Untouched rows have a zero sum; dividing them by 1 keeps them zero.
+        div = rows.clamp(min=1.0).to(total.dtype)
+        return total.div_(div.reshape(-1, *([1] * (total.dim() - 1))))
 
     def result(self) -> StateDict:
         if self._sum is None or self._reference is None:
             raise ValueError("no updates to aggregate")
-        n = float(self.total_examples)
-        return {k: (v / n).to(self._reference[k][1]) for k, v in self._sum.items()}
+        return {
+            k: self._divide_(k, v.clone()).to(self._reference[k][1]) for k, v in self._sum.items()
+        }
 
     def take_result(self) -> StateDict:
         """`result()` computed in place: no second model-sized buffer; the accumulator is spent."""
         if self._sum is None or self._reference is None:
             raise ValueError("no updates to aggregate")
-        n = float(self.total_examples)
-        out = {k: v.div_(n).to(self._reference[k][1]) for k, v in self._sum.items()}
+        out = {k: self._divide_(k, v).to(self._reference[k][1]) for k, v in self._sum.items()}
         self._sum = None
         return out
 
 
-def aggregate_weighted_mean(updates: Iterable[tuple[Mapping[str, torch.Tensor], int]]) -> StateDict:
-    """Sample-weighted FedAvg: Σ n_k/n · w_k over (weights, num_examples) pairs."""
-    acc = WeightedMeanAccumulator()
+def aggregate_weighted_mean(
+    updates: Iterable[tuple[Mapping[str, torch.Tensor], int]], *, rowwise: bool = False
+) -> StateDict:
+    """Sample-weighted FedAvg: Σ n_k/n · w_k over (weights, num_examples) pairs.
+
+    `rowwise=True`: per row, over the updates that changed the row (see
+    `WeightedMeanAccumulator`)."""
+    acc = WeightedMeanAccumulator(rowwise=rowwise)
     for update, num_examples in updates:
         acc.add(update, num_examples)
     return acc.result()
@@ -303,6 +350,14 @@ class FedAvg(AggregationStrategy):
         return aggregate_weighted_mean(updates)
 
 
+class RowwiseFedAvg(AggregationStrategy):
+    name = "fedavg_rows"
+    streaming = True
+
+    def aggregate(self, updates: Iterable[WeightedUpdate]) -> StateDict:
+        return aggregate_weighted_mean(updates, rowwise=True)
+
+
 class ClippedFedAvg(AggregationStrategy):
     name = "clipped"
 
@@ -344,7 +399,14 @@ class MultiKrum(AggregationStrategy):
         )
 
 
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "clipped", "trimmed_mean", "median", "krum")
+STRATEGY_NAMES: tuple[str, ...] = (
+    "fedavg",
+    "fedavg_rows",
+    "clipped",
+    "trimmed_mean",
+    "median",
+    "krum",
+)
 
 
 def make_strategy(
@@ -357,6 +419,8 @@ def make_strategy(
 ) -> AggregationStrategy:
     if name == "fedavg":
         return FedAvg()
+    if name == "fedavg_rows":
+        return RowwiseFedAvg()
     if name == "clipped":
         return ClippedFedAvg(max_norm=clip_norm)
     if name == "trimmed_mean":

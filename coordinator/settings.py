@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-AggregationStrategy = Literal["fedavg", "clipped", "trimmed_mean", "median", "krum"]
+AggregationStrategy = Literal["fedavg", "fedavg_rows", "clipped", "trimmed_mean", "median", "krum"]
 
 
 class CoordinatorSettings(BaseSettings):
@@ -38,8 +38,12 @@ class CoordinatorSettings(BaseSettings):
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_num_examples: int = Field(default=100_000_000, ge=1)
     aggregation: AggregationStrategy = Field(
-        default="fedavg",
-        description="fedavg streams; the robust rules hold all of a round's updates in memory.",
+        default="fedavg_rows",
+        description=(
+            "fedavg_rows: FedAvg per embedding row over the nodes that changed the row "
+            "(a region's own rows are not diluted); fedavg: plain sample-weighted mean. "
+            "Both stream; the robust rules hold all of a round's updates in memory."
+        ),
     )
     clip_norm: float | None = Field(
         default=None, gt=0, description="clipped: L2 bound per update (unset: the round's median)."
@@ -60,7 +64,8 @@ class CoordinatorSettings(BaseSettings):
     model_seed: int = 0
     secure_aggregation: bool = Field(
         default=False,
-        description="Accept only pairwise-masked updates (docs/privacy.md); the sum is unmasked.",
+        description="Accept only pairwise-masked updates (docs/privacy.md); the sum is unmasked, "
+        "so aggregation is the plain sample-weighted mean (robust rules are refused).",
     )
     migrate_on_start: bool = True
     bootstrap_nodes: str = Field(
@@ -80,6 +85,16 @@ class CoordinatorSettings(BaseSettings):
     def _target_at_least_min(self) -> CoordinatorSettings:
         if self.target_updates is not None and self.target_updates < self.min_updates:
             raise ValueError("TARGET_UPDATES must be >= MIN_UPDATES")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_sums_only(self) -> CoordinatorSettings:
+        # Masked updates can only be summed: a rule that looks at single updates cannot run.
+        if self.secure_aggregation and self.aggregation not in ("fedavg", "fedavg_rows"):
+            raise ValueError(
+                f"COORDINATOR_AGGREGATION={self.aggregation} needs individual updates; with "
+                "COORDINATOR_SECURE_AGGREGATION only the sum is visible (use fedavg)"
+            )
         return self
 
     @field_validator("bootstrap_nodes")

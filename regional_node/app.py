@@ -23,6 +23,7 @@ from regional_node.store import EventStore
 from shared.db import database_ready
 from shared.errors import error_responses, install_error_handlers
 from shared.schemas import EventIn, EventsAccepted, NodeStatus, RecommendResponse
+from shared.streaming import BodySizeLimit
 
 log = logging.getLogger("fedjewel.node")
 
@@ -66,6 +67,7 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
     app.state.settings = settings
     app.state.runtime = NodeRuntime()
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_operator_tools(app, app.state.runtime)
 
     @app.post(

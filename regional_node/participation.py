@@ -29,7 +29,7 @@ from regional_node.recommender import CatalogIndex, ServingModel, build_serving_
 from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
-from regional_node.trainer import TrainJob, prepare_worker, timed_train_job
+from regional_node.trainer import TrainJob, prepare_worker, run_train_job, timed_train_job
 from shared.dp_training import DPConfig
 from shared.insights_schemas import RegionReport
 from shared.model import ModelConfig
@@ -61,6 +61,7 @@ class NodeRuntime:
     training_refused: str | None = None
     insights_pushed_at: datetime | None = None
     update_residual: bytes | None = None  # error feedback of lossy update encodings
+    personalize_tried: tuple[int, str | None] | None = None  # (version, catalog etag)
 
 
 def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random) -> float:
@@ -205,6 +206,7 @@ class Participant:
             self._round_seen = max(self._round_seen or 0, rnd.round_id)
         if rnd is None or not self._wants(rnd):
             await self.sync_serving()
+            await self.personalize()  # no round will train on this version here
             return
         if self.settings.id in rnd.participants:
             self._mark_joined(rnd.round_id)
@@ -328,28 +330,17 @@ class Participant:
         if self.secagg is not None or s.dp_enabled:
             # Masking and DP noise work on the dense delta; lossy encodings would break them.
             encoding = "dense"
-        job = TrainJob(
-            database_url=s.database_url,
-            catalog=await self._catalog_blob(catalog),
-            base_weights=base.data,
-            model_config=meta.config,
-            train_config=TrainConfig(
-                epochs=s.local_epochs,
-                lr=s.dp_learning_rate if s.dp_enabled else s.learning_rate,
-                batch_size=s.batch_size,
-                num_negatives=s.num_negatives,
-                fedprox_mu=s.fedprox_mu,
-                seed=round_id,
-            ),
-            holdout_eval=s.holdout_eval,
-            min_users_for_metrics=s.min_users_for_metrics,
-            threads=s.train_threads,
+        job = self._train_job(
+            await self._catalog_blob(catalog),
+            base.data,
+            meta.config,
+            seed=round_id,
             dp=self._dp_config(),
-            dp_unit_key=os.urandom(32),
-            nice=s.train_nice,
             encoding=encoding,
-            topk_fraction=s.update_topk_fraction,
             residual=self.runtime.update_residual if encoding != "dense" else None,
+            # A DP node's round model carries noise: it personalizes with its own job.
+            keep_local=s.personalize and not s.dp_enabled,
+            holdout_eval=s.holdout_eval,
         )
         if not await self._within_budget(round_id):
             return
@@ -419,6 +410,9 @@ class Participant:
         )
         self._mark_joined(round_id)
         self._insights_refresh.set()  # refresh the regional report if events arrived
+        if outcome.local_state is not None:
+            # After the upload, so serving the fine-tuned model never delays the round.
+            await self._serve_personalized(base_version, outcome.local_state)
         log.info(
             "submitted update to round %s (%d examples; trained in %.2fs, %.2fs with the "
             "hand-over to the worker)",
@@ -428,6 +422,112 @@ class Participant:
             job_seconds,
             extra={"round_id": round_id, "node_id": s.id},
         )
+
+    def _train_job(
+        self,
+        catalog: bytes,
+        base_weights: bytes,
+        model_config: dict[str, object],
+        *,
+        seed: int,
+        dp: DPConfig | None,
+        encoding: str,
+        keep_local: bool,
+        holdout_eval: bool,
+        residual: bytes | None = None,
+    ) -> TrainJob:
+        s = self.settings
+        return TrainJob(
+            database_url=s.database_url,
+            catalog=catalog,
+            base_weights=base_weights,
+            model_config=model_config,
+            train_config=TrainConfig(
+                epochs=s.local_epochs,
+                lr=s.dp_learning_rate if dp is not None else s.learning_rate,
+                batch_size=s.batch_size,
+                num_negatives=s.num_negatives,
+                fedprox_mu=s.fedprox_mu,
+                seed=seed,
+            ),
+            holdout_eval=holdout_eval,
+            min_users_for_metrics=s.min_users_for_metrics,
+            threads=s.train_threads,
+            dp=dp,
+            dp_unit_key=os.urandom(32),
+            nice=s.train_nice,
+            encoding=encoding,
+            topk_fraction=s.update_topk_fraction,
+            residual=residual,
+            keep_local=keep_local,
+        )
+
+    # Personalization (docs/evaluation.md) -------------------------------------------------
+
+    async def personalize(self) -> None:
+        """Fine-tune the served global version on this region's events, once per version.
+
+        Runs only when no open round will train on the version here (the round's own
+        local model is served instead: no extra work). The fine-tuned weights never
+        leave the node.
+        """
+        rt, s = self.runtime, self.settings
+        serving, weights, catalog = rt.serving, rt.weights, rt.catalog
+        if not s.personalize or serving is None or weights is None or catalog is None:
+            return
+        if serving.personalized or weights.version != serving.version:
+            return
+        attempt = (serving.version, rt.catalog_etag)
+        if rt.personalize_tried == attempt:
+            return  # nothing to learn from yet, or it failed: wait for new data or a version
+        rt.personalize_tried = attempt
+        job = self._train_job(
+            await self._catalog_blob(catalog),
+            weights.data,
+            serving.model.config.model_dump(),
+            seed=serving.version,
+            dp=None,
+            encoding="dense",
+            keep_local=True,
+            holdout_eval=False,  # nothing is reported: train on every event
+        )
+        rt.training = True
+        try:
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(self._executor(), run_train_job, job)
+        finally:
+            rt.training = False
+        if outcome is not None and outcome.local_state is not None:
+            await self._serve_personalized(serving.version, outcome.local_state)
+
+    async def _serve_personalized(self, version: int, local_state: bytes) -> None:
+        """Swap in the fine-tuned weights if `version` is still the one being served."""
+        rt = self.runtime
+        current, catalog = rt.serving, rt.catalog
+        if current is None or catalog is None or current.version != version:
+            return  # a newer global version arrived meanwhile
+        new_serving = await asyncio.to_thread(
+            build_serving_model,
+            version,
+            sha256_hex(local_state),
+            current.model.config,
+            bytes_to_state(local_state),
+            catalog.items,
+            catalog.inactive_item_ids,
+            self._catalog_index if catalog is self._serving_catalog else None,
+            ivf_clusters=self.settings.ivf_clusters
+            if self.settings.recommend_search == "ivf"
+            else None,
+            ivf_candidates=self.settings.ivf_candidates,
+            personalized=True,
+        )
+        if rt.serving is current:
+            rt.serving = new_serving  # atomic reference swap
+            log.info(
+                "serving version %s fine-tuned on this region's events",
+                version,
+                extra={"model_version": version},
+            )
 
     # Privacy (docs/privacy.md) ------------------------------------------------------------
 

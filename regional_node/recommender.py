@@ -98,6 +98,8 @@ class ServingModel:
     # (d, n) copy of item_vecs: u @ item_vecs_t reads memory in order, ~4x faster than
     # item_vecs @ u for a 50k-item catalog on one thread.
     item_vecs_t: torch.Tensor | None = None
+    # True when the weights are the global version fine-tuned on this node's events.
+    personalized: bool = False
     blocked_cache: FilterCache[FilterPlan] = field(default_factory=lambda: FilterCache())
     catalog_index: CatalogIndex | None = None
     ivf: IvfIndex | None = None  # approximate search (regional_node/ann.py), None = exact
@@ -120,6 +122,7 @@ def build_serving_model(
     *,
     ivf_clusters: int | None = None,
     ivf_candidates: int = 2000,
+    personalized: bool = False,
 ) -> ServingModel:
     """The serving form of a version; `index` (same catalog) skips the catalog work.
 
@@ -143,6 +146,7 @@ def build_serving_model(
         clusters = ivf_clusters or default_clusters(item_vecs.shape[0])
         ivf = build_ivf(item_vecs, clusters, seed=version)
     return ServingModel(
+        personalized=personalized,
         ivf=ivf,
         ivf_candidates=ivf_candidates,
         item_vecs_t=item_vecs.T.contiguous(),

@@ -24,6 +24,12 @@ class NodeSettings(BaseSettings):
     batch_size: int = Field(default=256, ge=1, le=65536)
     num_negatives: int = Field(default=1024, ge=1)
     fedprox_mu: float = Field(default=0.0, ge=0)
+    personalize: bool = Field(
+        default=True,
+        description="Serve the global model fine-tuned on this region's events: the model "
+        "this node trained from the newest version in its round (no extra work), or a "
+        "fine-tune job when a version arrives that no open round will train on.",
+    )
     train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
     train_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness of the training worker process."
@@ -68,6 +74,12 @@ class NodeSettings(BaseSettings):
         default=False, description="Serve /v1/recommend and /v1/events without an API key."
     )
     max_events_per_batch: int = Field(default=10_000, ge=1)
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body (a POST /v1/events batch); a bigger one is refused "
+        "with 413 while it streams, before it is parsed.",
+    )
     backoff_max_seconds: float = Field(default=60.0, gt=0)
     # Privacy (docs/privacy.md).
     dp_enabled: bool = Field(default=False, description="DP-FedAvg with user-level clipping.")

@@ -51,6 +51,7 @@ class TrainJob:
     encoding: str = "dense"
     topk_fraction: float = 0.01
     residual: bytes | None = None  # error feedback carried from the previous round
+    keep_local: bool = False  # also return the trained weights (served when personalizing)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class TrainOutcome:
     metrics: dict[str, float]
     encoding: str = "dense"
     residual: bytes | None = None  # what a lossy encoding held back, for the next round
+    local_state: bytes | None = None  # the trained weights (TrainJob.keep_local); stay here
 
 
 def users_with_examples(sequences: dict[str, UserSequence]) -> int:
@@ -137,6 +139,7 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
         metrics=metrics,
         encoding=job.encoding,
         residual=residual,
+        local_state=state_to_bytes(new_state) if job.keep_local else None,
     )
 
 

@@ -147,7 +147,8 @@ def _experiment_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from shared.simulate import METHODS, SimulationConfig, load_dataset, run_simulation
+    from coordinator.aggregation import STRATEGY_NAMES
+    from shared.simulate import ALL_METHODS, SimulationConfig, load_dataset, run_simulation
 
     if args.attack:
         # Poisoning experiment: one hostile region, clean vs attacked, per strategy.
@@ -170,10 +171,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.aggregation:
+        if args.aggregation not in STRATEGY_NAMES:
+            console.print(
+                f"[red]unknown aggregation {args.aggregation!r}; choose one of "
+                + ", ".join(STRATEGY_NAMES)
+            )
+            return 2
+        overrides["aggregation"] = args.aggregation
+    if args.no_personalize:
+        overrides["personalize"] = False
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        console.print(f"[red]unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        console.print(f"[red]unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
         return 2
     config = SimulationConfig(
         rounds=args.rounds,
@@ -334,7 +345,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shared.simulate import METHODS, SimulationConfig
+    from shared.simulate import ALL_METHODS, SimulationConfig
 
     defaults = SimulationConfig()
     parser = argparse.ArgumentParser(
@@ -373,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", help="write results as JSON to this file")
     sim.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)}",
+        default=",".join(ALL_METHODS),
+        help=f"comma-separated subset of {','.join(ALL_METHODS)}",
     )
     sim.add_argument("--embedding-dim", type=int, dest="embedding_dim")
     sim.add_argument("--lr", type=float)
@@ -389,7 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--aggregation",
-        help="with --attack: comma-separated strategies (fedavg,clipped,trimmed_mean,median,krum)",
+        help="the coordinator strategy the federated method uses (default "
+        f"{defaults.aggregation}); with --attack: a comma-separated list to compare",
+    )
+    sim.add_argument(
+        "--no-personalize",
+        action="store_true",
+        help="rank every region with the global model (federated = federated_global)",
     )
     sim.add_argument(
         "--dp-epsilon",

@@ -374,6 +374,7 @@ class NodeStatus(BaseModel):
                     "node_id": "eu-1",
                     "region": "EU",
                     "model_version": 3,
+                    "model_personalized": True,
                     "last_round_joined": 2,
                     "event_count": 184220,
                     "coordinator_reachable": True,
@@ -389,6 +390,11 @@ class NodeStatus(BaseModel):
     node_id: str
     region: str
     model_version: int | None
+    model_personalized: bool = Field(
+        default=False,
+        description="The served weights are model_version fine-tuned on this region's events "
+        "(NODE_PERSONALIZE); false: the global version as published.",
+    )
     last_round_joined: int | None
     event_count: int
     coordinator_reachable: bool

@@ -8,7 +8,12 @@ the same way (full catalog minus the user's training items, see
 * ``local_only``  - each region trains the hybrid model alone on its own data;
 * ``federated``   - the regions as nodes: every round each trains from the global
   weights and sends a delta; deltas are combined with the coordinator's own
-  aggregation functions (`coordinator.aggregation`);
+  aggregation (`coordinator.aggregation`, default strategy ``fedavg_rows``). Each
+  region's users are ranked by what its node serves: the model it trained in the
+  last round from the global weights (the global model plus one local epoch,
+  `NODE_PERSONALIZE`); no extra training beyond the rounds;
+* ``federated_global`` - the same run's final global model, served unchanged to
+  every region (reported beside ``federated``; not one of the issue's five methods);
 * ``centralized`` - all regions' data pooled (the privacy-free upper reference);
 * ``als``         - implicit-feedback ALS from the `implicit` library (0.7.x), trained
   centrally: the off-the-shelf alternative.
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.aggregation import aggregate_weighted_mean, apply_delta, compute_delta
+from coordinator.aggregation import apply_delta, compute_delta, make_strategy
 from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
@@ -48,6 +53,9 @@ from shared.training import (
 )
 
 METHODS: tuple[str, ...] = ("popularity", "local_only", "federated", "centralized", "als")
+# Computed from the same training run as "federated" when both are asked for.
+EXTRA_METHODS: tuple[str, ...] = ("federated_global",)
+ALL_METHODS: tuple[str, ...] = METHODS + EXTRA_METHODS
 NO_REGION = "all"  # region of every user when events.csv has no region column
 
 # Confidence per event type for ALS (implicit feedback: stronger events weigh more).
@@ -69,13 +77,15 @@ class SimulationConfig:
     batch_size: int = TrainConfig.batch_size
     num_negatives: int = TrainConfig.num_negatives
     fedprox_mu: float = TrainConfig.fedprox_mu
+    aggregation: str = "fedavg_rows"  # the coordinator's default strategy
+    personalize: bool = True  # rank each region with its node's last local model
     # Best of a small grid on the default market (factors 8-64, regularization 0.05-5,
     # alpha 1-40), chosen on the evaluation split itself: a generous reference.
     als_factors: int = 8
     als_iterations: int = 15
     als_regularization: float = 0.1
     als_alpha: float = 2.0
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ALL_METHODS
     threads: int | None = None
 
     def train_config(self, epochs: int, seed: int, *, fedprox: bool = False) -> TrainConfig:
@@ -285,14 +295,23 @@ def _offset_progress(
     return lambda step, _steps, _loss: progress(stage, offset + step, total)
 
 
+@dataclass
+class FederatedRun:
+    """The final global model and each region's model from the last round."""
+
+    global_model: HybridTwoTower
+    local_states: dict[str, dict[str, torch.Tensor]]  # region -> its last local weights
+
+
 def train_federated(
     data: Dataset,
     config: SimulationConfig,
     progress: ProgressFn | None = None,
     *,
     on_round: Callable[[int, HybridTwoTower], None] | None = None,
-) -> HybridTwoTower:
-    """FedAvg over the regions, with the coordinator's aggregation; returns the final model."""
+) -> FederatedRun:
+    """Rounds over the regions, aggregated with the coordinator's strategy `config.aggregation`."""
+    strategy = make_strategy(config.aggregation)
     global_model = _fresh_model(data, config)
     state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
     per_region = [
@@ -302,10 +321,11 @@ def train_federated(
     total_steps = sum(
         math.ceil(len(ex) / config.batch_size) * config.local_epochs for _, ex in per_region
     )
+    local_states: dict[str, dict[str, torch.Tensor]] = {}
     for rnd in range(config.rounds):
         done = 0
         updates: list[tuple[dict[str, torch.Tensor], int]] = []
-        for i, (_region, examples) in enumerate(per_region):
+        for i, (region, examples) in enumerate(per_region):
             if not len(examples):
                 continue
             local = HybridTwoTower(global_model.config)
@@ -323,21 +343,65 @@ def train_federated(
             )
             done += result.steps
             new_state = {k: v.detach().clone() for k, v in local.state_dict().items()}
+            local_states[region] = new_state
             updates.append((compute_delta(new_state, state), result.num_examples))
         if updates:
-            state = apply_delta(state, aggregate_weighted_mean(updates))
+            state = apply_delta(
+                state, strategy.aggregate(updates if not strategy.streaming else iter(updates))
+            )
         global_model.load_state_dict(state)
         if on_round is not None:
             on_round(rnd + 1, global_model)
     global_model.eval()
-    return global_model
+    return FederatedRun(global_model, local_states)
+
+
+def rank_personalized(data: Dataset, run: FederatedRun) -> dict[str, int]:
+    """Each region's users ranked by its own last local model (the global one if it had none)."""
+    ranks: dict[str, int] = {}
+    for region in data.regions:
+        state = run.local_states.get(region)
+        model = run.global_model
+        if state is not None:
+            model = HybridTwoTower(run.global_model.config)
+            model.load_state_dict(state)
+        train, held = _subset(data, data.users_of(region))
+        ranks.update(rank_held_out(model, data.features, train, held))
+    return ranks
+
+
+class _FederatedRanker:
+    """`federated` and `federated_global` from one training run (one per simulation)."""
+
+    def __init__(self) -> None:
+        self._run: FederatedRun | None = None
+
+    def run(
+        self, data: Dataset, config: SimulationConfig, progress: ProgressFn | None
+    ) -> FederatedRun:
+        if self._run is None:
+            self._run = train_federated(data, config, progress)
+        return self._run
+
+    def personalized(
+        self, data: Dataset, config: SimulationConfig, progress: ProgressFn | None = None
+    ) -> dict[str, int]:
+        run = self.run(data, config, progress)
+        if not config.personalize:
+            return rank_held_out(run.global_model, data.features, data.train, data.held_out)
+        return rank_personalized(data, run)
+
+    def global_only(
+        self, data: Dataset, config: SimulationConfig, progress: ProgressFn | None = None
+    ) -> dict[str, int]:
+        run = self.run(data, config, progress)
+        return rank_held_out(run.global_model, data.features, data.train, data.held_out)
 
 
 def rank_federated(
     data: Dataset, config: SimulationConfig, progress: ProgressFn | None = None
 ) -> dict[str, int]:
-    model = train_federated(data, config, progress)
-    return rank_held_out(model, data.features, data.train, data.held_out)
+    return _FederatedRanker().personalized(data, config, progress)
 
 
 def rank_centralized(
@@ -408,13 +472,19 @@ def rank_als(
     return rank_with_scores(scorer, data.train, data.held_out)
 
 
-_RANKERS: dict[str, Callable[[Dataset, SimulationConfig, ProgressFn | None], dict[str, int]]] = {
-    "popularity": lambda d, _c, _p: rank_popularity(d),
-    "local_only": rank_local_only,
-    "federated": rank_federated,
-    "centralized": rank_centralized,
-    "als": rank_als,
-}
+Ranker = Callable[[Dataset, SimulationConfig, ProgressFn | None], dict[str, int]]
+
+
+def _rankers() -> dict[str, Ranker]:
+    federated = _FederatedRanker()  # one training run serves both federated methods
+    return {
+        "popularity": lambda d, _c, _p: rank_popularity(d),
+        "local_only": rank_local_only,
+        "federated": federated.personalized,
+        "federated_global": federated.global_only,
+        "centralized": rank_centralized,
+        "als": rank_als,
+    }
 
 
 @dataclass
@@ -434,9 +504,10 @@ def run_simulation(
     progress: ProgressFn | None = None,
     data: Dataset | None = None,
 ) -> SimulationReport:
-    unknown = [m for m in config.methods if m not in _RANKERS]
+    rankers = _rankers()
+    unknown = [m for m in config.methods if m not in rankers]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -458,7 +529,7 @@ def run_simulation(
     )
     for method in config.methods:
         start = time.perf_counter()
-        ranks = _RANKERS[method](data, config, progress)
+        ranks = rankers[method](data, config, progress)
         report.seconds[method] = time.perf_counter() - start
         report.results[method] = summarize(ranks, data, config)
     return report

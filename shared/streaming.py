@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import PayloadTooLarge
 
@@ -39,3 +42,80 @@ async def read_body_capped(request: Request, max_bytes: int) -> bytearray:
     if filled != expected:
         del buf[filled:]  # the client sent less than it declared: keep what came
     return buf
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` with 413, while streaming.
+
+    FastAPI reads a JSON body whole before validating it, so without this a client can
+    make the server buffer any amount. A declared Content-Length over the cap is
+    refused before reading; a chunked body is counted as it arrives and cut off as
+    soon as it passes the cap. Paths in `exempt` (endpoints that cap their own
+    streaming, like update uploads) are passed through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or any(path.startswith(p) for p in self.exempt):
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                detail = f"body of {int(value)} bytes exceeds the limit of {limit} bytes"
+                await self._refuse(send, detail)
+                return
+        seen = 0
+        exceeded = False
+        refused = False
+
+        async def counted_receive() -> Message:
+            nonlocal seen, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal refused
+            if not exceeded:
+                await send(message)
+            elif not refused:
+                # The framework turned the cut-off read into its own error: answer 413.
+                refused = True
+                await self._refuse(send, f"body exceeds the limit of {limit} bytes")
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except _BodyTooLarge:
+            if not refused:
+                refused = True
+                await self._refuse(send, f"body exceeds the limit of {limit} bytes")
+
+    @staticmethod
+    async def _refuse(send: Send, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -129,12 +129,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Share of item rows whose id embedding is dropped per step, so the content tower
     # learns to rank alone: the vector a brand-new item gets. 0 disables it.
-    id_dropout: float = 0.0
+    id_dropout: float = 0.4
     seed: int = 0
     max_steps: int | None = None
     # Catalogs up to this size compute every item vector once per step instead of
     # gathering the batch's rows (faster on CPU below ~10k items; same gradients).
     full_catalog_rows: int = 10_000
+    # Where sampled negatives come from: "seen" = items that occur in this node's
+    # examples (an item nobody interacted with is never pushed down, so a new item
+    # keeps the content-only score its id-less vector gives it), "catalog" = every row.
+    negatives_from: str = "seen"
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ def train_local(
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model.train()
     num_rows = features.num_items
+    neg_pool = _negative_pool(examples, num_rows, config.negatives_from)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -193,14 +198,13 @@ def train_local(
                     keep = torch.rand(num_rows, generator=g) >= config.id_dropout
                 vecs = model.item_vectors(features, id_keep=keep)  # (num_rows, d)
                 users = model.user_vectors(vecs[hist], types, countries)  # (b, d)
-                if config.num_negatives >= num_rows:
+                if neg_pool is None and config.num_negatives >= num_rows:
                     loss = F.cross_entropy(users @ vecs.T, target)  # full softmax
                 else:
-                    neg = torch.randint(0, num_rows, (config.num_negatives,), generator=g)
+                    neg = _sample_negatives(neg_pool, num_rows, config.num_negatives, g)
                     loss = sampled_softmax_loss(users, vecs[target], vecs[neg], target, neg)
             else:
-                k = min(config.num_negatives, num_rows)
-                neg = torch.randint(0, num_rows, (k,), generator=g)
+                neg = _sample_negatives(neg_pool, num_rows, config.num_negatives, g)
                 rows, inverse = torch.unique(
                     torch.cat([hist.reshape(-1), target, neg]), return_inverse=True
                 )
@@ -230,6 +234,25 @@ def train_local(
             break
     model.eval()
     return TrainResult(loss=epoch_loss, num_examples=n, steps=step)
+
+
+def _negative_pool(examples: Examples, num_rows: int, source: str) -> torch.Tensor | None:
+    """Rows negatives are drawn from; None means the whole catalog."""
+    if source == "catalog":
+        return None
+    if source != "seen":
+        raise ValueError(f"negatives_from must be 'seen' or 'catalog', not {source!r}")
+    rows = torch.cat([examples.target, examples.history[examples.history_types > 0]])
+    pool = torch.unique(rows[rows < num_rows])
+    return pool if pool.numel() < num_rows else None
+
+
+def _sample_negatives(
+    pool: torch.Tensor | None, num_rows: int, k: int, g: torch.Generator
+) -> torch.Tensor:
+    if pool is None:
+        return torch.randint(0, num_rows, (min(k, num_rows),), generator=g)
+    return pool[torch.randint(0, pool.numel(), (min(k, pool.numel()),), generator=g)]
 
 
 @torch.no_grad()

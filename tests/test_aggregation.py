@@ -131,7 +131,7 @@ def test_strategies_share_validation() -> None:
 
 def test_all_strategies_agree_on_identical_updates() -> None:
     same = [(upd([1.5, -2], 0.25), n) for n in (1, 2, 3, 4, 5)]
-    for name in ("fedavg", "clipped", "trimmed_mean", "median", "krum"):
+    for name in ("fedavg", "fedavg_rows", "clipped", "trimmed_mean", "median", "krum"):
         out = make_strategy(name).aggregate(same)
         assert torch.equal(out["w"], torch.tensor([1.5, -2.0])), name
         assert torch.equal(out["b"], torch.tensor([0.25])), name
@@ -148,3 +148,13 @@ def test_strategy_from_settings() -> None:
     assert strategy_from_settings(CoordinatorSettings()).streaming
     with pytest.raises(ValueError):
         make_strategy("mean-ish")
+
+
+def test_secure_aggregation_refuses_rules_that_need_single_updates() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="only the sum is visible"):
+        CoordinatorSettings(secure_aggregation=True, aggregation="krum")
+    # The mean needs only the sum: allowed (fedavg_rows falls back to the plain mean).
+    assert CoordinatorSettings(secure_aggregation=True).aggregation == "fedavg_rows"
+    assert CoordinatorSettings(secure_aggregation=True, aggregation="fedavg").secure_aggregation

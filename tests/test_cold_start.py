@@ -36,7 +36,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServingModel, lis
     out = tmp_path_factory.mktemp("cold-market")
     generate_market(out, seed=11, regions=3, users=400, items=160)
     data = load_dataset(out)
-    model: HybridTwoTower = train_federated(data, SimulationConfig(rounds=2, local_epochs=1))
+    model: HybridTwoTower = train_federated(
+        data, SimulationConfig(rounds=2, local_epochs=1)
+    ).global_model
     catalog = read_catalog_csv(out / "catalog.csv")
     serving = build_serving_model(1, "test", model.config, model.state_dict(), catalog)
     return serving, catalog

@@ -30,6 +30,7 @@ def test_three_nodes_three_rounds(db_url: str, tmp_path: Path) -> None:
                 "COORDINATOR_ROUND_DEADLINE_SECONDS": "120",
                 "COORDINATOR_ROUND_CHECK_SECONDS": "0.2",
                 "COORDINATOR_EMBEDDING_DIM": "16",
+                "COORDINATOR_MAX_ROUNDS": "3",
             },
             log_path=tmp_path / "coordinator.log",
         ).start()
@@ -103,6 +104,21 @@ def test_three_nodes_three_rounds(db_url: str, tmp_path: Path) -> None:
             assert body["strategy"] == "model" and body["model_version"] >= newest
             status = httpx.get(n.url + "/v1/status").json()
             assert status["last_round_joined"] is not None and status["event_count"] > 0
+
+        # No round trains on the last version, so each node fine-tunes it on its own
+        # events (NODE_PERSONALIZE) and serves that; the weights never leave the node.
+        assert latest() == newest == 4
+        wait_for(
+            lambda: all(
+                httpx.get(n.url + "/v1/status").json()["model_personalized"] for n in nodes
+            ),
+            120,
+            "every node to serve the last version fine-tuned on its region",
+            procs,
+        )
+        for n in nodes:
+            status = httpx.get(n.url + "/v1/status").json()
+            assert status["model_version"] == 4 and status["training"] is False
 
         _assert_no_private_data(db_url)
     finally:

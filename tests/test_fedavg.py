@@ -78,3 +78,41 @@ def test_delta_round_trip() -> None:
 def test_weighted_metrics() -> None:
     out = weighted_metrics([({"loss": 1.0, "hr@10": 0.5}, 1), ({"loss": 4.0}, 3)])
     assert out == {"loss": 3.25, "hr@10": 0.5}
+
+
+def test_rowwise_mean_divides_each_row_by_the_updates_that_changed_it() -> None:
+    # Two "regions": each changes its own row of a table, both change row 1 and the bias.
+    a = {"table": torch.tensor([[2.0, 4.0], [1.0, 1.0], [0.0, 0.0]]), "bias": torch.tensor([1.0])}
+    b = {"table": torch.tensor([[0.0, 0.0], [4.0, 4.0], [6.0, 0.0]]), "bias": torch.tensor([4.0])}
+    out = aggregate_weighted_mean([(a, 1), (b, 3)], rowwise=True)
+    # Row 0: only a changed it -> a's value, undiluted (plain FedAvg: 1/4 of it).
+    assert torch.equal(out["table"][0], torch.tensor([2.0, 4.0]))
+    # Row 1: both -> (1 * 1 + 3 * 4) / 4.
+    assert torch.equal(out["table"][1], torch.tensor([3.25, 3.25]))
+    # Row 2: only b; a zero entry inside a changed row still counts as changed.
+    assert torch.equal(out["table"][2], torch.tensor([6.0, 0.0]))
+    # 1-D tensors are plain FedAvg.
+    assert torch.equal(out["bias"], torch.tensor([3.25]))
+    plain = aggregate_weighted_mean([(a, 1), (b, 3)])
+    assert torch.equal(plain["table"][0], torch.tensor([0.5, 1.0]))
+
+
+def test_rowwise_untouched_rows_stay_zero_and_in_place_result_agrees() -> None:
+    torch.manual_seed(0)
+    updates = []
+    for k in range(3):
+        t = torch.zeros(50, 4)
+        t[k * 10 : k * 10 + 15] = torch.randn(15, 4)  # overlapping row ranges, rows 35+ untouched
+        updates.append(({"t": t, "w": torch.randn(4, 4)}, k + 1))
+    acc = WeightedMeanAccumulator(dtype=None, rowwise=True)
+    for u, n in updates:
+        acc.add(u, n)
+    expected = acc.result()
+    assert torch.equal(expected["t"][35:], torch.zeros(15, 4))
+    # Dense tensors (every row changed by every update) equal plain FedAvg.
+    assert torch.allclose(expected["w"], aggregate_weighted_mean(updates)["w"])
+    taken = acc.take_result()
+    assert torch.allclose(taken["t"], expected["t"]) and torch.allclose(taken["w"], expected["w"])
+    # Rows 10-14 were changed by updates 0 and 1 only: weights 1 and 2.
+    want = (updates[0][0]["t"][10:15] * 1 + updates[1][0]["t"][10:15] * 2) / 3
+    assert torch.allclose(expected["t"][10:15], want)

@@ -11,7 +11,7 @@ import torch
 
 from shared.cli import main
 from shared.market import generate_market
-from shared.simulate import METHODS, SimulationConfig, load_dataset, run_simulation
+from shared.simulate import ALL_METHODS, SimulationConfig, load_dataset, run_simulation
 
 # Small enough for CI, large enough that the margins below are not luck.
 USERS, ITEMS, REGIONS = 1500, 300, 4
@@ -130,4 +130,4 @@ def test_runs_on_a_market_without_region_column_or_attributes(tmp_path: Path) ->
     assert report.config["regions"] == {"all": 40}
     assert report.config["skipped_events"] == 1
     assert report.results["federated"]["overall"]["users"] == 40
-    assert set(METHODS) >= set(report.results)
+    assert set(ALL_METHODS) >= set(report.results)

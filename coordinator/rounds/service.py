@@ -395,10 +395,10 @@ def _close_round(
         # Only the sum is ever decoded: individual payloads stay masked.
         delta, total_examples, count = secure_mean_delta(session, r.id, base_state)
         new_state = apply_delta(base_state, delta)
-    elif settings.aggregation == "fedavg":
+    elif settings.aggregation in ("fedavg", "fedavg_rows"):
         # Streaming FedAvg: one payload at a time, read in slices into one buffer
         # allocated once, summed in float32 (one model of memory, not two).
-        acc = WeightedMeanAccumulator(dtype=None)
+        acc = WeightedMeanAccumulator(dtype=None, rowwise=settings.aggregation == "fedavg_rows")
         buffer = bytearray(max((int(row.size_bytes) for row in rows), default=0))
         for update_id, _node_id, num_examples, _metrics, encoding, size in rows:
             payload = read_update_payload(session, update_id, int(size), buffer)
