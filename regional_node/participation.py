@@ -98,6 +98,8 @@ class Participant:
         self._round_seen: int | None = None  # newest open round seen (long-poll `after`)
         self._insights_refresh = asyncio.Event()
         self._insights_event_id: int | None = None  # newest event in the last report
+        # (base version, fine-tuned weights) of the last round's training, to serve.
+        self._personal_pending: tuple[int, bytes] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -232,6 +234,9 @@ class Participant:
                 await serving
             raise
         await serving
+        pending, self._personal_pending = self._personal_pending, None
+        if pending is not None:
+            await self._serve_personalized(*pending)
 
     def _mark_joined(self, round_id: int) -> None:
         self.runtime.rounds_joined.add(round_id)
@@ -411,8 +416,10 @@ class Participant:
         self._mark_joined(round_id)
         self._insights_refresh.set()  # refresh the regional report if events arrived
         if outcome.local_state is not None:
-            # After the upload, so serving the fine-tuned model never delays the round.
-            await self._serve_personalized(base_version, outcome.local_state)
+            # Served by `step` after the upload and after the serving model caught up
+            # with this version, so it never delays the round and is never replaced
+            # by the plain global version built beside the training.
+            self._personal_pending = (base_version, outcome.local_state)
         log.info(
             "submitted update to round %s (%d examples; trained in %.2fs, %.2fs with the "
             "hand-over to the worker)",
