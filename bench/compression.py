@@ -12,12 +12,19 @@ region's users).
 Figures per encoding: bytes ÷ dense (mean over all updates) and HR@10 change
 relative to dense. Goal: a mode with ≤ 0.1x dense bytes and ≤ 1% relative loss.
 
-`python -m bench.compression [--rounds 5] [--users 4000] [--items 1500] [--json out.json]`
+One market and one training seed measure HR@10 on ~3,500 users, whose standard
+error (~3 % relative) is larger than the goal; so the benchmark repeats the whole
+comparison on several seeds (a fresh market and training seed each) and reports
+the mean relative change, with the per-seed values beside it.
+
+`python -m bench.compression [--seeds 1,2,3] [--rounds 5] [--users 4000] [--items 1500]
+[--json out.json]`
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,43 +142,73 @@ MODES = (
     Mode("sign, no EF", "sign", feedback=False),
     Mode("topk 10% + EF", "topk", 0.10),
     Mode("topk 3% + EF", "topk", 0.03),
+    Mode("topk8 20% + EF", "topk8", 0.20),
+    Mode("topk8 10% + EF", "topk8", 0.10),
 )
+QUICK_MODES = ("dense", "sign + EF", "topk8 20% + EF")
 
 
 def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
     users = 400 if args.quick else args.users
     items = 300 if args.quick else args.items
     rounds = 2 if args.quick else args.rounds
-    modes = MODES[:1] + MODES[3:4] + MODES[6:7] if args.quick else MODES
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    if args.quick:
+        seeds = seeds[:1]
+    modes = [m for m in MODES if m.name in QUICK_MODES] if args.quick else list(MODES)
     torch.set_num_threads(1)
     result = BenchResult(
         "compression",
-        {"users": users, "items": items, "rounds": rounds, "epochs": args.epochs, "dim": args.dim},
+        {
+            "users": users,
+            "items": items,
+            "rounds": rounds,
+            "epochs": args.epochs,
+            "dim": args.dim,
+            "seeds": seeds,
+        },
     )
-    fed = build_federation(workdir, users=users, items=items, dim=args.dim, seed=args.seed)
-    result.config["eval_users"] = len(fed.held_out)
-    runs = {
-        m.name: simulate(fed, m, rounds=rounds, epochs=args.epochs, seed=args.seed) for m in modes
-    }
-    dense_hr = runs["dense"]["hr@10"]
-    result.add("dense HR@10", dense_hr)
-    for name, run in runs.items():
-        result.rows.append({"mode": name, **run})
+    # runs[mode][i]: the mode's figures on seeds[i].
+    runs: dict[str, list[dict[str, float]]] = {m.name: [] for m in modes}
+    eval_users = []
+    for seed in seeds:
+        fed = build_federation(
+            workdir / f"seed-{seed}", users=users, items=items, dim=args.dim, seed=seed
+        )
+        eval_users.append(len(fed.held_out))
+        for m in modes:
+            runs[m.name].append(simulate(fed, m, rounds=rounds, epochs=args.epochs, seed=seed))
+    result.config["eval_users"] = eval_users
+    dense = runs["dense"]
+    result.add("dense HR@10 (mean over seeds)", statistics.fmean(r["hr@10"] for r in dense))
+    best = []
+    for name, per_seed in runs.items():
+        changes = [
+            (r["hr@10"] - d["hr@10"]) / d["hr@10"] if d["hr@10"] > 0 else 0.0
+            for r, d in zip(per_seed, dense, strict=True)
+        ]
+        loss = -statistics.fmean(changes)
+        ratio = statistics.fmean(r["bytes_ratio"] for r in per_seed)
+        result.rows.append(
+            {
+                "mode": name,
+                "bytes_ratio": ratio,
+                "hr@10": statistics.fmean(r["hr@10"] for r in per_seed),
+                "relative_change": -loss,
+                "per_seed_change": changes,
+            }
+        )
         if name == "dense":
             continue
-        loss = (dense_hr - run["hr@10"]) / dense_hr if dense_hr > 0 else 0.0
-        result.add(f"{name}: bytes ÷ dense", run["bytes_ratio"])
+        result.add(f"{name}: bytes ÷ dense", ratio)
         result.add(
             f"{name}: HR@10 relative loss",
             loss,
             goal="<= 0.01",
-            note=f"HR@10 {run['hr@10']:.4f}",
+            note="per seed " + " / ".join(f"{c:+.1%}" for c in changes),
         )
-    best = [
-        n
-        for n, r in runs.items()
-        if r["bytes_ratio"] <= 0.1 and (dense_hr - r["hr@10"]) <= 0.01 * dense_hr
-    ]
+        if ratio <= 0.1 and loss <= 0.01:
+            best.append(name)
     result.add(
         "modes with ≤0.1x bytes and ≤1% HR@10 loss",
         len(best),
@@ -187,7 +224,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--seeds", default="1,2,3", help="comma-separated market + training seeds to average"
+    )
 
 
 def main(argv: list[str] | None = None) -> BenchResult:

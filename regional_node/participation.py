@@ -30,6 +30,7 @@ from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
 from regional_node.trainer import TrainJob, prepare_worker, run_train_job, timed_train_job
+from shared.compression import default_topk_fraction
 from shared.dp_training import DPConfig
 from shared.insights_schemas import RegionReport
 from shared.model import ModelConfig
@@ -464,7 +465,7 @@ class Participant:
             dp_unit_key=os.urandom(32),
             nice=s.train_nice,
             encoding=encoding,
-            topk_fraction=s.update_topk_fraction,
+            topk_fraction=s.update_topk_fraction or default_topk_fraction(encoding),
             residual=residual,
             keep_local=keep_local,
         )

@@ -37,13 +37,17 @@ class NodeSettings(BaseSettings):
     serve_threads: int = Field(
         default=1, ge=1, le=64, description="torch threads of the serving process."
     )
-    update_encoding: Literal["dense", "float16", "int8", "topk", "sign"] = Field(
+    update_encoding: Literal["dense", "float16", "int8", "topk", "topk8", "sign"] = Field(
         default="dense",
         description="How updates are packed; falls back to dense when the coordinator "
         "does not list it in supported_encodings.",
     )
-    update_topk_fraction: float = Field(
-        default=0.01, gt=0, le=1, description="Share of entries a topk update keeps."
+    update_topk_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of entries a topk / topk8 update keeps (unset: 0.01 for topk, "
+        "0.2 for topk8).",
     )
     recommend_search: Literal["ivf", "exact"] = Field(
         default="ivf",

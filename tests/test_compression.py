@@ -166,3 +166,33 @@ def test_sign_is_about_a_sixteenth_of_dense_for_32_wide_rows() -> None:
     d = {"emb": torch.randn(5000, 32, generator=torch.Generator().manual_seed(0))}
     dense = len(state_to_bytes(d))
     assert len(state_to_bytes(encode_update(d, "sign"))) / dense < 0.07
+
+
+def test_topk8_keeps_the_largest_magnitudes_as_bitmap_and_int8() -> None:
+    d = {"w": torch.tensor([0.1, -5.0, 0.2, 3.0, -0.05, 0.0, 1.0, 0.3])}
+    payload = encode_update(d, "topk8", topk_fraction=0.25)  # 2 of 8 entries
+    assert payload["w::bits"].tolist() == [0b01010000]  # entries 1 and 3
+    assert payload["w::val"].dtype == torch.int8 and payload["w::val"].tolist() == [-127, 76]
+    assert payload["w::scale"].tolist() == pytest.approx([5.0 / 127])
+    out = decode_update(payload, d, "topk8")["w"].tolist()
+    assert out == pytest.approx([0.0, -5.0, 0.0, 76 * 5.0 / 127, 0.0, 0.0, 0.0, 0.0])
+    # Error feedback keeps what was dropped or rounded away.
+    sent, residual = encode_with_feedback(d, None, "topk8", topk_fraction=0.25)
+    total = decode_update(sent, d, "topk8")["w"] + residual["w"]
+    assert torch.allclose(total, d["w"])
+
+
+def test_topk8_size_and_malformed_payloads() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = {"emb": torch.randn(5000, 32, generator=g), "bias": torch.randn(32, generator=g)}
+    dense = len(state_to_bytes(encode_update(d, "dense")))
+    ratio = len(state_to_bytes(encode_update(d, "topk8", topk_fraction=0.2))) / dense
+    assert 0.08 < ratio < 0.085  # 1/32 for the bitmap + 0.2 x 1/4 for the values
+    ref = {"w": torch.zeros(16)}
+    good = encode_update({"w": torch.arange(16.0)}, "topk8", topk_fraction=0.25)
+    with pytest.raises(ValueError, match="do not match its bitmap"):
+        decode_update({**good, "w::val": good["w::val"][:-1]}, ref, "topk8")
+    with pytest.raises(ValueError, match="wrong length"):
+        decode_update({**good, "w::bits": good["w::bits"][:1]}, ref, "topk8")
+    with pytest.raises(ValueError, match="dtype"):
+        decode_update({**good, "w::val": good["w::val"].float()}, ref, "topk8")
