@@ -65,7 +65,11 @@ class BodySizeLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or any(path.startswith(p) for p in self.exempt):
+        if (
+            scope["type"] != "http"
+            or scope.get("method") in ("GET", "HEAD")  # no endpoint here reads their bodies
+            or any(path.startswith(p) for p in self.exempt)
+        ):
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
