@@ -239,6 +239,7 @@ class Participant:
                 num_negatives=s.num_negatives,
                 fedprox_mu=s.fedprox_mu,
                 seed=round_id,
+                optimizer=s.dp_optimizer if s.dp_enabled else "adam",
             ),
             holdout_eval=s.holdout_eval,
             min_users_for_metrics=s.min_users_for_metrics,

@@ -61,6 +61,11 @@ class NodeSettings(BaseSettings):
     dp_learning_rate: float = Field(
         default=0.05, gt=0, le=10, description="Local learning rate of each user unit."
     )
+    dp_optimizer: Literal["sgd", "adam"] = Field(
+        default="sgd",
+        description="Local optimizer of each user unit: one SGD step keeps the gradient's "
+        "shape, Adam's first step moves every touched weight by the learning rate.",
+    )
     dp_noise_multiplier: float = Field(
         default=1.0, ge=0, description="Noise stddev / sensitivity of the clipped sum."
     )

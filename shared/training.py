@@ -135,6 +135,7 @@ class TrainConfig:
     # Catalogs up to this size compute every item vector once per step instead of
     # gathering the batch's rows (faster on CPU below ~10k items; same gradients).
     full_catalog_rows: int = 10_000
+    optimizer: str = "adam"  # or "sgd" (plain gradient steps: DP user units, docs/privacy.md)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,12 @@ def train_local(
         if config.fedprox_mu > 0
         else None
     )
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = (
+        torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer == "sgd"
+        else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    )
     model.train()
     num_rows = features.num_items
     steps_per_epoch = math.ceil(n / config.batch_size)
