@@ -101,7 +101,7 @@ def dp_fedavg_update(
     total: StateDict = {k: torch.zeros_like(base_state[k], dtype=torch.float64) for k in released}
     # A unit's batches are tiny: gathering the rows a step touches is much cheaper than
     # computing every catalog row (same loss and gradients while negatives are sampled).
-    gather = {"full_catalog_rows": 0} if train_config.num_negatives < config.num_items else {}
+    rows = 0 if train_config.num_negatives < config.num_items else train_config.full_catalog_rows
     sampled = 0
     clipped = 0
     for unit, members in sorted(units.items()):
@@ -117,7 +117,9 @@ def dp_fedavg_update(
             continue
         sampled += 1
         model.load_state_dict(base_state)
-        unit_cfg = dataclasses.replace(train_config, seed=unit_seed, fedprox_mu=0.0, **gather)
+        unit_cfg = dataclasses.replace(
+            train_config, seed=unit_seed, fedprox_mu=0.0, full_catalog_rows=rows
+        )
         train_local(model, features, examples, unit_cfg)
         trained = model.state_dict()
         delta = {k: trained[k].detach() - base_state[k] for k in released}
