@@ -335,6 +335,7 @@ class Participant:
             noise_multiplier=s.dp_noise_multiplier,
             groups=s.dp_groups,
             sampling_rate=s.dp_sampling_rate,
+            server_lr=s.dp_server_lr,
         )
 
     async def _refresh_privacy_status(self) -> None:

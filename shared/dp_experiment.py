@@ -119,7 +119,9 @@ def run_one(
     )
     state = init_state(config)
     model = HybridTwoTower(config)
-    server = ServerMomentum(lr=setup.server_lr, momentum=setup.server_momentum)
+    # The server lr is the node's (DPConfig.server_lr); momentum is a coordinator-side
+    # step here (ServerMomentum), which a node could equally apply to its own means.
+    server = ServerMomentum(momentum=setup.server_momentum)
     for rnd in range(setup.rounds):
         updates = []
         for i, region in enumerate(sorted(train)):
@@ -138,6 +140,7 @@ def run_one(
                     groups=setup.groups,
                     sampling_rate=setup.sampling_rate,
                     frozen=setup.frozen,
+                    server_lr=setup.server_lr,
                 )
                 up = dp_fedavg_update(
                     config,
@@ -203,12 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epsilons", default="1,4,8,inf")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--clip-norm", type=float, default=0.5)
+    p.add_argument("--clip-norm", type=float, default=5.0)
     p.add_argument("--groups", type=int, default=0, help="0: one unit per user")
     p.add_argument("--sampling-rate", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--dp-epochs", type=int, help="local epochs of one user unit (default --epochs)")
-    p.add_argument("--server-lr", type=float, default=1.0, help="DP runs: server learning rate")
+    p.add_argument("--server-lr", type=float, default=5.0, help="DP runs: server learning rate")
     p.add_argument(
         "--server-momentum", type=float, default=0.0, help="DP runs: server momentum (DP-FedAvgM)"
     )
@@ -216,9 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         "--dp-freeze", default="", help="comma-separated parameters the DP units do not train"
     )
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--dp-lr", type=float, default=0.05, help="local lr of one user unit")
+    p.add_argument("--dp-lr", type=float, default=10.0, help="local lr of one user unit")
     p.add_argument("--dp-batch-size", type=int, default=64)
-    p.add_argument("--dp-optimizer", default="adam", choices=("adam", "sgd"))
+    p.add_argument("--dp-optimizer", default="sgd", choices=("adam", "sgd"))
     p.add_argument("--dp-negatives", type=int, help="sampled negatives of a unit's step")
     p.add_argument("--num-negatives", type=int, default=256)
     p.add_argument("--users", type=int, default=6000, help="market size when generating")

@@ -42,6 +42,10 @@ class DPConfig:
     # zero by construction, whatever the data, so they are neither clipped nor noised:
     # the release is the other parameters only (a data-independent choice, no DP cost).
     frozen: tuple[str, ...] = ()
+    # Server learning rate, applied by the node to its noisy mean before sending
+    # (post-processing, no privacy cost). FedAvg is linear, so the coordinator's
+    # weighted mean is then exactly `server_lr x` the mean of all noisy means.
+    server_lr: float = 1.0
 
     @property
     def grouped(self) -> bool:
@@ -53,7 +57,7 @@ class DPConfig:
 
 @dataclass(frozen=True)
 class DPUpdate:
-    delta: StateDict  # noisy mean of clipped unit deltas
+    delta: StateDict  # noisy mean of clipped unit deltas, times the server lr
     num_units: int  # units in the region (sent as num_examples)
     sampled_units: int
     clipped_fraction: float  # share of sampled units whose delta was scaled down
@@ -131,7 +135,7 @@ def dp_fedavg_update(
         return None
     std = noise_stddev(dp.noise_multiplier, dp.clip_norm, grouped=dp.grouped)
     noisy = add_gaussian_noise(total, std, g)
-    denominator = dp.sampling_rate * num_units
+    denominator = dp.sampling_rate * num_units / dp.server_lr
     mean = {
         k: (noisy[k] / denominator).to(v.dtype) if k in noisy else torch.zeros_like(v)
         for k, v in base_state.items()

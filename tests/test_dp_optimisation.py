@@ -115,6 +115,27 @@ def test_frozen_parameters_are_released_as_exact_zeros_without_noise() -> None:
     assert not dp.is_frozen("item_bias.weight")  # a prefix names a module, not a substring
 
 
+def test_the_node_side_server_lr_scales_the_noisy_mean_exactly() -> None:
+    config, features, base, seqs, train = _setup()
+    outs = [
+        dp_fedavg_update(
+            config,
+            base,
+            features,
+            seqs,
+            train,
+            DPConfig(clip_norm=0.5, noise_multiplier=1.0, server_lr=lr),
+            seed=2,
+            unit_key=b"k",
+        )
+        for lr in (1.0, 4.0)
+    ]
+    assert outs[0] is not None and outs[1] is not None
+    assert outs[0].noise_stddev == outs[1].noise_stddev == pytest.approx(0.5)
+    for k in base:
+        assert torch.allclose(outs[1].delta[k], 4 * outs[0].delta[k], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("frozen", [(), ("item_id",)])
 def test_one_user_moves_an_sgd_clipped_sum_by_at_most_the_clip_norm(
     frozen: tuple[str, ...],
