@@ -81,6 +81,19 @@ def _unit_seed(seed: int, unit: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def _sampled(key: bytes, seed: int, unit: str, rate: float) -> bool:
+    """The unit's Poisson coin for this round, keyed by the node's secret round key.
+
+    Amplification by subsampling needs the coin to be unpredictable to whoever sees
+    the update: derived from the (public) round seed and user id alone, anyone could
+    tell whether a given user was in the round. The key is fresh random bytes per
+    round on the node (and independent of the data), so one user's coin still does
+    not depend on any other user.
+    """
+    digest = hmac.new(key, f"coin|{seed}|{unit}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
+
+
 def dp_fedavg_update(
     config: ModelConfig,
     base_state: Mapping[str, torch.Tensor],
@@ -112,10 +125,8 @@ def dp_fedavg_update(
         # Each unit's randomness depends on its own id only, so adding or removing one
         # user leaves every other unit's clipped delta exactly as it was.
         unit_seed = _unit_seed(seed, unit)
-        if dp.sampling_rate < 1.0:
-            coin = torch.Generator().manual_seed(unit_seed ^ 0x5EED)
-            if float(torch.rand((), generator=coin)) >= dp.sampling_rate:
-                continue
+        if dp.sampling_rate < 1.0 and not _sampled(unit_key, seed, unit, dp.sampling_rate):
+            continue
         examples = make_examples((sequences[u] for u in members), config.max_history)
         if len(examples) == 0:
             continue

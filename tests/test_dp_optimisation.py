@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from shared.dp_training import DPConfig, ServerMomentum, dp_fedavg_update
+from shared.dp_training import DPConfig, ServerMomentum, _sampled, dp_fedavg_update
 from shared.features import build_item_features
 from shared.model import HybridTwoTower, ModelConfig, init_state
 from shared.privacy import (
@@ -179,3 +179,13 @@ def test_subsampling_buys_no_signal_to_noise_at_equal_compute_for_epsilon_8() ->
     assert noise_to_signal(1.0, 10) == pytest.approx(full, rel=0.01)
     for q, rounds in ((0.5, 10), (0.2, 25), (0.1, 50)):
         assert noise_to_signal(q, rounds) > 1.2 * full
+
+
+def test_the_sampling_coin_is_keyed_by_the_secret_round_key() -> None:
+    """With the round seed and the user id public, only the node's key decides who is in."""
+    users = [f"u{i}" for i in range(2000)]
+    a = {u for u in users if _sampled(b"key-a", 7, u, 0.2)}
+    b = {u for u in users if _sampled(b"key-b", 7, u, 0.2)}
+    assert 340 < len(a) < 460 and 340 < len(b) < 460  # ~ Binomial(2000, 0.2)
+    assert len(a & b) < 0.5 * len(a)  # ~ 0.2 overlap, not the same users
+    assert a == {u for u in users if _sampled(b"key-a", 7, u, 0.2)}
