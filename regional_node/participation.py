@@ -457,6 +457,7 @@ class Participant:
                 num_negatives=s.num_negatives,
                 fedprox_mu=s.fedprox_mu,
                 seed=seed,
+                optimizer=s.dp_optimizer if dp is not None else "adam",
             ),
             holdout_eval=holdout_eval,
             min_users_for_metrics=s.min_users_for_metrics,
@@ -548,6 +549,7 @@ class Participant:
             noise_multiplier=s.dp_noise_multiplier,
             groups=s.dp_groups,
             sampling_rate=s.dp_sampling_rate,
+            server_lr=s.dp_server_lr,
         )
 
     async def _refresh_privacy_status(self) -> None:

@@ -88,10 +88,22 @@ class NodeSettings(BaseSettings):
     # Privacy (docs/privacy.md).
     dp_enabled: bool = Field(default=False, description="DP-FedAvg with user-level clipping.")
     dp_clip_norm: float = Field(
-        default=10.0, gt=0, description="L2 clip of each user unit's delta (docs/privacy.md)."
+        default=5.0, gt=0, description="L2 clip of each user unit's delta (docs/privacy.md)."
     )
     dp_learning_rate: float = Field(
-        default=0.05, gt=0, le=10, description="Local learning rate of each user unit."
+        default=10.0, gt=0, le=100, description="Local learning rate of each user unit."
+    )
+    dp_optimizer: Literal["sgd", "adam"] = Field(
+        default="sgd",
+        description="Local optimizer of each user unit: one SGD step keeps the gradient's "
+        "shape, Adam's first step moves every touched weight by the learning rate.",
+    )
+    dp_server_lr: float = Field(
+        default=1.0,
+        gt=0,
+        le=100,
+        description="Server learning rate: the node scales its noisy mean by it before "
+        "sending (post-processing, no privacy cost).",
     )
     dp_noise_multiplier: float = Field(
         default=1.0, ge=0, description="Noise stddev / sensitivity of the clipped sum."

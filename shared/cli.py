@@ -163,7 +163,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         # DP-FedAvg: HR@10 against epsilon (delta 1e-5) next to the non-private run.
         from shared import dp_experiment
 
-        dp_experiment.main(_experiment_argv(args, ["--epsilons", args.dp_epsilon]))
+        extra = ["--epsilons", args.dp_epsilon]
+        if args.dp_sampling_rate is not None:
+            extra += ["--sampling-rate", str(args.dp_sampling_rate)]
+        if args.dp_server_lr is not None:
+            extra += ["--server-lr", str(args.dp_server_lr)]
+        dp_experiment.main(_experiment_argv(args, extra))
         return 0
 
     overrides: dict[str, Any] = {}
@@ -412,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dp-epsilon",
         help="differential-privacy experiment instead: comma-separated epsilons, e.g. 1,4,8,inf "
         "(see docs/privacy.md)",
+    )
+    sim.add_argument(
+        "--dp-sampling-rate",
+        type=float,
+        help="with --dp-epsilon: Poisson sampling rate of users per round (default 1)",
+    )
+    sim.add_argument(
+        "--dp-server-lr",
+        type=float,
+        help="with --dp-epsilon: server learning rate of the DP runs (default 5)",
     )
     sim.set_defaults(func=cmd_simulate)
 

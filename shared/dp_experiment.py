@@ -26,7 +26,7 @@ import torch
 
 from coordinator.aggregation import aggregate_weighted_mean, apply_delta, compute_delta
 from shared.data import read_catalog_csv, read_events_csv
-from shared.dp_training import DPConfig, dp_fedavg_update
+from shared.dp_training import DPConfig, ServerMomentum, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
 from shared.market import generate_market
 from shared.metrics import summarize_ranks
@@ -53,6 +53,9 @@ class Setup:
     train: TrainConfig
     dp_train: TrainConfig
     seed: int
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,9 @@ def run_one(
     )
     state = init_state(config)
     model = HybridTwoTower(config)
+    # The server lr is the node's (DPConfig.server_lr); momentum is a coordinator-side
+    # step here (ServerMomentum), which a node could equally apply to its own means.
+    server = ServerMomentum(momentum=setup.server_momentum)
     for rnd in range(setup.rounds):
         updates = []
         for i, region in enumerate(sorted(train)):
@@ -133,6 +139,8 @@ def run_one(
                     noise_multiplier=sigma,
                     groups=setup.groups,
                     sampling_rate=setup.sampling_rate,
+                    frozen=setup.frozen,
+                    server_lr=setup.server_lr,
                 )
                 up = dp_fedavg_update(
                     config,
@@ -146,7 +154,9 @@ def run_one(
                 )
                 if up is not None:
                     updates.append((up.delta, up.num_units))
-        state = apply_delta(state, aggregate_weighted_mean(updates))
+        mean = aggregate_weighted_mean(updates)
+        # The server optimizer applies to the DP runs only; inf is today's plain FedAvg.
+        state = apply_delta(state, mean if math.isinf(epsilon) else server.step(mean))
     model.load_state_dict(state)
     summary = evaluate(model, features, train, held)
     spent = (
@@ -196,13 +206,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epsilons", default="1,4,8,inf")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--clip-norm", type=float, default=0.5)
+    p.add_argument("--clip-norm", type=float, default=5.0)
     p.add_argument("--groups", type=int, default=0, help="0: one unit per user")
     p.add_argument("--sampling-rate", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--dp-epochs", type=int, help="local epochs of one user unit (default --epochs)")
+    p.add_argument("--server-lr", type=float, default=5.0, help="DP runs: server learning rate")
+    p.add_argument(
+        "--server-momentum", type=float, default=0.0, help="DP runs: server momentum (DP-FedAvgM)"
+    )
+    p.add_argument(
+        "--dp-freeze", default="", help="comma-separated parameters the DP units do not train"
+    )
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--dp-lr", type=float, default=0.05, help="local lr of one user unit")
+    p.add_argument("--dp-lr", type=float, default=10.0, help="local lr of one user unit")
     p.add_argument("--dp-batch-size", type=int, default=64)
+    p.add_argument("--dp-optimizer", default="sgd", choices=("adam", "sgd"))
+    p.add_argument("--dp-negatives", type=int, help="sampled negatives of a unit's step")
     p.add_argument("--num-negatives", type=int, default=256)
     p.add_argument("--users", type=int, default=6000, help="market size when generating")
     p.add_argument("--items", type=int, default=1200)
@@ -225,18 +245,25 @@ def main(argv: list[str] | None = None) -> None:
             epochs=args.epochs, lr=args.lr, batch_size=256, num_negatives=args.num_negatives
         ),
         dp_train=TrainConfig(
-            epochs=args.epochs,
+            epochs=args.dp_epochs or args.epochs,
             lr=args.dp_lr,
             batch_size=args.dp_batch_size,
-            num_negatives=args.num_negatives,
+            num_negatives=args.dp_negatives or args.num_negatives,
+            optimizer=args.dp_optimizer,
         ),
         seed=args.seed,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
+        frozen=tuple(f.strip() for f in args.dp_freeze.split(",") if f.strip()),
     )
     users = sum(len(t) for t in train.values())
     print(
         f"market: {len(train)} regions, {users} users, {len(catalog)} items; "
         f"{args.rounds} rounds, delta {args.delta}, clip {args.clip_norm}, "
-        f"units {'per user' if args.groups == 0 else f'{args.groups} groups'}",
+        f"units {'per user' if args.groups == 0 else f'{args.groups} groups'}, "
+        f"q {args.sampling_rate}, server lr {args.server_lr} momentum {args.server_momentum}, "
+        f"dp epochs {setup.dp_train.epochs}, dp lr {args.dp_lr} {args.dp_optimizer}, "
+        f"frozen {list(setup.frozen)}",
         flush=True,
     )
     epsilons = parse_epsilons(args.epsilons)

@@ -12,6 +12,7 @@ number of units.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -37,15 +38,26 @@ class DPConfig:
     noise_multiplier: float
     groups: int = 0  # 0: every user is its own unit; >0: users hashed into this many buckets
     sampling_rate: float = 1.0  # Poisson sampling of units per round
+    # Parameter names (or name prefixes) that the units do not train. Their delta is
+    # zero by construction, whatever the data, so they are neither clipped nor noised:
+    # the release is the other parameters only (a data-independent choice, no DP cost).
+    frozen: tuple[str, ...] = ()
+    # Server learning rate, applied by the node to its noisy mean before sending
+    # (post-processing, no privacy cost). FedAvg is linear, so the coordinator's
+    # weighted mean is then exactly `server_lr x` the mean of all noisy means.
+    server_lr: float = 1.0
 
     @property
     def grouped(self) -> bool:
         return self.groups > 0
 
+    def is_frozen(self, name: str) -> bool:
+        return any(name == f or name.startswith(f + ".") for f in self.frozen)
+
 
 @dataclass(frozen=True)
 class DPUpdate:
-    delta: StateDict  # noisy mean of clipped unit deltas
+    delta: StateDict  # noisy mean of clipped unit deltas, times the server lr
     num_units: int  # units in the region (sent as num_examples)
     sampled_units: int
     clipped_fraction: float  # share of sampled units whose delta was scaled down
@@ -69,6 +81,19 @@ def _unit_seed(seed: int, unit: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def _sampled(key: bytes, seed: int, unit: str, rate: float) -> bool:
+    """The unit's Poisson coin for this round, keyed by the node's secret round key.
+
+    Amplification by subsampling needs the coin to be unpredictable to whoever sees
+    the update: derived from the (public) round seed and user id alone, anyone could
+    tell whether a given user was in the round. The key is fresh random bytes per
+    round on the node (and independent of the data), so one user's coin still does
+    not depend on any other user.
+    """
+    digest = hmac.new(key, f"coin|{seed}|{unit}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
+
+
 def dp_fedavg_update(
     config: ModelConfig,
     base_state: Mapping[str, torch.Tensor],
@@ -87,32 +112,32 @@ def dp_fedavg_update(
         return None
     g = torch.Generator().manual_seed(seed)
     model = HybridTwoTower(config)
-    total: StateDict = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in base_state.items()}
+    for name, param in model.named_parameters():
+        param.requires_grad_(not dp.is_frozen(name))
+    released = [k for k in base_state if not dp.is_frozen(k)]
+    total: StateDict = {k: torch.zeros_like(base_state[k], dtype=torch.float64) for k in released}
+    # A unit's batches are tiny: gathering the rows a step touches is much cheaper than
+    # computing every catalog row (same loss and gradients while negatives are sampled).
+    rows = 0 if train_config.num_negatives < config.num_items else train_config.full_catalog_rows
     sampled = 0
     clipped = 0
     for unit, members in sorted(units.items()):
         # Each unit's randomness depends on its own id only, so adding or removing one
         # user leaves every other unit's clipped delta exactly as it was.
         unit_seed = _unit_seed(seed, unit)
-        if dp.sampling_rate < 1.0:
-            coin = torch.Generator().manual_seed(unit_seed ^ 0x5EED)
-            if float(torch.rand((), generator=coin)) >= dp.sampling_rate:
-                continue
+        if dp.sampling_rate < 1.0 and not _sampled(unit_key, seed, unit, dp.sampling_rate):
+            continue
         examples = make_examples((sequences[u] for u in members), config.max_history)
         if len(examples) == 0:
             continue
         sampled += 1
         model.load_state_dict(base_state)
-        unit_cfg = TrainConfig(
-            epochs=train_config.epochs,
-            lr=train_config.lr,
-            batch_size=train_config.batch_size,
-            num_negatives=train_config.num_negatives,
-            seed=unit_seed,
-            max_steps=train_config.max_steps,
+        unit_cfg = dataclasses.replace(
+            train_config, seed=unit_seed, fedprox_mu=0.0, full_catalog_rows=rows
         )
         train_local(model, features, examples, unit_cfg)
-        delta = {k: v.detach() - base_state[k] for k, v in model.state_dict().items()}
+        trained = model.state_dict()
+        delta = {k: trained[k].detach() - base_state[k] for k in released}
         if l2_norm(delta) > dp.clip_norm:
             clipped += 1
         for k, v in clip_by_global_norm(delta, dp.clip_norm).items():
@@ -121,8 +146,11 @@ def dp_fedavg_update(
         return None
     std = noise_stddev(dp.noise_multiplier, dp.clip_norm, grouped=dp.grouped)
     noisy = add_gaussian_noise(total, std, g)
-    denominator = dp.sampling_rate * num_units
-    mean = {k: (v / denominator).to(base_state[k].dtype) for k, v in noisy.items()}
+    denominator = dp.sampling_rate * num_units / dp.server_lr
+    mean = {
+        k: (noisy[k] / denominator).to(v.dtype) if k in noisy else torch.zeros_like(v)
+        for k, v in base_state.items()
+    }
     return DPUpdate(
         delta=mean,
         num_units=num_units,
@@ -130,3 +158,39 @@ def dp_fedavg_update(
         clipped_fraction=clipped / sampled,
         noise_stddev=std,
     )
+
+
+@dataclass
+class ServerMomentum:
+    """DP-FedAvgM's server step (McMahan et al. 2018, Alg. 1 with momentum).
+
+    `v <- momentum * v + mean_delta; step = lr * v`. It only reads the released noisy
+    means, so it is post-processing: it costs no privacy and the accountant does not
+    change. FedAvg is linear, so a node that applies it to its own noisy delta (with
+    its constant unit count as weight) makes the coordinator's weighted mean exactly
+    the global momentum step of the averaged deltas, as long as every node takes part
+    in every round. lr 1, momentum 0 is plain FedAvg.
+    """
+
+    lr: float = 1.0
+    momentum: float = 0.0
+    velocity: StateDict | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("server lr must be positive")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("server momentum must be in [0, 1)")
+
+    @property
+    def plain(self) -> bool:
+        return self.lr == 1.0 and self.momentum == 0.0
+
+    def step(self, delta: Mapping[str, torch.Tensor]) -> StateDict:
+        """The delta to apply this round, given this round's (noisy) mean delta."""
+        if self.velocity is None or self.momentum == 0.0:
+            velocity = {k: v.detach().clone() for k, v in delta.items()}
+        else:
+            velocity = {k: self.velocity[k] * self.momentum + v for k, v in delta.items()}
+        self.velocity = velocity
+        return {k: v * self.lr for k, v in velocity.items()}

@@ -139,6 +139,7 @@ class TrainConfig:
     # examples (an item nobody interacted with is never pushed down, so a new item
     # keeps the content-only score its id-less vector gives it), "catalog" = every row.
     negatives_from: str = "seen"
+    optimizer: str = "adam"  # or "sgd" (plain gradient steps: DP user units, docs/privacy.md)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,12 @@ def train_local(
         if config.fedprox_mu > 0
         else None
     )
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = (
+        torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer == "sgd"
+        else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    )
     model.train()
     num_rows = features.num_items
     neg_pool = _negative_pool(examples, num_rows, config.negatives_from)

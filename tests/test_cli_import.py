@@ -150,6 +150,6 @@ def test_simulate_runs_the_poisoning_and_dp_experiments(tmp_path: Path, capsys) 
     out = capsys.readouterr().out
     assert "median" in out and "signflip" in out and "HR@10" in out
     with pytest.raises(SystemExit) as exit_info:
-        main([*base, "--dp-epsilon", "8,inf"])
+        main([*base, "--dp-epsilon", "8,inf", "--dp-sampling-rate", "0.5", "--dp-server-lr", "2"])
     assert exit_info.value.code == 0
     assert "inf" in capsys.readouterr().out
