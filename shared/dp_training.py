@@ -132,8 +132,17 @@ def dp_fedavg_update(
             continue
         sampled += 1
         model.load_state_dict(base_state)
+        # Negatives from the whole catalog: "seen" items would be this one user's own
+        # items (a unit's examples are one user's), and a pool drawn from the region's
+        # data would make one unit's delta depend on the other users. No id dropout:
+        # one SGD step per unit is all the id rows get (measured that way, docs/privacy.md).
         unit_cfg = dataclasses.replace(
-            train_config, seed=unit_seed, fedprox_mu=0.0, full_catalog_rows=rows
+            train_config,
+            seed=unit_seed,
+            fedprox_mu=0.0,
+            full_catalog_rows=rows,
+            negatives_from="catalog",
+            id_dropout=0.0,
         )
         train_local(model, features, examples, unit_cfg)
         trained = model.state_dict()
