@@ -11,28 +11,20 @@ import pytest
 import torch
 
 from shared.dp_training import DPConfig, ServerMomentum, _sampled, dp_fedavg_update
-from shared.features import build_item_features
-from shared.model import HybridTwoTower, ModelConfig, init_state
+from shared.model import HybridTwoTower
 from shared.privacy import (
     dp_epsilon,
     epsilon_of_releases,
     l2_norm,
     noise_multiplier_for_epsilon,
 )
-from shared.schemas import CatalogItem
-from shared.training import TrainConfig, UserSequence, make_examples, train_local
-from tests.conftest import tiny_catalog
+from shared.training import TrainConfig, make_examples, train_local
+from tests.test_privacy import _setup as privacy_setup
 
 
 def _setup(users: int = 6):  # type: ignore[no-untyped-def]
-    catalog = [CatalogItem.model_validate(c) for c in tiny_catalog()]
-    config = ModelConfig(num_items=len(catalog), embedding_dim=8, content_buckets=64)
-    features = build_item_features(catalog, config.content_buckets)
-    base = init_state(config)
-    seqs = {
-        f"u{u}": UserSequence(items=[u, u + 7, u + 13, u + 21], types=[1, 2, 1, 4], country=0)
-        for u in range(users)
-    }
+    """test_privacy's tiny market, with SGD user units (the DP default)."""
+    config, features, base, seqs, _ = privacy_setup(users)
     train = TrainConfig(epochs=1, lr=1.0, batch_size=8, num_negatives=16, optimizer="sgd")
     return config, features, base, seqs, train
 
