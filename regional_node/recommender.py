@@ -288,9 +288,9 @@ def recommend(
     plan = filter_plan(serving, filters)
     rows = [serving.row_of[i] for i in exclude if i in serving.row_of]
     ivf = None if exact else serving.ivf
-    if plan.rows is not None and (ivf is None or plan.rows.numel() <= serving.ivf_candidates):
-        # Filters leave few items: score exactly those (the same answer, a fraction of
-        # the work).
+    if plan.rows is not None:
+        # Filters leave at most a quarter of the catalog: score exactly those (the same
+        # answer as exact search; gathering them is cheaper than probing the index).
         scores = serving.item_vecs.index_select(0, plan.rows) @ user
         top = torch.topk(scores, min(k + len(rows), scores.numel()))
         return _ranked(serving, top.values, plan.rows[top.indices], rows, k)

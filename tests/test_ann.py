@@ -117,3 +117,26 @@ def _same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]]) -
     last = want[-1][1]
     clear = {i for i, s in want if s > last + 1e-5}  # not tied with the k-th item
     assert clear <= {i for i, _ in got}
+
+
+def test_filters_that_leave_a_quarter_of_the_catalog_or_less_are_scored_exactly() -> None:
+    items = _catalog(2500)
+    config = ModelConfig(num_items=2500, embedding_dim=8)
+    serving = build_serving_model(
+        1, "x", config, init_state(config), items, ivf_clusters=25, ivf_candidates=50
+    )
+    assert serving.ivf is not None  # 50 candidates of 2500: the index is approximate
+    rng = random.Random(2)
+    narrow = Filters(category="ring", max_price=2000.0)
+    allowed = sum(
+        1
+        for it in items
+        if it.category == "ring" and it.price_usd is not None and it.price_usd <= 2000.0
+    )
+    assert 50 < allowed <= 2500 // 4  # more than the index would score, few enough
+    for _ in range(20):
+        history = [(it.item_id, "view") for it in rng.sample(items, 3)]
+        exclude = [history[0][0]]
+        got = recommend(serving, history, "DE", 10, narrow, exclude)
+        want = recommend(serving, history, "DE", 10, narrow, exclude, exact=True)
+        assert got == want
