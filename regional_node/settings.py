@@ -53,8 +53,8 @@ class NodeSettings(BaseSettings):
         default="ivf",
         description="ivf: score only the items of the best k-means clusters of the item "
         "vectors (built once per model version; recall@10 in docs/performance.md); exact: "
-        "score every item. Catalogs of at most 4 x NODE_IVF_CANDIDATES items are always "
-        "scored exactly.",
+        "score every item. Catalogs of at most 4 x NODE_IVF_CANDIDATES items, and requests "
+        "whose filters leave at most a quarter of the catalog, are always scored exactly.",
     )
     ivf_clusters: int = Field(
         default=0, ge=0, description="IVF clusters per model version (0: about 2 x sqrt(items))."
