@@ -29,7 +29,7 @@ from regional_node.recommender import CatalogIndex, ServingModel, build_serving_
 from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
-from regional_node.trainer import TrainJob, prepare_worker, run_train_job, timed_train_job
+from regional_node.trainer import TrainJob, TrainOutcome, prepare_worker, timed_train_job
 from shared.compression import default_topk_fraction
 from shared.dp_training import DPConfig
 from shared.insights_schemas import RegionReport
@@ -270,21 +270,12 @@ class Participant:
         ):
             return
         weights = await self.weights(active.version)
-        config = ModelConfig.model_validate(active.config)
-        index = self._catalog_index if catalog is self._serving_catalog else None
-        new_serving = await asyncio.to_thread(
-            build_serving_model,
+        new_serving = await self._build_serving(
             active.version,
             weights.sha256,
-            config,
-            bytes_to_state(weights.data),
-            catalog.items,
-            catalog.inactive_item_ids,
-            index,
-            ivf_clusters=self.settings.ivf_clusters
-            if self.settings.recommend_search == "ivf"
-            else None,
-            ivf_candidates=self.settings.ivf_candidates,
+            ModelConfig.model_validate(active.config),
+            weights.data,
+            catalog,
         )
         self._serving_catalog = catalog
         self._catalog_index = new_serving.catalog_index
@@ -292,6 +283,43 @@ class Participant:
         log.info(
             "serving model version %s", active.version, extra={"model_version": active.version}
         )
+
+    async def _build_serving(
+        self,
+        version: int,
+        sha256: str,
+        config: ModelConfig,
+        state: bytes,
+        catalog: CatalogOut,
+        *,
+        personalized: bool = False,
+    ) -> ServingModel:
+        """A serving model for these weights (off the event loop), reusing the catalog's
+        index when the catalog is the one the current serving model was built on."""
+        s = self.settings
+        return await asyncio.to_thread(
+            build_serving_model,
+            version,
+            sha256,
+            config,
+            bytes_to_state(state),
+            catalog.items,
+            catalog.inactive_item_ids,
+            self._catalog_index if catalog is self._serving_catalog else None,
+            ivf_clusters=s.ivf_clusters if s.recommend_search == "ivf" else None,
+            ivf_candidates=s.ivf_candidates,
+            personalized=personalized,
+        )
+
+    async def _run_training(self, job: TrainJob) -> tuple[TrainOutcome | None, float]:
+        """Run a job in the worker process, flagged as training in /v1/status meanwhile.
+        -> (outcome, seconds the worker spent on it)"""
+        self.runtime.training = True
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor(), timed_train_job, job)
+        finally:
+            self.runtime.training = False
 
     async def weights(self, version: int) -> Weights:
         """A version's weights: the last download when it is that version (versions are
@@ -352,7 +380,6 @@ class Participant:
             return
         if self.secagg is not None:
             await self.secagg.join(round_id)  # before training, so the cohort can seal
-        self.runtime.training = True
         log.info(
             "training round %s on version %s",
             round_id,
@@ -360,13 +387,7 @@ class Participant:
             extra={"round_id": round_id, "node_id": s.id},
         )
         started = time.perf_counter()
-        try:
-            loop = asyncio.get_running_loop()
-            outcome, worker_seconds = await loop.run_in_executor(
-                self._executor(), timed_train_job, job
-            )
-        finally:
-            self.runtime.training = False
+        outcome, worker_seconds = await self._run_training(job)
         job_seconds = time.perf_counter() - started
         if outcome is None:
             log.info("no training examples yet; skipping round %s", round_id)
@@ -500,12 +521,7 @@ class Participant:
             keep_local=True,
             holdout_eval=False,  # nothing is reported: train on every event
         )
-        rt.training = True
-        try:
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(self._executor(), run_train_job, job)
-        finally:
-            rt.training = False
+        outcome, _seconds = await self._run_training(job)
         if outcome is not None and outcome.local_state is not None:
             await self._serve_personalized(serving.version, outcome.local_state)
 
@@ -515,19 +531,12 @@ class Participant:
         current, catalog = rt.serving, rt.catalog
         if current is None or catalog is None or current.version != version:
             return  # a newer global version arrived meanwhile
-        new_serving = await asyncio.to_thread(
-            build_serving_model,
+        new_serving = await self._build_serving(
             version,
             sha256_hex(local_state),
             current.model.config,
-            bytes_to_state(local_state),
-            catalog.items,
-            catalog.inactive_item_ids,
-            self._catalog_index if catalog is self._serving_catalog else None,
-            ivf_clusters=self.settings.ivf_clusters
-            if self.settings.recommend_search == "ivf"
-            else None,
-            ivf_candidates=self.settings.ivf_candidates,
+            local_state,
+            catalog,
             personalized=True,
         )
         if rt.serving is current:
