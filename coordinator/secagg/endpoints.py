@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -36,11 +38,9 @@ async def publish_key(
     session: SessionDep,
     settings: SettingsDep,
 ) -> SecAggState:
-    state = await run_in_threadpool(
-        service.publish_key, session, settings, node, round_id, body.public_key
+    return await _apply_and_wake(
+        request, service.publish_key, session, settings, node, round_id, body.public_key
     )
-    request.app.state.round_wakeup.set()
-    return state
 
 
 @router.post(
@@ -58,8 +58,16 @@ async def reveal(
     session: SessionDep,
     settings: SettingsDep,
 ) -> SecAggState:
-    state = await run_in_threadpool(
-        service.reveal_seeds, session, settings, node, round_id, body.seeds
+    return await _apply_and_wake(
+        request, service.reveal_seeds, session, settings, node, round_id, body.seeds
     )
+
+
+async def _apply_and_wake(
+    request: Request, change: Callable[..., SecAggState], *args: object
+) -> SecAggState:
+    """Apply a secure-aggregation state change off the event loop, then wake the round
+    checker: a seal or a complete set of reveals may let the round close."""
+    state = await run_in_threadpool(change, *args)
     request.app.state.round_wakeup.set()
     return state
