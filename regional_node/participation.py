@@ -490,6 +490,7 @@ class Participant:
             topk_fraction=s.update_topk_fraction or default_topk_fraction(encoding),
             residual=residual,
             keep_local=keep_local,
+            personal_base_share=s.personalize_global_share,
         )
 
     # Personalization (docs/evaluation.md) -------------------------------------------------

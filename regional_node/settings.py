@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.model import DEFAULT_PERSONAL_GLOBAL_SHARE
+
 
 class NodeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NODE_", extra="ignore")
@@ -29,6 +31,14 @@ class NodeSettings(BaseSettings):
         description="Serve the global model fine-tuned on this region's events: the model "
         "this node trained from the newest version in its round (no extra work), or a "
         "fine-tune job when a version arrives that no open round will train on.",
+    )
+    personalize_global_share: float = Field(
+        default=DEFAULT_PERSONAL_GLOBAL_SHARE,
+        ge=0,
+        le=1,
+        description="When personalizing, serve (1 - share) x the fine-tuned weights + share x "
+        "the global version they started from (model interpolation; 0 = the fine-tuned "
+        "weights alone). docs/evaluation.md has the measurements behind the default.",
     )
     train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
     train_nice: int = Field(

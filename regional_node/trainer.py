@@ -21,7 +21,7 @@ from shared.compression import encode_with_feedback
 from shared.dp_training import DPConfig, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
-from shared.model import HybridTwoTower, ModelConfig
+from shared.model import HybridTwoTower, ModelConfig, blend_states
 from shared.schemas import CatalogItem
 from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from shared.training import (
@@ -52,6 +52,8 @@ class TrainJob:
     topk_fraction: float = 0.01
     residual: bytes | None = None  # error feedback carried from the previous round
     keep_local: bool = False  # also return the trained weights (served when personalizing)
+    # Share of the base (global) weights blended into the returned local weights.
+    personal_base_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,11 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
         metrics=metrics,
         encoding=job.encoding,
         residual=residual,
-        local_state=state_to_bytes(new_state) if job.keep_local else None,
+        local_state=(
+            state_to_bytes(blend_states(new_state, base_state, job.personal_base_share))
+            if job.keep_local
+            else None
+        ),
     )
 
 

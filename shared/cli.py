@@ -67,14 +67,19 @@ def cmd_generate_market(args: argparse.Namespace) -> int:
     from shared.market import generate_market
 
     start = time.perf_counter()
-    with console.status(f"generating market (seed {args.seed}) into {args.out} ..."):
-        summary = generate_market(
-            Path(args.out),
-            seed=args.seed,
-            regions=args.regions,
-            users=args.users,
-            items=args.items,
-        )
+    try:
+        with console.status(f"generating market (seed {args.seed}) into {args.out} ..."):
+            summary = generate_market(
+                Path(args.out),
+                seed=args.seed,
+                regions=args.regions,
+                users=args.users,
+                items=args.items,
+                design_weight=args.design_weight,
+            )
+    except ValueError as exc:
+        console.print(f"[red]{exc}")
+        return 2
     elapsed = time.perf_counter() - start
     table = Table(title=f"market in {summary.out_dir} ({elapsed:.1f} s)")
     table.add_column("region")
@@ -186,6 +191,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overrides["aggregation"] = args.aggregation
     if args.no_personalize:
         overrides["personalize"] = False
+    if args.personal_global_share is not None:
+        if not 0.0 <= args.personal_global_share <= 1.0:
+            console.print("[red]--personal-global-share must be between 0 and 1")
+            return 2
+        overrides["personal_global_share"] = args.personal_global_share
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
@@ -350,6 +360,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shared.market import DEFAULT_DESIGN_WEIGHT
     from shared.simulate import ALL_METHODS, SimulationConfig
 
     defaults = SimulationConfig()
@@ -369,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--regions", type=int, default=6)
     gen.add_argument("--users", type=int, default=12000)
     gen.add_argument("--items", type=int, default=2500)
+    gen.add_argument(
+        "--design-weight",
+        type=float,
+        default=DEFAULT_DESIGN_WEIGHT,
+        help="weight of the unpublished latent design taste (docs/market.md); 0 gives the "
+        "earlier market whose preferences all follow catalog attributes",
+    )
     gen.set_defaults(func=cmd_generate_market)
 
     sim = sub.add_parser(
@@ -412,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-personalize",
         action="store_true",
         help="rank every region with the global model (federated = federated_global)",
+    )
+    sim.add_argument(
+        "--personal-global-share",
+        type=float,
+        dest="personal_global_share",
+        help="share of the global weights blended into each region's personalized model "
+        f"(NODE_PERSONALIZE_GLOBAL_SHARE; default {defaults.personal_global_share})",
     )
     sim.add_argument(
         "--dp-epsilon",

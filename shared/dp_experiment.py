@@ -30,7 +30,13 @@ from shared.dp_training import DPConfig, ServerMomentum, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
 from shared.market import generate_market
 from shared.metrics import summarize_ranks
-from shared.model import HybridTwoTower, ModelConfig, init_state
+from shared.model import (
+    DEFAULT_PERSONAL_GLOBAL_SHARE,
+    HybridTwoTower,
+    ModelConfig,
+    blend_states,
+    init_state,
+)
 from shared.privacy import dp_epsilon, noise_multiplier_for_epsilon
 from shared.training import (
     TrainConfig,
@@ -67,7 +73,8 @@ class Row:
     ndcg10: float
     seconds: float
     # What each node serves (NODE_PERSONALIZE): the final global model fine-tuned for one
-    # plain local epoch on the region's own events. The fine-tuned weights never leave the
+    # plain local epoch on the region's own events, blended with the global model
+    # (NODE_PERSONALIZE_GLOBAL_SHARE). The fine-tuned weights never leave the
     # region, so this costs no privacy budget; the DP guarantee covers what crosses it.
     served_hr10: float = math.nan
     served_ndcg10: float = math.nan
@@ -117,7 +124,8 @@ def evaluate_served(
     local: TrainConfig,
     seed: int,
 ) -> dict[str, float]:
-    """Each region fine-tunes the global weights on its own data and ranks its own users."""
+    """Each region fine-tunes the global weights on its own data, blends them like a node
+    (`DEFAULT_PERSONAL_GLOBAL_SHARE` of the global weights) and ranks its own users."""
     ranks: list[int] = []
     for i, region in enumerate(sorted(train)):
         model = HybridTwoTower(config)
@@ -125,6 +133,8 @@ def evaluate_served(
         examples = make_examples(train[region].values(), config.max_history)
         if len(examples):
             train_local(model, features, examples, dataclasses.replace(local, seed=seed + i))
+            tuned = model.state_dict()
+            model.load_state_dict(blend_states(tuned, state, DEFAULT_PERSONAL_GLOBAL_SHARE))
         ranks.extend(rank_held_out(model, features, train[region], held[region]).values())
     return summarize_ranks(ranks, k=10)
 

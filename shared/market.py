@@ -17,6 +17,7 @@ click -> add_to_cart -> purchase with probabilities rising with taste match.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -258,6 +259,10 @@ _PERSONAL_PRICE_SIGMA = 0.45
 _POOL_SIZE = 64  # consideration set per user: heavy users re-visit items
 _POOL_AFFINITY = 0.5  # weight of affinity when choosing within the pool
 _SIMILARITY_WEIGHT = 1.5  # pull towards items sharing attributes with the previous view
+_LATENT_DIM = 8  # design qualities no catalog column records (silhouette, finish, ...)
+DEFAULT_DESIGN_WEIGHT = 1.0  # latent design match in affinity (and in browsing similarity)
+_LATENT_REGION_SIGMA = 0.5  # regional deviation of the latent taste
+_DESIGN_STREAM = 0xDE5  # second seed word of the design vectors' random stream
 _MAX_SESSIONS = 40
 _MAX_VIEWS_PER_SESSION = 30
 _SLOT_PER_VIEW_S = 1000  # every view + its funnel fits in this many seconds
@@ -396,6 +401,7 @@ class _Catalog:
     launch_s: IntArray  # seconds from window start; < 0 means on sale before the window
     cold: npt.NDArray[np.bool_]
     items: list[CatalogItem]
+    design: FloatArray  # (N, _LATENT_DIM) latent design vector, never published
 
 
 def _title(word: str) -> str:
@@ -495,6 +501,7 @@ def _make_catalog(rng: np.random.Generator, n: int, window_s: int) -> _Catalog:
         launch_s=launch_s,
         cold=cold,
         items=items,
+        design=np.zeros((n, _LATENT_DIM)),  # drawn by _draw_design
     )
 
 
@@ -511,6 +518,7 @@ class _Users:
     w_sty: FloatArray
     price_mu: FloatArray  # preferred log(price)
     cold: npt.NDArray[np.bool_]
+    design: FloatArray  # (U, _LATENT_DIM) latent design taste
 
 
 def _make_users(rng: np.random.Generator, n: int, specs: list[RegionSpec]) -> _Users:
@@ -542,7 +550,19 @@ def _make_users(rng: np.random.Generator, n: int, specs: list[RegionSpec]) -> _U
     region_mu = np.log(np.array([s.typical_price_usd for s in specs]))
     price_mu = region_mu[region] + rng.normal(0.0, _PERSONAL_PRICE_SIGMA, n)
     cold = rng.random(n) < COLD_USER_SHARE
-    return _Users(region, country, w_cat, w_mat, w_gem, w_sty, price_mu, cold)
+    design = np.zeros((n, _LATENT_DIM))  # drawn by _draw_design
+    return _Users(region, country, w_cat, w_mat, w_gem, w_sty, price_mu, cold, design)
+
+
+def _draw_design(seed: int, catalog: _Catalog, users: _Users, n_regions: int) -> None:
+    """Latent design vectors of items and design tastes of users, from their own random
+    stream: the main stream, and so a market generated with design_weight 0, is the
+    same as before latent design existed."""
+    rng = np.random.default_rng([seed, _DESIGN_STREAM])
+    n_items, n_users = len(catalog.ids), len(users.region)
+    catalog.design = rng.normal(0.0, 1.0, (n_items, _LATENT_DIM)) / np.sqrt(_LATENT_DIM)
+    region_mean = rng.normal(0.0, _LATENT_REGION_SIGMA, (n_regions, _LATENT_DIM))
+    users.design = region_mean[users.region] + rng.normal(0.0, 1.0, (n_users, _LATENT_DIM))
 
 
 def _taste(users: _Users, rows: slice, cat: _Catalog, items: IntArray) -> FloatArray:
@@ -563,6 +583,15 @@ def _taste(users: _Users, rows: slice, cat: _Catalog, items: IntArray) -> FloatA
 
 
 # --------------------------------------------------------------------------- behaviour
+
+
+def _design_match(a: FloatArray, b: FloatArray) -> FloatArray:
+    """a @ b.T over the last axis (batched), summed in a fixed order: no BLAS, so
+    the result, and therefore the generated files, do not depend on the CPU."""
+    out = a[..., :, None, 0] * b[..., None, :, 0]
+    for k in range(1, a.shape[-1]):
+        out = out + a[..., :, None, k] * b[..., None, :, k]
+    return out
 
 
 def _sessions(rng: np.random.Generator, users: _Users) -> tuple[IntArray, IntArray]:
@@ -608,6 +637,7 @@ def _browse(
     n_sessions: IntArray,
     views: IntArray,
     sess_start: IntArray,
+    design_weight: float,
 ) -> tuple[IntArray, FloatArray]:
     """Item and standardised taste match of every view, in (user, session, step) order."""
     n_users, n_items = len(n_sessions), len(cat.ids)
@@ -627,6 +657,7 @@ def _browse(
         rows = slice(u0, u1)
         taste = _taste(users, rows, cat, all_items)
         affinity = cat.log_pop[None, :] + _TASTE_SCALE * taste
+        affinity += design_weight * _design_match(users.design[rows], cat.design)
         # Consideration pool: Gumbel top-k = sampling by affinity without replacement.
         keys = affinity + _gumbel(rng, affinity.shape)
         pool = np.argpartition(-keys, pool_size - 1, axis=1)[:, :pool_size]
@@ -641,6 +672,8 @@ def _browse(
         sim += 0.5 * ((pg[:, :, None] == pg[:, None, :]) & (pg[:, :, None] > 0))
         mh = multi_hot[pool]
         sim += 0.5 * (mh @ mh.transpose(0, 2, 1))
+        pd = cat.design[pool]
+        sim += design_weight * np.sqrt(_LATENT_DIM) * _design_match(pd, pd)
         diag = np.arange(pool_size)
         sim[:, diag, diag] = -3.0  # rarely re-view the item just seen
 
@@ -712,6 +745,7 @@ def generate_market(
     users: int = 12000,
     items: int = 2500,
     end: datetime = MARKET_END,
+    design_weight: float = DEFAULT_DESIGN_WEIGHT,
 ) -> MarketSummary:
     """Write `catalog.csv` and `events.csv` (with region column) into `out_dir`.
 
@@ -723,6 +757,8 @@ def generate_market(
         raise ValueError("users must be >= regions (every region needs a customer)")
     if items < 1:
         raise ValueError("items must be >= 1")
+    if not (math.isfinite(design_weight) and design_weight >= 0):
+        raise ValueError("design_weight must be a finite number >= 0")
     end = end.replace(tzinfo=UTC) if end.tzinfo is None else end.astimezone(UTC)
     start = end - WINDOW
     window_s = int(WINDOW.total_seconds())
@@ -731,9 +767,10 @@ def generate_market(
     specs = _region_specs(regions, rng)
     catalog = _make_catalog(rng, items, window_s)
     people = _make_users(rng, users, specs)
+    _draw_design(seed, catalog, people, len(specs))
     n_sessions, views = _sessions(rng, people)
     sess_start = _session_starts(rng, n_sessions, views, window_s)
-    view_item, view_z = _browse(rng, people, catalog, n_sessions, views, sess_start)
+    view_item, view_z = _browse(rng, people, catalog, n_sessions, views, sess_start, design_weight)
 
     sess_user = np.repeat(np.arange(users), n_sessions)
     view_sess = np.repeat(np.arange(len(views)), views)

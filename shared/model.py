@@ -156,6 +156,34 @@ def grow_state(
     return grown, new_config
 
 
+# What a personalizing node serves: this share of the global weights blended into its
+# fine-tuned ones (NODE_PERSONALIZE_GLOBAL_SHARE; docs/evaluation.md "Personalization").
+DEFAULT_PERSONAL_GLOBAL_SHARE = 0.2
+
+
+def blend_states(
+    local: dict[str, torch.Tensor], base: dict[str, torch.Tensor], base_share: float
+) -> dict[str, torch.Tensor]:
+    """(1 - base_share) * local + base_share * base, tensor by tensor.
+
+    Personalization by model interpolation (Mansour et al., 2020): a node's fine-tuned
+    weights pulled part of the way back to the global version they started from, which
+    keeps what the other regions taught and what this region's own data adds.
+    Both states must come from the same model config (same keys and shapes).
+    """
+    if not 0.0 <= base_share <= 1.0:
+        raise ValueError(f"base_share must be in [0, 1], not {base_share}")
+    if local.keys() != base.keys():
+        raise ValueError("states to blend must have the same tensors")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in local.items():
+        b = base[name]
+        if t.shape != b.shape:
+            raise ValueError(f"{name}: shapes {tuple(t.shape)} and {tuple(b.shape)} differ")
+        out[name] = torch.lerp(t, b.to(t.dtype), base_share) if t.is_floating_point() else t
+    return out
+
+
 def sampled_softmax_loss(
     user_vecs: torch.Tensor,  # (b, d)
     pos_vecs: torch.Tensor,  # (b, d)

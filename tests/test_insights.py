@@ -173,7 +173,8 @@ def test_noise_changes_counts_but_not_the_shape(market, tmp_path: Path) -> None:
 
 
 def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    report = _report(market, stored_rows, "EA")
+    # A low threshold so this small region's weekly cells carry trends (highlights below).
+    report = _report(market, stored_rows, "EA", min_users=5)
     settings = CoordinatorSettings(
         database_url=f"sqlite:///{tmp_path / 'c.db'}",
         admin_token=ADMIN,

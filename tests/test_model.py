@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from shared.features import build_item_features
-from shared.model import HybridTwoTower, ModelConfig, grow_state, init_state, load_model
+from shared.model import (
+    HybridTwoTower,
+    ModelConfig,
+    blend_states,
+    grow_state,
+    init_state,
+    load_model,
+)
 from shared.schemas import CatalogItem
 from shared.training import TrainConfig, UserSequence, make_examples, train_local
 from tests.conftest import tiny_catalog
@@ -117,3 +124,29 @@ def test_id_keep_mask_leaves_the_content_vector() -> None:
     assert torch.allclose(content_only, full - ids, atol=1e-6)
     assert torch.equal(mixed[0], full[0]) and torch.equal(mixed[2], full[2])
     assert torch.equal(mixed[1], content_only[1])
+
+
+def test_blend_states_interpolates_floats_and_keeps_the_rest() -> None:
+    local = {"w": torch.tensor([1.0, 3.0]), "steps": torch.tensor([7])}
+    base = {"w": torch.tensor([0.0, -1.0]), "steps": torch.tensor([2])}
+    out = blend_states(local, base, 0.25)
+    # 0.75 * local + 0.25 * base, by hand: [0.75, 2.0]
+    assert torch.allclose(out["w"], torch.tensor([0.75, 2.0]))
+    assert out["steps"].tolist() == [7]
+    assert torch.equal(blend_states(local, base, 0.0)["w"], local["w"])
+    assert torch.equal(blend_states(local, base, 1.0)["w"], base["w"])
+
+
+@pytest.mark.parametrize(
+    ("base", "share", "message"),
+    [
+        ({"w": torch.zeros(2)}, 1.5, "base_share"),
+        ({"v": torch.zeros(2)}, 0.5, "same tensors"),
+        ({"w": torch.zeros(3)}, 0.5, "shapes"),
+    ],
+)
+def test_blend_states_refuses_mismatches(
+    base: dict[str, torch.Tensor], share: float, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        blend_states({"w": torch.ones(2)}, base, share)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from shared.privacy import (
     rdp_gaussian,
 )
 from shared.schemas import CatalogItem, EventIn
-from shared.serialization import state_to_bytes
+from shared.serialization import bytes_to_state, state_to_bytes
 from shared.training import TrainConfig, UserSequence
 from tests.conftest import tiny_catalog, tiny_events
 
@@ -243,3 +244,20 @@ def test_accountant_refuses_past_the_budget(tmp_path: Path) -> None:
     acc.record(1, 2.0, 1.0)  # recording a round twice charges it once
     assert len(acc.releases()) == rounds
     store.dispose()
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 1.0])
+def test_personalized_weights_blend_the_fine_tuned_and_the_global_ones(
+    tmp_path: Path, share: float
+) -> None:
+    job = dataclasses.replace(_job(tmp_path, 1), keep_local=True, personal_base_share=share)
+    outcome = run_train_job(job)
+    assert outcome is not None and outcome.local_state is not None
+    base = bytes_to_state(job.base_weights)
+    tuned = {k: base[k] + d for k, d in bytes_to_state(outcome.delta).items()}
+    served = bytes_to_state(outcome.local_state)
+    for name, b in base.items():
+        expected = (1 - share) * tuned[name] + share * b
+        assert torch.allclose(served[name], expected, atol=1e-6), name
+    # The fine-tune moved the weights, so the share visibly matters.
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)

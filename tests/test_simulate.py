@@ -45,9 +45,9 @@ def report(market_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
                     "--data",
                     str(market_dir),
                     "--rounds",
-                    "3",
+                    "5",
                     "--local-epochs",
-                    "1",
+                    "3",
                     "--seed",
                     "0",
                     "--methods",
@@ -65,7 +65,7 @@ def report(market_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 @pytest.mark.slow
 def test_json_shape(report: dict[str, Any]) -> None:
-    assert report["config"]["rounds"] == 3
+    assert report["config"]["rounds"] == 5
     results = report["results"]
     assert list(results) == ["popularity", "local_only", "federated", "centralized"]
     regions = set(report["config"]["regions"])
@@ -84,16 +84,17 @@ def test_json_shape(report: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_pooling_data_beats_training_alone(report: dict[str, Any]) -> None:
     results = report["results"]
-    # Measured on this seed: centralized 0.306, local-only 0.286 (1.07x).
+    # Measured on this seed: centralized 0.441, local-only 0.417 (1.06x).
     assert _hr(results["centralized"]) >= 1.03 * _hr(results["local_only"])
-    # Federated is within reach of pooling (measured 0.323 vs 0.404 at this tiny scale).
-    assert _hr(results["federated"]) >= 0.75 * _hr(results["centralized"])
+    # Federated is within reach of pooling (measured 0.434 vs 0.441, 0.98x).
+    assert _hr(results["federated"]) >= 0.9 * _hr(results["centralized"])
 
 
 def test_federated_beats_popularity(report: dict[str, Any]) -> None:
     results = report["results"]
-    # Measured 0.323 vs 0.306 on this tiny market (0.221 vs 0.150 at default scale).
-    assert _hr(results["federated"]) >= 1.03 * _hr(results["popularity"])
+    # Measured 0.434 vs 0.318 on this tiny market (1.36x; docs/evaluation.md has the
+    # default scale).
+    assert _hr(results["federated"]) >= 1.2 * _hr(results["popularity"])
 
 
 def test_same_seed_same_numbers(market_dir: Path) -> None:
