@@ -1,6 +1,6 @@
 """Synthetic cross-border jewelry market: a catalog plus 16 weeks of behaviour events.
 
-The generator is deterministic for a seed (one `numpy.random.Generator`, no
+The generator is deterministic for a seed (seeded `numpy.random.Generator`s, no
 hash-ordered iteration, no BLAS reductions over floats) and vectorised so the
 default scale (12k users, 2.5k items, ~200k events) takes a few seconds.
 Every modelling assumption is documented in docs/market.md.
@@ -9,9 +9,10 @@ Model in one paragraph: each item has content attributes and a long-tailed base
 popularity. Each user belongs to a region and draws a personal taste around the
 region's taste (global trend + regional deviation). User->item affinity is
 log popularity + taste match on category, material, gemstone, style tags and
-price band, so it is learnable from content. Each user draws a small consideration
+price band (learnable from content) + a match of latent design vectors that no
+catalog column records (learnable only from behaviour). Each user draws a small consideration
 pool by affinity, then browses it in sessions where the next item tends to share
-attributes with the previous one; every view may go down the funnel
+attributes and design with the previous one; every view may go down the funnel
 click -> add_to_cart -> purchase with probabilities rising with taste match.
 """
 
