@@ -14,6 +14,7 @@ run under each robust strategy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from coordinator.aggregation import STRATEGY_NAMES, apply_delta, compute_delta, make_strategy
+from coordinator.aggregation import STRATEGY_NAMES
 from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
 from shared.model import HybridTwoTower, ModelConfig, init_state
+from shared.simulate import run_rounds
 from shared.training import (
     Examples,
     TrainConfig,
@@ -35,7 +37,6 @@ from shared.training import (
     make_examples,
     rank_held_out,
     split_leave_last_out,
-    train_local,
 )
 
 StateDict = dict[str, torch.Tensor]
@@ -180,27 +181,29 @@ def train_federated_with_attack(
     progress: Callable[[str], None] | None = None,
 ) -> HybridTwoTower:
     """Rounds of local training + the coordinator's aggregation; one region attacks."""
-    aggregate = make_strategy(strategy)
-    state = init_state(config)
-    for rnd in range(rounds):
-        updates: list[tuple[dict[str, torch.Tensor], int]] = []
-        for i, region in enumerate(market.regions):
-            if not len(region.examples):
-                continue
-            local = HybridTwoTower(config)
-            local.load_state_dict(state)
-            seed = train_config.seed * 1000 + rnd * 100 + i
-            cfg = TrainConfig(**{**train_config.__dict__, "seed": seed})
-            result = train_local(local, market.features, region.examples, cfg)
-            delta = compute_delta(
-                {k: v.detach().clone() for k, v in local.state_dict().items()}, state
-            )
-            if region.region == attacked_region and attack.name != "none":
-                delta = poison_update(delta, attack)
-            updates.append((delta, result.num_examples))
-        state = apply_delta(state, aggregate.aggregate(updates))
+
+    def attack_delta(region: str, delta: StateDict) -> StateDict:
+        if region == attacked_region and attack.name != "none":
+            return poison_update(delta, attack)
+        return delta
+
+    def round_done(rnd: int, _state: StateDict) -> None:
         if progress is not None:
-            progress(f"{strategy}/{attack.label}: round {rnd + 1}/{rounds}")
+            progress(f"{strategy}/{attack.label}: round {rnd}/{rounds}")
+
+    state, _locals = run_rounds(
+        config,
+        init_state(config),
+        market.features,
+        [(r.region, r.examples) for r in market.regions],
+        rounds=rounds,
+        strategy=strategy,
+        train_config=lambda rnd, i: dataclasses.replace(
+            train_config, seed=train_config.seed * 1000 + rnd * 100 + i
+        ),
+        tamper=attack_delta,
+        on_round=round_done,
+    )
     model = HybridTwoTower(config)
     model.load_state_dict(state)
     model.eval()

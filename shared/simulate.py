@@ -48,6 +48,7 @@ from shared.model import (
 )
 from shared.schemas import CatalogItem
 from shared.training import (
+    Examples,
     TrainConfig,
     UserSequence,
     build_sequences,
@@ -311,6 +312,66 @@ class FederatedRun:
     local_states: dict[str, dict[str, torch.Tensor]]  # region -> its last local weights
 
 
+StateDict = dict[str, torch.Tensor]
+
+
+def run_rounds(
+    model_config: ModelConfig,
+    init: StateDict,
+    features: ItemFeatures,
+    regions: Sequence[tuple[str, Examples]],
+    *,
+    rounds: int,
+    strategy: str,
+    train_config: Callable[[int, int], TrainConfig],
+    step_progress: Callable[[int, int], Callable[[int, int, float], None] | None] | None = None,
+    tamper: Callable[[str, StateDict], StateDict] | None = None,
+    on_round: Callable[[int, StateDict], None] | None = None,
+) -> tuple[StateDict, dict[str, StateDict]]:
+    """Federated rounds in one process: every region trains the global weights with
+    `train_local` (the node's function) and sends a delta; the deltas are combined with
+    the coordinator's own strategy. -> (final global state, each region's last local state)
+
+    `train_config(round, region index)` gives each local run its config (and seed);
+    `step_progress(round, steps done this round)` its progress callback; `tamper(region,
+    delta)` may rewrite a delta before aggregation (the poisoning experiment);
+    `on_round(round, state)` sees the global state after each round (1-based).
+    """
+    aggregator = make_strategy(strategy)
+    state = init
+    local_states: dict[str, StateDict] = {}
+    for rnd in range(rounds):
+        done = 0
+        updates: list[tuple[StateDict, int]] = []
+        for i, (region, examples) in enumerate(regions):
+            if not len(examples):
+                continue
+            local = HybridTwoTower(model_config)
+            local.load_state_dict(state)
+            result = train_local(
+                local,
+                features,
+                examples,
+                train_config(rnd, i),
+                progress=step_progress(rnd, done) if step_progress is not None else None,
+            )
+            done += result.steps
+            new_state = {k: v.detach().clone() for k, v in local.state_dict().items()}
+            local_states[region] = new_state
+            delta = compute_delta(new_state, state)
+            if tamper is not None:
+                delta = tamper(region, delta)
+            updates.append((delta, result.num_examples))
+        if updates:
+            state = apply_delta(
+                state,
+                aggregator.aggregate(updates if not aggregator.streaming else iter(updates)),
+            )
+        if on_round is not None:
+            on_round(rnd + 1, state)
+    return state, local_states
+
+
 def train_federated(
     data: Dataset,
     config: SimulationConfig,
@@ -319,9 +380,7 @@ def train_federated(
     on_round: Callable[[int, HybridTwoTower], None] | None = None,
 ) -> FederatedRun:
     """Rounds over the regions, aggregated with the coordinator's strategy `config.aggregation`."""
-    strategy = make_strategy(config.aggregation)
     global_model = _fresh_model(data, config)
-    state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
     per_region = [
         (region, _examples(data, data.users_of(region), global_model.config.max_history))
         for region in data.regions
@@ -329,37 +388,28 @@ def train_federated(
     total_steps = sum(
         math.ceil(len(ex) / config.batch_size) * config.local_epochs for _, ex in per_region
     )
-    local_states: dict[str, dict[str, torch.Tensor]] = {}
-    for rnd in range(config.rounds):
-        done = 0
-        updates: list[tuple[dict[str, torch.Tensor], int]] = []
-        for i, (region, examples) in enumerate(per_region):
-            if not len(examples):
-                continue
-            local = HybridTwoTower(global_model.config)
-            local.load_state_dict(state)
-            result = train_local(
-                local,
-                data.features,
-                examples,
-                config.train_config(
-                    config.local_epochs, config.seed * 1000 + rnd * 100 + i, fedprox=True
-                ),
-                progress=_offset_progress(
-                    progress, f"federated round {rnd + 1}", done, total_steps
-                ),
-            )
-            done += result.steps
-            new_state = {k: v.detach().clone() for k, v in local.state_dict().items()}
-            local_states[region] = new_state
-            updates.append((compute_delta(new_state, state), result.num_examples))
-        if updates:
-            state = apply_delta(
-                state, strategy.aggregate(updates if not strategy.streaming else iter(updates))
-            )
-        global_model.load_state_dict(state)
+
+    def round_done(rnd: int, state: StateDict) -> None:
         if on_round is not None:
-            on_round(rnd + 1, global_model)
+            global_model.load_state_dict(state)
+            on_round(rnd, global_model)
+
+    state, local_states = run_rounds(
+        global_model.config,
+        {k: v.detach().clone() for k, v in global_model.state_dict().items()},
+        data.features,
+        per_region,
+        rounds=config.rounds,
+        strategy=config.aggregation,
+        train_config=lambda rnd, i: config.train_config(
+            config.local_epochs, config.seed * 1000 + rnd * 100 + i, fedprox=True
+        ),
+        step_progress=lambda rnd, done: _offset_progress(
+            progress, f"federated round {rnd + 1}", done, total_steps
+        ),
+        on_round=round_done,
+    )
+    global_model.load_state_dict(state)
     global_model.eval()
     return FederatedRun(global_model, local_states)
 
