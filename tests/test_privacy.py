@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from regional_node.participation import NodeRuntime, Participant
 from regional_node.privacy_budget import PrivacyAccountant
+from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
 from regional_node.trainer import TrainJob, run_train_job
 from shared.dp_training import DPConfig, assign_units, dp_fedavg_update
@@ -261,3 +263,29 @@ def test_personalized_weights_blend_the_fine_tuned_and_the_global_ones(
         assert torch.allclose(served[name], expected, atol=1e-6), name
     # The fine-tune moved the weights, so the share visibly matters.
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
+
+
+def test_node_setting_reaches_the_train_job(tmp_path: Path) -> None:
+    """NODE_PERSONALIZE_GLOBAL_SHARE is what the node's train jobs blend with."""
+    settings = NodeSettings(
+        database_url=f"sqlite:///{tmp_path / 'n.db'}",
+        coordinator_url="http://127.0.0.1:9",
+        allow_anonymous=True,
+        personalize_global_share=0.35,
+    )
+    store = EventStore(settings.database_url)
+    try:
+        participant = Participant(settings, store, NodeRuntime())
+        job = participant._train_job(
+            b"",
+            b"",
+            {},
+            seed=1,
+            dp=None,
+            encoding="dense",
+            keep_local=True,
+            holdout_eval=False,
+        )
+        assert job.personal_base_share == 0.35 and job.keep_local
+    finally:
+        store.dispose()
