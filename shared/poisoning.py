@@ -191,7 +191,7 @@ def train_federated_with_attack(
         if progress is not None:
             progress(f"{strategy}/{attack.label}: round {rnd}/{rounds}")
 
-    state, _locals = run_rounds(
+    state, _locals, _base = run_rounds(
         config,
         init_state(config),
         market.features,

@@ -10,8 +10,8 @@ the same way (full catalog minus the user's training items, see
   weights and sends a delta; deltas are combined with the coordinator's own
   aggregation (`coordinator.aggregation`, default strategy ``fedavg_rows``). Each
   region's users are ranked by what its node serves (`NODE_PERSONALIZE`): the model
-  it trained in the last round from the global weights, blended with the final
-  global model (`NODE_PERSONALIZE_GLOBAL_SHARE`); no extra training beyond the rounds;
+  it trained in the last round from the global weights, blended with those global
+  weights (`NODE_PERSONALIZE_GLOBAL_SHARE`); no extra training beyond the rounds;
 * ``federated_global`` - the same run's final global model, served unchanged to
   every region (reported beside ``federated``; not one of the issue's five methods);
 * ``centralized`` - all regions' data pooled (the privacy-free upper reference);
@@ -86,7 +86,7 @@ class SimulationConfig:
     fedprox_mu: float = TrainConfig.fedprox_mu
     aggregation: str = "fedavg_rows"  # the coordinator's default strategy
     personalize: bool = True  # rank each region with its node's last local model
-    # ... blended with the final global model like NODE_PERSONALIZE_GLOBAL_SHARE
+    # ... blended with the global weights it trained from, like NODE_PERSONALIZE_GLOBAL_SHARE
     personal_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
     # Best of a small grid on the default market (factors 8-64, regularization 0.05-5,
     # alpha 1-40), chosen on the evaluation split itself: a generous reference.
@@ -310,6 +310,9 @@ class FederatedRun:
 
     global_model: HybridTwoTower
     local_states: dict[str, dict[str, torch.Tensor]]  # region -> its last local weights
+    # The global weights the last round trained from (what a node blends its fine-tuned
+    # weights with while it serves them); None: blend with the final global model.
+    local_base: dict[str, torch.Tensor] | None = None
 
 
 StateDict = dict[str, torch.Tensor]
@@ -327,10 +330,11 @@ def run_rounds(
     step_progress: Callable[[int, int], Callable[[int, int, float], None] | None] | None = None,
     tamper: Callable[[str, StateDict], StateDict] | None = None,
     on_round: Callable[[int, StateDict], None] | None = None,
-) -> tuple[StateDict, dict[str, StateDict]]:
+) -> tuple[StateDict, dict[str, StateDict], StateDict]:
     """Federated rounds in one process: every region trains the global weights with
     `train_local` (the node's function) and sends a delta; the deltas are combined with
-    the coordinator's own strategy. -> (final global state, each region's last local state)
+    the coordinator's own strategy. -> (final global state, each region's last local
+    state, the global state those last local states were trained from)
 
     `train_config(round, region index)` gives each local run its config (and seed);
     `step_progress(round, steps done this round)` its progress callback; `tamper(region,
@@ -338,9 +342,10 @@ def run_rounds(
     `on_round(round, state)` sees the global state after each round (1-based).
     """
     aggregator = make_strategy(strategy)
-    state = init
+    state = base = init
     local_states: dict[str, StateDict] = {}
     for rnd in range(rounds):
+        base = state
         done = 0
         updates: list[tuple[StateDict, int]] = []
         for i, (region, examples) in enumerate(regions):
@@ -369,7 +374,7 @@ def run_rounds(
             )
         if on_round is not None:
             on_round(rnd + 1, state)
-    return state, local_states
+    return state, local_states, base
 
 
 def train_federated(
@@ -394,7 +399,7 @@ def train_federated(
             global_model.load_state_dict(state)
             on_round(rnd, global_model)
 
-    state, local_states = run_rounds(
+    state, local_states, last_base = run_rounds(
         global_model.config,
         {k: v.detach().clone() for k, v in global_model.state_dict().items()},
         data.features,
@@ -411,23 +416,24 @@ def train_federated(
     )
     global_model.load_state_dict(state)
     global_model.eval()
-    return FederatedRun(global_model, local_states)
+    return FederatedRun(global_model, local_states, last_base)
 
 
 def rank_personalized(
     data: Dataset, run: FederatedRun, global_share: float = 0.0
 ) -> dict[str, int]:
     """Each region's users ranked by what its node serves: its last local model blended
-    with the final global one (`global_share` of the latter), or the global one alone if
-    the region had no local model."""
+    with the global weights it was trained from (`global_share` of those, as
+    `NODE_PERSONALIZE_GLOBAL_SHARE` does on a node), or the global model alone if the
+    region had no local model."""
     ranks: dict[str, int] = {}
-    global_state = run.global_model.state_dict()
+    base = run.local_base if run.local_base is not None else run.global_model.state_dict()
     for region in data.regions:
         state = run.local_states.get(region)
         model = run.global_model
         if state is not None:
             model = HybridTwoTower(run.global_model.config)
-            model.load_state_dict(blend_states(state, global_state, global_share))
+            model.load_state_dict(blend_states(state, base, global_share))
         train, held = _subset(data, data.users_of(region))
         ranks.update(rank_held_out(model, data.features, train, held))
     return ranks
