@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from shared import market as market_module
+from shared.cli import main
 from shared.data import EventRecord, read_catalog_csv, read_events_csv
 from shared.market import MarketSummary, generate_market
 from shared.schemas import EVENT_TYPES, CatalogItem
@@ -146,3 +148,42 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         generate_market(tmp_path, seed=1, regions=0)
     with pytest.raises(ValueError):
         generate_market(tmp_path, seed=1, regions=6, users=3)
+
+
+def _files(out: Path) -> tuple[bytes, bytes]:
+    return (out / "catalog.csv").read_bytes(), (out / "events.csv").read_bytes()
+
+
+def test_design_weight_zero_does_not_depend_on_the_design_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The design vectors have their own random stream, so a market without them
+    (`--design-weight 0`) is the market from before they existed, byte for byte."""
+
+    def gen(name: str, weight: float) -> None:
+        generate_market(tmp_path / name, seed=3, users=300, items=120, design_weight=weight)
+
+    gen("w0", 0.0)
+    gen("w1", 1.0)
+    monkeypatch.setattr(market_module, "_DESIGN_STREAM", 12345)
+    gen("w0-other", 0.0)
+    gen("w1-other", 1.0)
+    assert _files(tmp_path / "w0") == _files(tmp_path / "w0-other")
+    # With the design taste on, behaviour follows the design vectors; the catalog never
+    # shows them.
+    assert _files(tmp_path / "w1")[1] != _files(tmp_path / "w1-other")[1]
+    assert _files(tmp_path / "w1")[0] == _files(tmp_path / "w0")[0]
+    assert _files(tmp_path / "w1")[1] != _files(tmp_path / "w0")[1]
+
+
+@pytest.mark.parametrize("weight", [-0.5, float("nan"), float("inf")])
+def test_design_weight_must_be_finite_and_not_negative(tmp_path: Path, weight: float) -> None:
+    with pytest.raises(ValueError, match="design_weight"):
+        generate_market(tmp_path, seed=1, users=50, items=20, design_weight=weight)
+    assert not (tmp_path / "events.csv").exists()
+
+
+def test_cli_rejects_a_bad_design_weight(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate-market", "--out", str(tmp_path), "--design-weight", "-1"])
+    assert exit_info.value.code == 2
