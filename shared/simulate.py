@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from coordinator.aggregation import apply_delta, compute_delta, make_strategy
+from coordinator.aggregation import StateDict, apply_delta, compute_delta, make_strategy
 from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
@@ -309,13 +309,10 @@ class FederatedRun:
     """The final global model and each region's model from the last round."""
 
     global_model: HybridTwoTower
-    local_states: dict[str, dict[str, torch.Tensor]]  # region -> its last local weights
+    local_states: dict[str, StateDict]  # region -> its last local weights
     # The global weights the last round trained from (what a node blends its fine-tuned
-    # weights with while it serves them); None: blend with the final global model.
-    local_base: dict[str, torch.Tensor] | None = None
-
-
-StateDict = dict[str, torch.Tensor]
+    # weights with while it serves them).
+    local_base: StateDict
 
 
 def run_rounds(
@@ -427,13 +424,12 @@ def rank_personalized(
     `NODE_PERSONALIZE_GLOBAL_SHARE` does on a node), or the global model alone if the
     region had no local model."""
     ranks: dict[str, int] = {}
-    base = run.local_base if run.local_base is not None else run.global_model.state_dict()
     for region in data.regions:
         state = run.local_states.get(region)
         model = run.global_model
         if state is not None:
             model = HybridTwoTower(run.global_model.config)
-            model.load_state_dict(blend_states(state, base, global_share))
+            model.load_state_dict(blend_states(state, run.local_base, global_share))
         train, held = _subset(data, data.users_of(region))
         ranks.update(rank_held_out(model, data.features, train, held))
     return ranks
@@ -455,9 +451,9 @@ class _FederatedRanker:
     def personalized(
         self, data: Dataset, config: SimulationConfig, progress: ProgressFn | None = None
     ) -> dict[str, int]:
-        run = self.run(data, config, progress)
         if not config.personalize:
-            return rank_held_out(run.global_model, data.features, data.train, data.held_out)
+            return self.global_only(data, config, progress)
+        run = self.run(data, config, progress)
         return rank_personalized(data, run, config.personal_global_share)
 
     def global_only(
