@@ -402,7 +402,6 @@ class _Catalog:
     launch_s: IntArray  # seconds from window start; < 0 means on sale before the window
     cold: npt.NDArray[np.bool_]
     items: list[CatalogItem]
-    design: FloatArray  # (N, _LATENT_DIM) latent design vector, never published
 
 
 def _title(word: str) -> str:
@@ -502,7 +501,6 @@ def _make_catalog(rng: np.random.Generator, n: int, window_s: int) -> _Catalog:
         launch_s=launch_s,
         cold=cold,
         items=items,
-        design=np.zeros((n, _LATENT_DIM)),  # drawn by _draw_design
     )
 
 
@@ -519,7 +517,6 @@ class _Users:
     w_sty: FloatArray
     price_mu: FloatArray  # preferred log(price)
     cold: npt.NDArray[np.bool_]
-    design: FloatArray  # (U, _LATENT_DIM) latent design taste
 
 
 def _make_users(rng: np.random.Generator, n: int, specs: list[RegionSpec]) -> _Users:
@@ -551,19 +548,28 @@ def _make_users(rng: np.random.Generator, n: int, specs: list[RegionSpec]) -> _U
     region_mu = np.log(np.array([s.typical_price_usd for s in specs]))
     price_mu = region_mu[region] + rng.normal(0.0, _PERSONAL_PRICE_SIGMA, n)
     cold = rng.random(n) < COLD_USER_SHARE
-    design = np.zeros((n, _LATENT_DIM))  # drawn by _draw_design
-    return _Users(region, country, w_cat, w_mat, w_gem, w_sty, price_mu, cold, design)
+    return _Users(region, country, w_cat, w_mat, w_gem, w_sty, price_mu, cold)
 
 
-def _draw_design(seed: int, catalog: _Catalog, users: _Users, n_regions: int) -> None:
-    """Latent design vectors of items and design tastes of users, from their own random
-    stream: the main stream, and so a market generated with design_weight 0, is the
-    same as before latent design existed."""
+@dataclass
+class _Design:
+    """Latent design: never published, learnable only from behaviour."""
+
+    items: FloatArray  # (N, _LATENT_DIM) design vector of each item
+    users: FloatArray  # (U, _LATENT_DIM) design taste of each user
+    weight: float  # of the design match in affinity and in browsing similarity
+
+
+def _draw_design(
+    seed: int, user_region: IntArray, n_regions: int, n_items: int, weight: float
+) -> _Design:
+    """Design vectors and tastes from their own random stream: the main stream, and so
+    a market generated with weight 0, is the same as before latent design existed."""
     rng = np.random.default_rng([seed, _DESIGN_STREAM])
-    n_items, n_users = len(catalog.ids), len(users.region)
-    catalog.design = rng.normal(0.0, 1.0, (n_items, _LATENT_DIM)) / np.sqrt(_LATENT_DIM)
+    items = rng.normal(0.0, 1.0, (n_items, _LATENT_DIM)) / np.sqrt(_LATENT_DIM)
     region_mean = rng.normal(0.0, _LATENT_REGION_SIGMA, (n_regions, _LATENT_DIM))
-    users.design = region_mean[users.region] + rng.normal(0.0, 1.0, (n_users, _LATENT_DIM))
+    users = region_mean[user_region] + rng.normal(0.0, 1.0, (len(user_region), _LATENT_DIM))
+    return _Design(items, users, weight)
 
 
 def _taste(users: _Users, rows: slice, cat: _Catalog, items: IntArray) -> FloatArray:
@@ -638,7 +644,7 @@ def _browse(
     n_sessions: IntArray,
     views: IntArray,
     sess_start: IntArray,
-    design_weight: float,
+    design: _Design,
 ) -> tuple[IntArray, FloatArray]:
     """Item and standardised taste match of every view, in (user, session, step) order."""
     n_users, n_items = len(n_sessions), len(cat.ids)
@@ -658,7 +664,7 @@ def _browse(
         rows = slice(u0, u1)
         taste = _taste(users, rows, cat, all_items)
         affinity = cat.log_pop[None, :] + _TASTE_SCALE * taste
-        affinity += design_weight * _design_match(users.design[rows], cat.design)
+        affinity += design.weight * _design_match(design.users[rows], design.items)
         # Consideration pool: Gumbel top-k = sampling by affinity without replacement.
         keys = affinity + _gumbel(rng, affinity.shape)
         pool = np.argpartition(-keys, pool_size - 1, axis=1)[:, :pool_size]
@@ -673,8 +679,8 @@ def _browse(
         sim += 0.5 * ((pg[:, :, None] == pg[:, None, :]) & (pg[:, :, None] > 0))
         mh = multi_hot[pool]
         sim += 0.5 * (mh @ mh.transpose(0, 2, 1))
-        pd = cat.design[pool]
-        sim += design_weight * np.sqrt(_LATENT_DIM) * _design_match(pd, pd)
+        pd = design.items[pool]
+        sim += design.weight * np.sqrt(_LATENT_DIM) * _design_match(pd, pd)
         diag = np.arange(pool_size)
         sim[:, diag, diag] = -3.0  # rarely re-view the item just seen
 
@@ -768,10 +774,10 @@ def generate_market(
     specs = _region_specs(regions, rng)
     catalog = _make_catalog(rng, items, window_s)
     people = _make_users(rng, users, specs)
-    _draw_design(seed, catalog, people, len(specs))
+    design = _draw_design(seed, people.region, len(specs), items, design_weight)
     n_sessions, views = _sessions(rng, people)
     sess_start = _session_starts(rng, n_sessions, views, window_s)
-    view_item, view_z = _browse(rng, people, catalog, n_sessions, views, sess_start, design_weight)
+    view_item, view_z = _browse(rng, people, catalog, n_sessions, views, sess_start, design)
 
     sess_user = np.repeat(np.arange(users), n_sessions)
     view_sess = np.repeat(np.arange(len(views)), views)
