@@ -132,3 +132,10 @@ def test_runs_on_a_market_without_region_column_or_attributes(tmp_path: Path) ->
     assert report.config["skipped_events"] == 1
     assert report.results["federated"]["overall"]["users"] == 40
     assert set(ALL_METHODS) >= set(report.results)
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1"])
+def test_cli_rejects_a_share_outside_0_1(market_dir: Path, share: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--data", str(market_dir), "--personal-global-share", share])
+    assert exit_info.value.code == 2
