@@ -21,6 +21,7 @@ BENCHMARKS = (
     "aggregation",
     "transfer",
     "compression",
+    "quality",
     "round_overhead",
     "scale",
 )

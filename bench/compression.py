@@ -4,8 +4,9 @@ A federated simulation in one process on the synthetic market (same seed,
 same data, same training for every encoding): each round every region trains
 from the global model, packs its delta with the encoding (lossy encodings keep
 an error-feedback residual per region across rounds), the aggregator decodes
-and takes the example-weighted mean per row (`fedavg_rows`, the coordinator's
-default), exactly as the coordinator does. After the
+and takes the example-weighted mean with the coordinator's default strategy
+(`COORDINATOR_AGGREGATION`: plain `fedavg`, or per row for `fedavg_rows`), exactly as
+the coordinator does. After the
 last round the global model is evaluated leave-last-out (HR@10 over every
 region's users).
 
@@ -32,6 +33,7 @@ import torch
 
 from bench.common import BenchResult, run_main
 from coordinator.aggregation import WeightedMeanAccumulator, apply_delta, compute_delta
+from coordinator.settings import DEFAULT_AGGREGATION
 from shared.compression import decode_update, encode_update, encode_with_feedback
 from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
@@ -95,7 +97,13 @@ def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: i
 
 
 def simulate(
-    fed: Federation, mode: Mode, *, rounds: int, epochs: int, seed: int
+    fed: Federation,
+    mode: Mode,
+    *,
+    rounds: int,
+    epochs: int,
+    seed: int,
+    aggregation: str = DEFAULT_AGGREGATION,
 ) -> dict[str, float]:
     """Federated rounds with one encoding; returns HR@10, NDCG@10 and bytes ÷ dense."""
     torch.manual_seed(seed)
@@ -103,7 +111,7 @@ def simulate(
     residuals: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(fed.regions)
     sent_bytes = dense_bytes = 0
     for rnd in range(rounds):
-        acc = WeightedMeanAccumulator(dtype=None, rowwise=True)  # the coordinator default
+        acc = WeightedMeanAccumulator(dtype=None, rowwise=aggregation == "fedavg_rows")
         for i, (region, examples) in enumerate(fed.regions.items()):
             if len(examples) == 0:
                 continue
@@ -166,6 +174,7 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
             "epochs": args.epochs,
             "dim": args.dim,
             "seeds": seeds,
+            "aggregation": args.aggregation,
         },
     )
     # runs[mode][i]: the mode's figures on seeds[i].
@@ -177,7 +186,16 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
         )
         eval_users.append(len(fed.held_out))
         for m in modes:
-            runs[m.name].append(simulate(fed, m, rounds=rounds, epochs=args.epochs, seed=seed))
+            runs[m.name].append(
+                simulate(
+                    fed,
+                    m,
+                    rounds=rounds,
+                    epochs=args.epochs,
+                    seed=seed,
+                    aggregation=args.aggregation,
+                )
+            )
     result.config["eval_users"] = eval_users
     dense = runs["dense"]
     result.add("dense HR@10 (mean over seeds)", statistics.fmean(r["hr@10"] for r in dense))
@@ -224,6 +242,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--dim", type=int, default=32)
+    p.add_argument(
+        "--aggregation",
+        choices=("fedavg", "fedavg_rows"),
+        default=DEFAULT_AGGREGATION,
+        help="the coordinator's mean (default: COORDINATOR_AGGREGATION's default)",
+    )
     p.add_argument(
         "--seeds", default="1,2,3", help="comma-separated market + training seeds to average"
     )

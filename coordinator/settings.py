@@ -8,6 +8,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AggregationStrategy = Literal["fedavg", "fedavg_rows", "clipped", "trimmed_mean", "median", "krum"]
+# COORDINATOR_AGGREGATION's default; simulate and the benchmarks aggregate the same way.
+DEFAULT_AGGREGATION: AggregationStrategy = "fedavg"
 
 
 class CoordinatorSettings(BaseSettings):
@@ -38,11 +40,12 @@ class CoordinatorSettings(BaseSettings):
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_num_examples: int = Field(default=100_000_000, ge=1)
     aggregation: AggregationStrategy = Field(
-        default="fedavg_rows",
+        default=DEFAULT_AGGREGATION,
         description=(
-            "fedavg_rows: FedAvg per embedding row over the nodes that changed the row "
-            "(a region's own rows are not diluted); fedavg: plain sample-weighted mean. "
-            "Both stream; the robust rules hold all of a round's updates in memory."
+            "fedavg: plain sample-weighted mean (best measured with personalized serving, "
+            "docs/evaluation.md); fedavg_rows: FedAvg per embedding row over the nodes "
+            "that changed the row (a region's own rows are not diluted). Both stream; the "
+            "robust rules hold all of a round's updates in memory."
         ),
     )
     clip_norm: float | None = Field(

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from coordinator.aggregation import aggregate_weighted_mean, apply_delta, compute_delta
+from coordinator.settings import DEFAULT_AGGREGATION
 from shared.data import read_catalog_csv, read_events_csv
 from shared.dp_training import DPConfig, ServerMomentum, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
@@ -190,7 +191,8 @@ def run_one(
                 )
                 if up is not None:
                     updates.append((up.delta, up.num_units))
-        mean = aggregate_weighted_mean(updates, rowwise=True)  # the coordinator's default
+        # The coordinator's default mean (plain, or per row for fedavg_rows).
+        mean = aggregate_weighted_mean(updates, rowwise=DEFAULT_AGGREGATION == "fedavg_rows")
         # The server optimizer applies to the DP runs only; inf is today's plain FedAvg.
         state = apply_delta(state, mean if math.isinf(epsilon) else server.step(mean))
     model.load_state_dict(state)

@@ -8,7 +8,7 @@ the same way (full catalog minus the user's training items, see
 * ``local_only``  - each region trains the hybrid model alone on its own data;
 * ``federated``   - the regions as nodes: every round each trains from the global
   weights and sends a delta; deltas are combined with the coordinator's own
-  aggregation (`coordinator.aggregation`, default strategy ``fedavg_rows``). Each
+  aggregation (`coordinator.aggregation`, default strategy ``fedavg``). Each
   region's users are ranked by what its node serves (`NODE_PERSONALIZE`): the model
   it trained in the last round from the global weights, blended with those global
   weights (`NODE_PERSONALIZE_GLOBAL_SHARE`); no extra training beyond the rounds;
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from coordinator.aggregation import StateDict, apply_delta, compute_delta, make_strategy
+from coordinator.settings import DEFAULT_AGGREGATION
 from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
@@ -84,7 +85,7 @@ class SimulationConfig:
     batch_size: int = TrainConfig.batch_size
     num_negatives: int = TrainConfig.num_negatives
     fedprox_mu: float = TrainConfig.fedprox_mu
-    aggregation: str = "fedavg_rows"  # the coordinator's default strategy
+    aggregation: str = DEFAULT_AGGREGATION  # the coordinator's default strategy
     personalize: bool = True  # rank each region with its node's last local model
     # ... blended with the global weights it trained from, like NODE_PERSONALIZE_GLOBAL_SHARE
     personal_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE

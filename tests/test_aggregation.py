@@ -156,5 +156,7 @@ def test_secure_aggregation_refuses_rules_that_need_single_updates() -> None:
     with pytest.raises(ValidationError, match="only the sum is visible"):
         CoordinatorSettings(secure_aggregation=True, aggregation="krum")
     # The mean needs only the sum: allowed (fedavg_rows falls back to the plain mean).
-    assert CoordinatorSettings(secure_aggregation=True).aggregation == "fedavg_rows"
-    assert CoordinatorSettings(secure_aggregation=True, aggregation="fedavg").secure_aggregation
+    assert CoordinatorSettings(secure_aggregation=True).aggregation == "fedavg"
+    assert CoordinatorSettings(
+        secure_aggregation=True, aggregation="fedavg_rows"
+    ).secure_aggregation
