@@ -5,8 +5,8 @@ same data, same training for every encoding): each round every region trains
 from the global model, packs its delta with the encoding (lossy encodings keep
 an error-feedback residual per region across rounds), the aggregator decodes
 and takes the example-weighted mean with the coordinator's default strategy
-(`COORDINATOR_AGGREGATION`: plain `fedavg`, or per row for `fedavg_rows`), exactly as
-the coordinator does. After the
+(`COORDINATOR_AGGREGATION`: plain `fedavg`, or per row for `fedavg_rows`; a top-k
+update counts only in the rows it sent), exactly as the coordinator does. After the
 last round the global model is evaluated leave-last-out (HR@10 over every
 region's users).
 
@@ -34,7 +34,12 @@ import torch
 from bench.common import BenchResult, run_main
 from coordinator.aggregation import WeightedMeanAccumulator, apply_delta, compute_delta
 from coordinator.settings import DEFAULT_AGGREGATION
-from shared.compression import decode_update, encode_update, encode_with_feedback
+from shared.compression import (
+    SPARSE_ENCODINGS,
+    decode_update,
+    encode_update,
+    encode_with_feedback,
+)
 from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
 from shared.market import generate_market
@@ -128,7 +133,11 @@ def simulate(
                 payload = encode_update(delta, mode.encoding, topk_fraction=mode.topk_fraction)
             sent_bytes += len(state_to_bytes(payload))
             dense_bytes += len(state_to_bytes(delta))
-            acc.add(decode_update(payload, state, mode.encoding), result.num_examples)
+            acc.add(
+                decode_update(payload, state, mode.encoding),
+                result.num_examples,
+                sparse=mode.encoding in SPARSE_ENCODINGS,  # as the coordinator counts it
+            )
         state = apply_delta(state, acc.take_result())
     model = HybridTwoTower(fed.config)
     model.load_state_dict(state)

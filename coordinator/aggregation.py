@@ -92,6 +92,12 @@ class WeightedMeanAccumulator:
     step by n_k/n (a 5% region moves its own country vector 5% of the way).
     Dense layers are changed in every row by every node, so for them, and for
     1-D tensors, it is plain FedAvg. A row no update changed stays unchanged.
+
+    `add(..., sparse=True)` (an update in a sparse encoding such as top-k, whose
+    zeros mean "not sent") counts that update per row in either mode: the plain
+    mean then divides each row by the examples of every dense update plus those of
+    the sparse updates that sent the row. With dense updates only, plain FedAvg is
+    unchanged; with sparse updates only, it equals `rowwise=True`.
     """
 
     def __init__(self, *, dtype: torch.dtype | None = torch.float64, rowwise: bool = False) -> None:
@@ -100,10 +106,13 @@ class WeightedMeanAccumulator:
         self._dtype = dtype
         self._rowwise = rowwise
         self._row_examples: dict[str, torch.Tensor] = {}  # name -> (rows,) float64
+        self._every_row_examples = 0  # examples of updates counted in every row
         self.total_examples = 0
         self.count = 0
 
-    def add(self, update: Mapping[str, torch.Tensor], num_examples: int) -> None:
+    def add(
+        self, update: Mapping[str, torch.Tensor], num_examples: int, *, sparse: bool = False
+    ) -> None:
         if num_examples <= 0:
             raise ValueError("num_examples must be positive")
         if self._sum is None:
@@ -121,22 +130,24 @@ class WeightedMeanAccumulator:
             )
             for name, value in update.items():
                 self._sum[name].add_(value.to(self._sum[name].dtype), alpha=num_examples)
-        if self._rowwise:
+        if self._rowwise or sparse:
             for name, value in update.items():
                 if value.dim() >= 2:
                     rows = touched_rows(value).to(torch.float64).mul_(num_examples)
                     seen = self._row_examples.get(name)
                     self._row_examples[name] = rows if seen is None else seen.add_(rows)
+        else:
+            self._every_row_examples += num_examples
         self.total_examples += num_examples
         self.count += 1
 
     def _divide_(self, name: str, total: torch.Tensor) -> torch.Tensor:
-        """Σ n_k·Δ_k ÷ (Σ n_k, or per row the examples of the updates that changed it)."""
+        """Σ n_k·Δ_k ÷ (Σ n_k, or per row the examples of the updates counted in the row)."""
         rows = self._row_examples.get(name)
         if rows is None:
             return total.div_(float(self.total_examples))
         # Untouched rows have a zero sum; dividing them by 1 keeps them zero.
-        div = rows.clamp(min=1.0).to(total.dtype)
+        div = rows.add(float(self._every_row_examples)).clamp_(min=1.0).to(total.dtype)
         return total.div_(div.reshape(-1, *([1] * (total.dim() - 1))))
 
     def result(self) -> StateDict:

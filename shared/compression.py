@@ -35,6 +35,9 @@ StateDict = dict[str, torch.Tensor]
 Encoding = Literal["dense", "float16", "int8", "topk", "topk8", "sign"]
 SUPPORTED_ENCODINGS: tuple[str, ...] = get_args(Encoding)
 LOSSY_ENCODINGS: frozenset[str] = frozenset({"float16", "int8", "topk", "topk8", "sign"})
+# Encodings that send only some entries: a zero in the decoded update means "not sent",
+# not "no change", so the mean counts such an update only in the rows it sent.
+SPARSE_ENCODINGS: frozenset[str] = frozenset({"topk", "topk8"})
 
 # Suffixes of the extra tensors an encoding adds next to (or instead of) a parameter.
 SCALE_SUFFIX = "::scale"

@@ -97,6 +97,39 @@ def test_rowwise_mean_divides_each_row_by_the_updates_that_changed_it() -> None:
     assert torch.equal(plain["table"][0], torch.tensor([0.5, 1.0]))
 
 
+def test_plain_mean_counts_a_sparse_update_only_in_the_rows_it_sent() -> None:
+    # A dense update (n=1) changes every row; a top-k update (n=3) sent rows 1 and 2 only.
+    dense = {
+        "table": torch.tensor([[2.0, 4.0], [1.0, 1.0], [0.0, 2.0]]),
+        "bias": torch.tensor([1.0]),
+    }
+    topk = {
+        "table": torch.tensor([[0.0, 0.0], [4.0, 4.0], [6.0, 0.0]]),
+        "bias": torch.tensor([0.0]),
+    }
+    acc = WeightedMeanAccumulator()
+    acc.add(dense, 1)
+    acc.add(topk, 3, sparse=True)
+    out = acc.result()
+    # Row 0: the top-k update did not send it -> the dense update's value, not 1/4 of it.
+    assert torch.equal(out["table"][0], torch.tensor([2.0, 4.0]))
+    # Rows 1 and 2: both counted -> (1 * dense + 3 * topk) / 4.
+    assert torch.equal(out["table"][1], torch.tensor([3.25, 3.25]))
+    assert torch.equal(out["table"][2], torch.tensor([4.5, 0.5]))
+    # 1-D tensors stay the plain mean over all examples.
+    assert torch.equal(out["bias"], torch.tensor([0.25]))
+    # Dense updates only: exactly plain FedAvg; sparse updates only: exactly row-wise.
+    both = [(dense, 1), (topk, 3)]
+    only_dense = WeightedMeanAccumulator()
+    only_sparse = WeightedMeanAccumulator()
+    for u, n in both:
+        only_dense.add(u, n)
+        only_sparse.add(u, n, sparse=True)
+    assert torch.equal(only_dense.result()["table"], aggregate_weighted_mean(both)["table"])
+    rowwise = aggregate_weighted_mean(both, rowwise=True)
+    assert torch.equal(only_sparse.result()["table"], rowwise["table"])
+
+
 def test_rowwise_untouched_rows_stay_zero_and_in_place_result_agrees() -> None:
     torch.manual_seed(0)
     updates = []

@@ -44,7 +44,7 @@ from coordinator.models_registry.service import (
 )
 from coordinator.secagg.service import check_masked_update, secure_mean_delta, step_secure_round
 from coordinator.settings import CoordinatorSettings
-from shared.compression import SUPPORTED_ENCODINGS, decode_update
+from shared.compression import SPARSE_ENCODINGS, SUPPORTED_ENCODINGS, decode_update
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.model import ModelConfig, grow_state, init_state
 from shared.schemas import RoundOut, UpdateReceipt, utcnow
@@ -403,7 +403,7 @@ def _close_round(
         for update_id, _node_id, num_examples, _metrics, encoding, size in rows:
             payload = read_update_payload(session, update_id, int(size), buffer)
             delta = decode_update(state_views(payload), base_state, encoding or "dense")
-            acc.add(delta, int(num_examples))
+            acc.add(delta, int(num_examples), sparse=encoding in SPARSE_ENCODINGS)
             del delta, payload
         del buffer
         total_examples, count = acc.total_examples, acc.count
