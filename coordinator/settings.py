@@ -42,10 +42,10 @@ class CoordinatorSettings(BaseSettings):
     aggregation: AggregationStrategy = Field(
         default=DEFAULT_AGGREGATION,
         description=(
-            "fedavg: plain sample-weighted mean (best measured with personalized serving, "
-            "docs/evaluation.md); fedavg_rows: FedAvg per embedding row over the nodes "
-            "that changed the row (a region's own rows are not diluted). Both stream; the "
-            "robust rules hold all of a round's updates in memory."
+            "fedavg: plain sample-weighted mean, a top-k update counted only in the rows it "
+            "sent (best measured with personalized serving, docs/evaluation.md); "
+            "fedavg_rows: FedAvg per embedding row over the nodes that changed the row. Both "
+            "stream; the robust rules hold all of a round's updates in memory."
         ),
     )
     clip_norm: float | None = Field(
