@@ -24,6 +24,7 @@ from coordinator.rounds.service import try_close_current_round
 from coordinator.rounds.waiting import RoundSignal
 from coordinator.secagg.endpoints import router as secagg_router
 from coordinator.settings import CoordinatorSettings
+from shared.aio import wait_event
 from shared.db import database_ready
 from shared.errors import error_responses, install_error_handlers
 from shared.memory import use_mmap_for_large_blocks
@@ -48,8 +49,7 @@ async def _round_closer(app: FastAPI) -> None:
     settings: CoordinatorSettings = app.state.settings
     wakeup: asyncio.Event = app.state.round_wakeup
     while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wakeup.wait(), timeout=settings.round_check_seconds)
+        await wait_event(wakeup, settings.round_check_seconds)
         wakeup.clear()
         try:
             version = await asyncio.to_thread(_close_ready_round, app)

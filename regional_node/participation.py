@@ -30,6 +30,7 @@ from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
 from regional_node.trainer import TrainJob, TrainOutcome, prepare_worker, timed_train_job
+from shared.aio import wait_event
 from shared.compression import default_topk_fraction
 from shared.dp_training import DPConfig
 from shared.insights_schemas import RegionReport
@@ -628,8 +629,7 @@ class Participant:
             deadline = time.monotonic() + timeout
             while (remaining := deadline - time.monotonic()) > 0:
                 self._insights_refresh.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._insights_refresh.wait(), timeout=remaining)
+                await wait_event(self._insights_refresh, remaining)
                 if not self._insights_refresh.is_set():
                     break  # the interval is over
                 newest = await asyncio.to_thread(self.store.last_event_id)

@@ -10,7 +10,6 @@ another coordinator process). No database connection is held while waiting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from fastapi.concurrency import run_in_threadpool
@@ -18,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from coordinator.db import Database
 from coordinator.rounds.service import current_round, round_out
 from coordinator.settings import CoordinatorSettings
+from shared.aio import wait_event
 from shared.schemas import RoundOut
 
 MAX_WAIT_SECONDS = 30.0
@@ -62,5 +62,4 @@ async def wait_for_round(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return rnd
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(woken.wait(), timeout=min(remaining, RECHECK_SECONDS))
+        await wait_event(woken, min(remaining, RECHECK_SECONDS))
