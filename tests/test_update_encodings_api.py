@@ -17,11 +17,21 @@ from tests.conftest import tiny_catalog
 ADMIN = {"Authorization": "Bearer enc-admin"}
 
 
+def _settings(db_url: str, **overrides: object) -> CoordinatorSettings:
+    return CoordinatorSettings.model_validate(
+        {
+            "database_url": db_url,
+            "admin_token": "enc-admin",
+            "embedding_dim": 8,
+            "round_check_seconds": 0.1,
+            **overrides,
+        }
+    )
+
+
 @pytest.mark.parametrize("encoding", ["int8", "topk"])
 def test_encoded_update_is_decoded_into_the_next_version(sqlite_url: str, encoding: str) -> None:
-    settings = CoordinatorSettings(
-        database_url=sqlite_url, admin_token="enc-admin", embedding_dim=8, round_check_seconds=0.1
-    )
+    settings = _settings(sqlite_url)
     with TestClient(create_app(settings)) as c:
         assert c.put("/v1/catalog", json=tiny_catalog(), headers=ADMIN).status_code == 200
         token = c.post("/v1/nodes", json={"node_id": "n1", "region": "EU"}, headers=ADMIN).json()[
@@ -85,13 +95,7 @@ def test_weights_stream_in_slices_with_etag(
 
 
 def test_round_mean_counts_a_top_k_update_only_in_the_rows_it_sent(sqlite_url: str) -> None:
-    settings = CoordinatorSettings(
-        database_url=sqlite_url,
-        admin_token="enc-admin",
-        embedding_dim=8,
-        round_check_seconds=0.1,
-        min_updates=2,
-    )
+    settings = _settings(sqlite_url, min_updates=2)
     assert settings.aggregation == "fedavg"  # the default: plain sample-weighted mean
     with TestClient(create_app(settings)) as c:
         assert c.put("/v1/catalog", json=tiny_catalog(), headers=ADMIN).status_code == 200
