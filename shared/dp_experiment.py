@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.aggregation import aggregate_weighted_mean, apply_delta, compute_delta
+from coordinator.aggregation import apply_delta, compute_delta, make_strategy
 from coordinator.settings import DEFAULT_AGGREGATION
 from shared.data import read_catalog_csv, read_events_csv
 from shared.dp_training import DPConfig, ServerMomentum, dp_fedavg_update
@@ -159,6 +159,7 @@ def run_one(
     # The server lr is the node's (DPConfig.server_lr); momentum is a coordinator-side
     # step here (ServerMomentum), which a node could equally apply to its own means.
     server = ServerMomentum(momentum=setup.server_momentum)
+    aggregator = make_strategy(DEFAULT_AGGREGATION)
     for rnd in range(setup.rounds):
         updates = []
         for i, region in enumerate(sorted(train)):
@@ -191,8 +192,7 @@ def run_one(
                 )
                 if up is not None:
                     updates.append((up.delta, up.num_units))
-        # The coordinator's default mean (plain, or per row for fedavg_rows).
-        mean = aggregate_weighted_mean(updates, rowwise=DEFAULT_AGGREGATION == "fedavg_rows")
+        mean = aggregator.aggregate(updates)  # the coordinator's default strategy
         # The server optimizer applies to the DP runs only; inf is today's plain FedAvg.
         state = apply_delta(state, mean if math.isinf(epsilon) else server.step(mean))
     model.load_state_dict(state)
