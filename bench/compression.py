@@ -32,7 +32,12 @@ from pathlib import Path
 import torch
 
 from bench.common import BenchResult, run_main
-from coordinator.aggregation import WeightedMeanAccumulator, apply_delta, compute_delta
+from coordinator.aggregation import (
+    StateDict,
+    WeightedMeanAccumulator,
+    apply_delta,
+    compute_delta,
+)
 from coordinator.settings import DEFAULT_AGGREGATION
 from shared.compression import (
     SPARSE_ENCODINGS,
@@ -44,7 +49,13 @@ from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
 from shared.market import generate_market
 from shared.metrics import summarize_ranks
-from shared.model import HybridTwoTower, ModelConfig, init_state
+from shared.model import (
+    DEFAULT_PERSONAL_GLOBAL_SHARE,
+    HybridTwoTower,
+    ModelConfig,
+    blend_states,
+    init_state,
+)
 from shared.serialization import state_to_bytes
 from shared.training import (
     Examples,
@@ -73,6 +84,8 @@ class Federation:
     regions: dict[str, Examples]
     train: dict[str, UserSequence]
     held_out: dict[str, int]
+    # region -> (its users' training sequences, their held-out rows)
+    region_users: dict[str, tuple[dict[str, UserSequence], dict[str, int]]]
 
 
 def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: int) -> Federation:
@@ -85,6 +98,7 @@ def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: i
     regions: dict[str, Examples] = {}
     train_all: dict[str, UserSequence] = {}
     held_all: dict[str, int] = {}
+    region_users: dict[str, tuple[dict[str, UserSequence], dict[str, int]]] = {}
     for region in summary.regions:
         seqs = build_sequences(
             (
@@ -96,9 +110,10 @@ def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: i
         )
         train, held = split_leave_last_out(seqs)
         regions[region] = make_examples(train.values(), config.max_history)
+        region_users[region] = (train, held)
         train_all.update(train)
         held_all.update(held)
-    return Federation(config, features, regions, train_all, held_all)
+    return Federation(config, features, regions, train_all, held_all, region_users)
 
 
 def simulate(
@@ -109,13 +124,24 @@ def simulate(
     epochs: int,
     seed: int,
     aggregation: str = DEFAULT_AGGREGATION,
+    sparse_rows: bool = True,
 ) -> dict[str, float]:
-    """Federated rounds with one encoding; returns HR@10, NDCG@10 and bytes ÷ dense."""
+    """Federated rounds with one encoding; returns HR@10, NDCG@10 and bytes ÷ dense.
+
+    `hr@10` is the final global model's; `served_hr@10` is what the nodes serve
+    (NODE_PERSONALIZE): each region's last local model, which never leaves the node
+    and so is never compressed, blended with the global weights it was trained from.
+    `sparse_rows`: a top-k update counts only in the rows it sent (the coordinator's
+    rule) or, False, its zeros count as zero changes.
+    """
     torch.manual_seed(seed)
     state = init_state(fed.config)
+    base = state
+    local_states: dict[str, StateDict] = {}
     residuals: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(fed.regions)
     sent_bytes = dense_bytes = 0
     for rnd in range(rounds):
+        base = state
         acc = WeightedMeanAccumulator(dtype=None, rowwise=aggregation == "fedavg_rows")
         for i, (region, examples) in enumerate(fed.regions.items()):
             if len(examples) == 0:
@@ -124,7 +150,8 @@ def simulate(
             model.load_state_dict(state)
             cfg = TrainConfig(epochs=epochs, lr=0.01, batch_size=256, seed=seed + 100 * rnd + i)
             result = train_local(model, fed.features, examples, cfg)
-            delta = compute_delta({k: v.detach() for k, v in model.state_dict().items()}, state)
+            local_states[region] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            delta = compute_delta(local_states[region], state)
             if mode.feedback and mode.encoding != "dense":
                 payload, residuals[region] = encode_with_feedback(
                     delta, residuals[region], mode.encoding, topk_fraction=mode.topk_fraction
@@ -136,15 +163,24 @@ def simulate(
             acc.add(
                 decode_update(payload, state, mode.encoding),
                 result.num_examples,
-                sparse=mode.encoding in SPARSE_ENCODINGS,  # as the coordinator counts it
+                sparse=sparse_rows and mode.encoding in SPARSE_ENCODINGS,
             )
         state = apply_delta(state, acc.take_result())
     model = HybridTwoTower(fed.config)
     model.load_state_dict(state)
     ranks = rank_held_out(model, fed.features, fed.train, fed.held_out)
     summary = summarize_ranks(ranks.values(), k=10)
+    served: list[int] = []
+    for region, (train, held) in fed.region_users.items():
+        local = HybridTwoTower(fed.config)
+        local.load_state_dict(
+            blend_states(local_states.get(region, state), base, DEFAULT_PERSONAL_GLOBAL_SHARE)
+        )
+        local.eval()
+        served.extend(rank_held_out(local, fed.features, train, held).values())
     return {
         "hr@10": float(summary["hr@10"]),
+        "served_hr@10": float(summarize_ranks(served, k=10)["hr@10"]),
         "ndcg@10": float(summary["ndcg@10"]),
         "users": float(summary["users"]),
         "bytes_ratio": sent_bytes / dense_bytes,
@@ -184,6 +220,7 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
             "dim": args.dim,
             "seeds": seeds,
             "aggregation": args.aggregation,
+            "sparse_rows": args.sparse_rows,
         },
     )
     # runs[mode][i]: the mode's figures on seeds[i].
@@ -203,18 +240,29 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
                     epochs=args.epochs,
                     seed=seed,
                     aggregation=args.aggregation,
+                    sparse_rows=args.sparse_rows == "sent",
                 )
             )
     result.config["eval_users"] = eval_users
     dense = runs["dense"]
     result.add("dense HR@10 (mean over seeds)", statistics.fmean(r["hr@10"] for r in dense))
-    best = []
-    for name, per_seed in runs.items():
-        changes = [
-            (r["hr@10"] - d["hr@10"]) / d["hr@10"] if d["hr@10"] > 0 else 0.0
+    result.add(
+        "dense served HR@10 (mean over seeds)",
+        statistics.fmean(r["served_hr@10"] for r in dense),
+    )
+
+    def relative_changes(per_seed: list[dict[str, float]], key: str) -> list[float]:
+        return [
+            (r[key] - d[key]) / d[key] if d[key] > 0 else 0.0
             for r, d in zip(per_seed, dense, strict=True)
         ]
+
+    best = []
+    for name, per_seed in runs.items():
+        changes = relative_changes(per_seed, "hr@10")
+        served_changes = relative_changes(per_seed, "served_hr@10")
         loss = -statistics.fmean(changes)
+        served_loss = -statistics.fmean(served_changes)
         ratio = statistics.fmean(r["bytes_ratio"] for r in per_seed)
         result.rows.append(
             {
@@ -223,21 +271,30 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
                 "hr@10": statistics.fmean(r["hr@10"] for r in per_seed),
                 "relative_change": -loss,
                 "per_seed_change": changes,
+                "served_hr@10": statistics.fmean(r["served_hr@10"] for r in per_seed),
+                "served_relative_change": -served_loss,
+                "served_per_seed_change": served_changes,
             }
         )
         if name == "dense":
             continue
         result.add(f"{name}: bytes ÷ dense", ratio)
-        result.add(
-            f"{name}: HR@10 relative loss",
-            loss,
-            goal="<= 0.01",
-            note="per seed " + " / ".join(f"{c:+.1%}" for c in changes),
-        )
-        if ratio <= 0.1 and loss <= 0.01:
+        # The goal answers to both models: the global one every node starts from and
+        # what the nodes serve (docs/evaluation.md measures federated by the latter).
+        for label, value, per in (
+            ("global-model", loss, changes),
+            ("served", served_loss, served_changes),
+        ):
+            result.add(
+                f"{name}: {label} HR@10 relative loss",
+                value,
+                goal="<= 0.01",
+                note="per seed " + " / ".join(f"{c:+.1%}" for c in per),
+            )
+        if ratio <= 0.1 and max(loss, served_loss) <= 0.01:
             best.append(name)
     result.add(
-        "modes with ≤0.1x bytes and ≤1% HR@10 loss",
+        "modes with ≤0.1x bytes and ≤1% HR@10 loss (global and served)",
         len(best),
         goal=">= 1",
         note=", ".join(best) or "none",
@@ -256,6 +313,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         choices=("fedavg", "fedavg_rows"),
         default=DEFAULT_AGGREGATION,
         help="the coordinator's mean (default: COORDINATOR_AGGREGATION's default)",
+    )
+    p.add_argument(
+        "--sparse-rows",
+        choices=("sent", "all"),
+        default="sent",
+        help="a top-k update counts in the rows it sent (the coordinator's rule) or in all",
     )
     p.add_argument(
         "--seeds", default="1,2,3", help="comma-separated market + training seeds to average"
