@@ -27,7 +27,7 @@ import torch
 from coordinator.aggregation import apply_delta, compute_delta, make_strategy
 from coordinator.settings import DEFAULT_AGGREGATION
 from shared.data import read_catalog_csv, read_events_csv
-from shared.dp_training import DPConfig, ServerMomentum, dp_fedavg_update
+from shared.dp_training import DPConfig, ServerAdam, ServerMomentum, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
 from shared.market import generate_market
 from shared.metrics import summarize_ranks
@@ -62,6 +62,11 @@ class Setup:
     seed: int
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    # "adam": FedAdam on the coordinator (ServerAdam) with this lr and tau, applied to
+    # the DP runs' mean (the node's server lr should then be 1).
+    server_optimizer: str = "sgd"
+    server_adam_lr: float = 0.1
+    server_adam_tau: float = 1e-2
     frozen: tuple[str, ...] = ()
 
 
@@ -158,7 +163,11 @@ def run_one(
     model = HybridTwoTower(config)
     # The server lr is the node's (DPConfig.server_lr); momentum is a coordinator-side
     # step here (ServerMomentum), which a node could equally apply to its own means.
-    server = ServerMomentum(momentum=setup.server_momentum)
+    server: ServerMomentum | ServerAdam = (
+        ServerAdam(lr=setup.server_adam_lr, tau=setup.server_adam_tau)
+        if setup.server_optimizer == "adam"
+        else ServerMomentum(momentum=setup.server_momentum)
+    )
     aggregator = make_strategy(DEFAULT_AGGREGATION)
     for rnd in range(setup.rounds):
         updates = []
@@ -261,6 +270,14 @@ def main(argv: list[str] | None = None) -> None:
         "--server-momentum", type=float, default=0.0, help="DP runs: server momentum (DP-FedAvgM)"
     )
     p.add_argument(
+        "--server-optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="DP runs: the coordinator's step on the noisy mean (adam: FedAdam)",
+    )
+    p.add_argument("--server-adam-lr", type=float, default=0.1, help="FedAdam's lr")
+    p.add_argument("--server-adam-tau", type=float, default=1e-2, help="FedAdam's tau")
+    p.add_argument(
         "--dp-freeze", default="", help="comma-separated parameters the DP units do not train"
     )
     p.add_argument("--lr", type=float, default=0.01)
@@ -299,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         server_lr=args.server_lr,
         server_momentum=args.server_momentum,
+        server_optimizer=args.server_optimizer,
+        server_adam_lr=args.server_adam_lr,
+        server_adam_tau=args.server_adam_tau,
         frozen=tuple(f.strip() for f in args.dp_freeze.split(",") if f.strip()),
     )
     users = sum(len(t) for t in train.values())
@@ -306,7 +326,14 @@ def main(argv: list[str] | None = None) -> None:
         f"market: {len(train)} regions, {users} users, {len(catalog)} items; "
         f"{args.rounds} rounds, delta {args.delta}, clip {args.clip_norm}, "
         f"units {'per user' if args.groups == 0 else f'{args.groups} groups'}, "
-        f"q {args.sampling_rate}, server lr {args.server_lr} momentum {args.server_momentum}, "
+        f"q {args.sampling_rate}, server lr {args.server_lr} momentum {args.server_momentum} "
+        f"optimizer {args.server_optimizer}"
+        + (
+            f" (lr {args.server_adam_lr}, tau {args.server_adam_tau})"
+            if args.server_optimizer == "adam"
+            else ""
+        )
+        + ", "
         f"dp epochs {setup.dp_train.epochs}, dp lr {args.dp_lr} {args.dp_optimizer}, "
         f"frozen {list(setup.frozen)}",
         flush=True,

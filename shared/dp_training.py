@@ -203,3 +203,36 @@ class ServerMomentum:
             velocity = {k: self.velocity[k] * self.momentum + v for k, v in delta.items()}
         self.velocity = velocity
         return {k: v * self.lr for k, v in velocity.items()}
+
+
+@dataclass
+class ServerAdam:
+    """FedAdam's server step (Reddi et al. 2021, "Adaptive Federated Optimization").
+
+    `m <- b1 m + (1 - b1) d; v <- b2 v + (1 - b2) d^2; step = lr m / (sqrt(v) + tau)`
+    per coordinate, on the round's (noisy) mean delta `d`, without bias correction as
+    in the paper. Like `ServerMomentum` it reads only released means: post-processing,
+    no privacy cost. It is not linear, so unlike momentum a node cannot apply it to its
+    own mean in the coordinator's place; the experiment runs it where the coordinator
+    would (`python -m shared.dp_experiment --server-optimizer adam`).
+    """
+
+    lr: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-2
+    m: StateDict | None = None
+    v: StateDict | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.tau <= 0:
+            raise ValueError("server lr and tau must be positive")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("server betas must be in [0, 1)")
+
+    def step(self, delta: Mapping[str, torch.Tensor]) -> StateDict:
+        m_prev = self.m or {k: torch.zeros_like(v) for k, v in delta.items()}
+        v_prev = self.v or {k: torch.zeros_like(v) for k, v in delta.items()}
+        self.m = {k: m_prev[k] * self.beta1 + d * (1 - self.beta1) for k, d in delta.items()}
+        self.v = {k: v_prev[k] * self.beta2 + d * d * (1 - self.beta2) for k, d in delta.items()}
+        return {k: self.lr * self.m[k] / (self.v[k].sqrt() + self.tau) for k in delta}

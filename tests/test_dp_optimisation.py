@@ -184,3 +184,20 @@ def test_the_sampling_coin_is_keyed_by_the_secret_round_key() -> None:
     assert 340 < len(a) < 460 and 340 < len(b) < 460  # ~ Binomial(2000, 0.2)
     assert len(a & b) < 0.5 * len(a)  # ~ 0.2 overlap, not the same users
     assert a == {u for u in users if _sampled(b"key-a", 7, u, 0.2)}
+
+
+def test_server_adam_is_fedadam_on_the_released_means() -> None:
+    from shared.dp_training import ServerAdam
+
+    server = ServerAdam(lr=0.5, beta1=0.5, beta2=0.75, tau=0.1)
+    first = server.step({"w": torch.tensor([2.0, -4.0])})
+    # m = 0.5 d = [1, -2]; v = 0.25 d^2 = [1, 4]; step = 0.5 m / (sqrt(v) + 0.1).
+    assert torch.allclose(first["w"], torch.tensor([0.5 / 1.1, -1.0 / 2.1]))
+    second = server.step({"w": torch.tensor([0.0, 0.0])})
+    # m = [0.5, -1]; v = 0.75 [1, 4] = [0.75, 3].
+    want = 0.5 * torch.tensor([0.5, -1.0]) / (torch.tensor([0.75, 3.0]).sqrt() + 0.1)
+    assert torch.allclose(second["w"], want)
+    with pytest.raises(ValueError):
+        ServerAdam(beta2=1.0)
+    with pytest.raises(ValueError):
+        ServerAdam(tau=0.0)
