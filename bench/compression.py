@@ -53,10 +53,10 @@ from shared.model import (
     DEFAULT_PERSONAL_GLOBAL_SHARE,
     HybridTwoTower,
     ModelConfig,
-    blend_states,
     init_state,
 )
 from shared.serialization import state_to_bytes
+from shared.simulate import rank_served
 from shared.training import (
     Examples,
     TrainConfig,
@@ -170,17 +170,17 @@ def simulate(
     model.load_state_dict(state)
     ranks = rank_held_out(model, fed.features, fed.train, fed.held_out)
     summary = summarize_ranks(ranks.values(), k=10)
-    served: list[int] = []
-    for region, (train, held) in fed.region_users.items():
-        local = HybridTwoTower(fed.config)
-        local.load_state_dict(
-            blend_states(local_states.get(region, state), base, DEFAULT_PERSONAL_GLOBAL_SHARE)
-        )
-        local.eval()
-        served.extend(rank_held_out(local, fed.features, train, held).values())
+    served = rank_served(
+        model,
+        fed.features,
+        local_states,
+        base,
+        ((region, train, held) for region, (train, held) in fed.region_users.items()),
+        DEFAULT_PERSONAL_GLOBAL_SHARE,
+    )
     return {
         "hr@10": float(summary["hr@10"]),
-        "served_hr@10": float(summarize_ranks(served, k=10)["hr@10"]),
+        "served_hr@10": float(summarize_ranks(served.values(), k=10)["hr@10"]),
         "ndcg@10": float(summary["ndcg@10"]),
         "users": float(summary["users"]),
         "bytes_ratio": sent_bytes / dense_bytes,

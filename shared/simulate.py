@@ -46,6 +46,7 @@ from shared.model import (
     ModelConfig,
     blend_states,
     init_state,
+    load_model,
 )
 from shared.schemas import CatalogItem
 from shared.training import (
@@ -417,23 +418,40 @@ def train_federated(
     return FederatedRun(global_model, local_states, last_base)
 
 
+def rank_served(
+    global_model: HybridTwoTower,
+    features: ItemFeatures,
+    local_states: Mapping[str, StateDict],
+    local_base: StateDict,
+    region_users: Iterable[tuple[str, dict[str, UserSequence], dict[str, int]]],
+    global_share: float,
+) -> dict[str, int]:
+    """Each region's users (region, training sequences, held-out rows) ranked by what its
+    node serves: its last local model blended with the global weights it was trained
+    from (`global_share` of those, as `NODE_PERSONALIZE_GLOBAL_SHARE` does on a node), or
+    the global model alone if the region had no local model."""
+    ranks: dict[str, int] = {}
+    for region, train, held in region_users:
+        state = local_states.get(region)
+        model = global_model
+        if state is not None:
+            model = load_model(global_model.config, blend_states(state, local_base, global_share))
+        ranks.update(rank_held_out(model, features, train, held))
+    return ranks
+
+
 def rank_personalized(
     data: Dataset, run: FederatedRun, global_share: float = 0.0
 ) -> dict[str, int]:
-    """Each region's users ranked by what its node serves: its last local model blended
-    with the global weights it was trained from (`global_share` of those, as
-    `NODE_PERSONALIZE_GLOBAL_SHARE` does on a node), or the global model alone if the
-    region had no local model."""
-    ranks: dict[str, int] = {}
-    for region in data.regions:
-        state = run.local_states.get(region)
-        model = run.global_model
-        if state is not None:
-            model = HybridTwoTower(run.global_model.config)
-            model.load_state_dict(blend_states(state, run.local_base, global_share))
-        train, held = _subset(data, data.users_of(region))
-        ranks.update(rank_held_out(model, data.features, train, held))
-    return ranks
+    """`rank_served` for a simulation's regions and federated run."""
+    return rank_served(
+        run.global_model,
+        data.features,
+        run.local_states,
+        run.local_base,
+        ((region, *_subset(data, data.users_of(region))) for region in data.regions),
+        global_share,
+    )
 
 
 class _FederatedRanker:
