@@ -82,10 +82,16 @@ class Federation:
     config: ModelConfig
     features: ItemFeatures
     regions: dict[str, Examples]
-    train: dict[str, UserSequence]
-    held_out: dict[str, int]
     # region -> (its users' training sequences, their held-out rows)
     region_users: dict[str, tuple[dict[str, UserSequence], dict[str, int]]]
+
+    @property
+    def train(self) -> dict[str, UserSequence]:
+        return {u: seq for train, _ in self.region_users.values() for u, seq in train.items()}
+
+    @property
+    def held_out(self) -> dict[str, int]:
+        return {u: row for _, held in self.region_users.values() for u, row in held.items()}
 
 
 def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: int) -> Federation:
@@ -96,8 +102,6 @@ def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: i
     config = ModelConfig(num_items=len(catalog), embedding_dim=dim, seed=seed)
     features = build_item_features(catalog, config.content_buckets)
     regions: dict[str, Examples] = {}
-    train_all: dict[str, UserSequence] = {}
-    held_all: dict[str, int] = {}
     region_users: dict[str, tuple[dict[str, UserSequence], dict[str, int]]] = {}
     for region in summary.regions:
         seqs = build_sequences(
@@ -111,9 +115,7 @@ def build_federation(workdir: Path, *, users: int, items: int, dim: int, seed: i
         train, held = split_leave_last_out(seqs)
         regions[region] = make_examples(train.values(), config.max_history)
         region_users[region] = (train, held)
-        train_all.update(train)
-        held_all.update(held)
-    return Federation(config, features, regions, train_all, held_all, region_users)
+    return Federation(config, features, regions, region_users)
 
 
 def simulate(
