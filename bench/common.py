@@ -82,6 +82,19 @@ def print_result(result: BenchResult, console: Console | None = None) -> None:
     console.print(table)
 
 
+def seed_list(text: str) -> list[int]:
+    """argparse type of a `--seeds 1,2,3` option: at least one integer, else a usage error."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("at least one seed is needed")
+    return seeds
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", type=Path, help="write the figures as JSON to this file")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BenchResult, run_main
+from bench.common import BenchResult, run_main, seed_list
 from coordinator.aggregation import (
     StateDict,
     WeightedMeanAccumulator,
@@ -207,7 +207,7 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
     users = 400 if args.quick else args.users
     items = 300 if args.quick else args.items
     rounds = 2 if args.quick else args.rounds
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    seeds: list[int] = list(args.seeds)
     if args.quick:
         seeds = seeds[:1]
     modes = [m for m in MODES if m.name in QUICK_MODES] if args.quick else list(MODES)
@@ -323,7 +323,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="a top-k update counts in the rows it sent (the coordinator's rule) or in all",
     )
     p.add_argument(
-        "--seeds", default="1,2,3", help="comma-separated market + training seeds to average"
+        "--seeds",
+        type=seed_list,
+        default="1,2,3",
+        help="comma-separated market + training seeds to average",
     )
 
 

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchResult, run_main
+from bench.common import BenchResult, run_main, seed_list
 from coordinator.aggregation import STRATEGY_NAMES
 from coordinator.settings import DEFAULT_AGGREGATION
 from shared.market import generate_market
@@ -66,7 +66,7 @@ GOALS = {
 
 
 def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    seeds: list[int] = list(args.seeds)
     if args.quick:
         seeds = seeds[:1]
     config = SimulationConfig(
@@ -144,7 +144,7 @@ def _body(args: argparse.Namespace, workdir: Path) -> BenchResult:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seeds", default="1,2", help="comma-separated market seeds")
+    p.add_argument("--seeds", type=seed_list, default="1,2", help="comma-separated market seeds")
     p.add_argument(
         "--aggregation",
         choices=STRATEGY_NAMES,

@@ -292,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="epsilons run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = p.parse_args(argv)
+    try:  # the server step's settings: refused here, before any market is loaded
+        ServerAdam(lr=args.server_adam_lr, tau=args.server_adam_tau)
+        ServerMomentum(momentum=args.server_momentum)
+    except ValueError as exc:
+        p.error(str(exc))
 
     catalog, train, held, config = load_regions(
         args.data, users=args.users, items=args.items, seed=args.seed

@@ -70,3 +70,14 @@ def test_quality_goal_ratios_by_hand() -> None:
     assert ratios["federated / als"] == pytest.approx(2.0)
     assert ratios["federated / popularity"] == pytest.approx(3.0)
     assert ratios["cold items: federated - 2 x popularity"] == pytest.approx(0.03)
+
+
+def test_seed_lists_are_parsed_or_refused() -> None:
+    import argparse
+
+    from bench.common import seed_list
+
+    assert seed_list("1, 2,3") == [1, 2, 3]
+    for bad in ("", "1,x", ","):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seed_list(bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,22 @@ def test_server_adam_is_fedadam_on_the_released_means() -> None:
         ServerAdam(beta2=1.0)
     with pytest.raises(ValueError):
         ServerAdam(tau=0.0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--server-optimizer", "adam", "--server-adam-lr", "-1"],
+        ["--server-adam-tau", "0"],
+        ["--server-momentum", "1"],
+    ],
+)
+def test_dp_experiment_refuses_bad_server_settings_before_loading(
+    bad: list[str], tmp_path: Path
+) -> None:
+    from shared.dp_experiment import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(tmp_path), "--epsilons", "8", *bad])
+    assert exc.value.code == 2
+    assert not any(tmp_path.iterdir())  # no market generated: refused before any work
