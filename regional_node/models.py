@@ -49,4 +49,7 @@ class PrivacyLedger(Base):
     round_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     noise_multiplier: Mapped[float] = mapped_column(Float)
     sampling_rate: Mapped[float] = mapped_column(Float)
+    # Subsampled Gaussian mechanisms this release composed (1 for DP-FedAvg; a round of
+    # node-side DP-SGD is one per step).
+    steps: Mapped[int] = mapped_column(Integer, server_default="1")
     released_at: Mapped[datetime]

@@ -32,6 +32,7 @@ from regional_node.store import EventStore
 from regional_node.trainer import TrainJob, TrainOutcome, prepare_worker, timed_train_job
 from shared.aio import wait_event
 from shared.compression import default_topk_fraction
+from shared.dp_sgd import DPSGDConfig
 from shared.dp_training import DPConfig
 from shared.insights_schemas import RegionReport
 from shared.model import ModelConfig
@@ -60,6 +61,7 @@ class NodeRuntime:
     last_round_joined: int | None = None
     dp_epsilon: float | None = None
     dp_releases: int = 0
+    dp_steps: int = 0
     training_refused: str | None = None
     insights_pushed_at: datetime | None = None
     update_residual: bytes | None = None  # error feedback of lossy update encodings
@@ -396,7 +398,11 @@ class Participant:
         metrics = dict(outcome.metrics)
         if self.accountant is not None:
             await asyncio.to_thread(
-                self.accountant.record, round_id, s.dp_noise_multiplier, s.dp_sampling_rate
+                self.accountant.record,
+                round_id,
+                s.dp_noise_multiplier,
+                s.dp_sampling_rate,
+                self._dp_steps(),
             )
             await self._refresh_privacy_status()
             assert self.runtime.dp_epsilon is not None
@@ -460,7 +466,7 @@ class Participant:
         model_config: dict[str, object],
         *,
         seed: int,
-        dp: DPConfig | None,
+        dp: DPConfig | DPSGDConfig | None,
         encoding: str,
         keep_local: bool,
         holdout_eval: bool,
@@ -551,10 +557,24 @@ class Participant:
 
     # Privacy (docs/privacy.md) ------------------------------------------------------------
 
-    def _dp_config(self) -> DPConfig | None:
+    def _dp_steps(self) -> int:
+        """Noisy releases (subsampled Gaussian mechanisms) one DP round makes."""
+        s = self.settings
+        return s.dp_sgd_steps if s.dp_algorithm == "dpsgd" else 1
+
+    def _dp_config(self) -> DPConfig | DPSGDConfig | None:
         s = self.settings
         if not s.dp_enabled:
             return None
+        if s.dp_algorithm == "dpsgd":
+            return DPSGDConfig(
+                clip_norm=s.dp_sgd_clip_norm,
+                noise_multiplier=s.dp_noise_multiplier,
+                sampling_rate=s.dp_sampling_rate,
+                steps=s.dp_sgd_steps,
+                lr=s.dp_sgd_learning_rate,
+                num_negatives=s.num_negatives,
+            )
         return DPConfig(
             clip_norm=s.dp_clip_norm,
             noise_multiplier=s.dp_noise_multiplier,
@@ -568,6 +588,7 @@ class Participant:
             return
         releases = await asyncio.to_thread(self.accountant.releases)
         self.runtime.dp_releases = len(releases)
+        self.runtime.dp_steps = sum(steps for _z, _q, steps in releases)
         self.runtime.dp_epsilon = await asyncio.to_thread(self.accountant.spent)
 
     async def _within_budget(self, round_id: int) -> bool:
@@ -585,7 +606,10 @@ class Participant:
             self.runtime.training_refused = "NODE_DP_NOISE_MULTIPLIER is 0: no privacy guarantee"
         else:
             after = await asyncio.to_thread(
-                self.accountant.after_one_more, s.dp_noise_multiplier, s.dp_sampling_rate
+                self.accountant.after_one_more,
+                s.dp_noise_multiplier,
+                s.dp_sampling_rate,
+                self._dp_steps(),
             )
             if after <= s.dp_epsilon_budget:
                 self.runtime.training_refused = None

@@ -16,28 +16,33 @@ class PrivacyAccountant:
         self.store = store
         self.delta = delta
 
-    def releases(self) -> list[tuple[float, float]]:
+    def releases(self) -> list[tuple[float, float, int]]:
+        """(noise multiplier, sampling rate, steps) of every release, oldest first."""
         with self.store.sessions() as session:
             rows = session.execute(
-                select(PrivacyLedger.noise_multiplier, PrivacyLedger.sampling_rate).order_by(
-                    PrivacyLedger.round_id
-                )
+                select(
+                    PrivacyLedger.noise_multiplier,
+                    PrivacyLedger.sampling_rate,
+                    PrivacyLedger.steps,
+                ).order_by(PrivacyLedger.round_id)
             ).all()
-        return [(float(s), float(q)) for s, q in rows]
+        return [(float(s), float(q), int(k)) for s, q, k in rows]
 
     def spent(self) -> float:
         return epsilon_of_releases(self.releases(), self.delta)
 
-    def after_one_more(self, noise_multiplier: float, sampling_rate: float) -> float:
+    def after_one_more(self, noise_multiplier: float, sampling_rate: float, steps: int) -> float:
         return epsilon_of_releases(
-            [*self.releases(), (noise_multiplier, sampling_rate)], self.delta
+            [*self.releases(), (noise_multiplier, sampling_rate, steps)], self.delta
         )
 
     def released(self, round_id: int) -> bool:
         with self.store.sessions() as session:
             return session.get(PrivacyLedger, round_id) is not None
 
-    def record(self, round_id: int, noise_multiplier: float, sampling_rate: float) -> None:
+    def record(
+        self, round_id: int, noise_multiplier: float, sampling_rate: float, steps: int = 1
+    ) -> None:
         """Charge one release; recorded before the update is sent (conservative)."""
         with self.store.sessions() as session, session.begin():
             if session.get(PrivacyLedger, round_id) is None:
@@ -46,6 +51,7 @@ class PrivacyAccountant:
                         round_id=round_id,
                         noise_multiplier=noise_multiplier,
                         sampling_rate=sampling_rate,
+                        steps=steps,
                         released_at=datetime.now(UTC),
                     )
                 )

@@ -114,14 +114,18 @@ def node_status(settings: NodeSettings, store: EventStore, runtime: NodeRuntime)
 
 def privacy_status(settings: NodeSettings, runtime: NodeRuntime) -> PrivacyStatus:
     dp = settings.dp_enabled
+    sgd = settings.dp_algorithm == "dpsgd"
     return PrivacyStatus(
         dp_enabled=dp,
+        dp_algorithm=settings.dp_algorithm if dp else None,
         dp_epsilon=(runtime.dp_epsilon or 0.0) if dp else None,
         dp_delta=settings.dp_delta if dp else None,
         dp_epsilon_budget=settings.dp_epsilon_budget if dp else None,
         dp_noise_multiplier=settings.dp_noise_multiplier if dp else None,
-        dp_clip_norm=settings.dp_clip_norm if dp else None,
+        dp_clip_norm=(settings.dp_sgd_clip_norm if sgd else settings.dp_clip_norm) if dp else None,
+        dp_sampling_rate=settings.dp_sampling_rate if dp else None,
         dp_releases=runtime.dp_releases,
+        dp_steps=runtime.dp_steps,
         training_refused=runtime.training_refused,
         secure_aggregation=settings.secure_aggregation,
         insights_pushed_at=runtime.insights_pushed_at,

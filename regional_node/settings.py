@@ -96,7 +96,21 @@ class NodeSettings(BaseSettings):
     )
     backoff_max_seconds: float = Field(default=60.0, gt=0)
     # Privacy (docs/privacy.md).
-    dp_enabled: bool = Field(default=False, description="DP-FedAvg with user-level clipping.")
+    dp_enabled: bool = Field(default=False, description="User-level differential privacy.")
+    dp_algorithm: Literal["fedavg", "dpsgd"] = Field(
+        default="fedavg",
+        description="fedavg: one clipped SGD step per sampled user, noised once a round; "
+        "dpsgd: NODE_DP_SGD_STEPS noised steps of per-user clipped gradients a round.",
+    )
+    dp_sgd_steps: int = Field(
+        default=20, ge=1, le=10_000, description="dpsgd: noisy steps per round (each one counted)."
+    )
+    dp_sgd_learning_rate: float = Field(
+        default=0.01, gt=0, le=10, description="dpsgd: Adam learning rate of the node's steps."
+    )
+    dp_sgd_clip_norm: float = Field(
+        default=1.0, gt=0, description="dpsgd: L2 clip of one user's gradient."
+    )
     dp_clip_norm: float = Field(
         default=5.0, gt=0, description="L2 clip of each user unit's delta (docs/privacy.md)."
     )

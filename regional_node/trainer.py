@@ -18,6 +18,7 @@ import torch
 from coordinator.aggregation import compute_delta
 from regional_node.store import EventStore
 from shared.compression import encode_with_feedback
+from shared.dp_sgd import DPSGDConfig, dp_sgd_update
 from shared.dp_training import DPConfig, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
@@ -45,7 +46,8 @@ class TrainJob:
     holdout_eval: bool
     min_users_for_metrics: int
     threads: int = 1
-    dp: DPConfig | None = None  # DP-FedAvg (docs/privacy.md); None = plain training
+    # DP-FedAvg or node-side DP-SGD (docs/privacy.md); None = plain training
+    dp: DPConfig | DPSGDConfig | None = None
     dp_unit_key: bytes = b""
     nice: int = 0  # the worker's CPU niceness: serving comes first
     encoding: str = "dense"
@@ -164,19 +166,22 @@ def _run_dp_job(
     features: ItemFeatures,
     sequences: dict[str, UserSequence],
 ) -> TrainOutcome | None:
-    """DP-FedAvg contribution. Sends no data-dependent metric: the accountant covers only
-    the noisy delta, so held-out HR@10 and the loss stay in the region."""
+    """DP-FedAvg or DP-SGD contribution. Sends no data-dependent metric: the accountant
+    covers only the noisy delta, so held-out HR@10 and the loss stay in the region."""
     assert job.dp is not None
-    update = dp_fedavg_update(
-        config,
-        base_state,
-        features,
-        sequences,
-        job.train_config,
-        job.dp,
-        seed=job.train_config.seed,
-        unit_key=job.dp_unit_key,
-    )
+    if isinstance(job.dp, DPSGDConfig):
+        update = dp_sgd_update(config, base_state, features, sequences, job.dp, key=job.dp_unit_key)
+    else:
+        update = dp_fedavg_update(
+            config,
+            base_state,
+            features,
+            sequences,
+            job.train_config,
+            job.dp,
+            seed=job.train_config.seed,
+            unit_key=job.dp_unit_key,
+        )
     if update is None:
         return None
     data = state_to_bytes(update.delta)

@@ -27,6 +27,7 @@ import torch
 from coordinator.aggregation import apply_delta, compute_delta, make_strategy
 from coordinator.settings import DEFAULT_AGGREGATION
 from shared.data import read_catalog_csv, read_events_csv
+from shared.dp_sgd import DPSGDConfig, PerUserGradients, dp_sgd_update, pack_users
 from shared.dp_training import DPConfig, ServerAdam, ServerMomentum, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
 from shared.market import generate_market
@@ -68,6 +69,18 @@ class Setup:
     server_adam_lr: float = 0.1
     server_adam_tau: float = 1e-2
     frozen: tuple[str, ...] = ()
+    # "dpsgd": every node runs `dp_steps` DP-SGD steps a round (shared/dp_sgd.py) instead
+    # of one DP-FedAvg release; the accountant counts rounds x dp_steps releases.
+    algorithm: str = "fedavg"
+    dp_steps: int = 1
+    dpsgd: DPSGDConfig | None = None
+    # Each node adds 1/sqrt(nodes) of the noise (distributed DP: only the sum of the
+    # nodes' updates is private; needs secure aggregation and dp_steps = 1).
+    distributed_noise: bool = False
+
+    @property
+    def noisy_steps(self) -> int:
+        return self.rounds * (self.dp_steps if self.algorithm == "dpsgd" else 1)
 
 
 @dataclass(frozen=True)
@@ -157,8 +170,19 @@ def run_one(
     torch.set_num_threads(threads)
     start = time.perf_counter()
     sigma = noise_multiplier_for_epsilon(
-        epsilon=epsilon, delta=setup.delta, steps=setup.rounds, sampling_rate=setup.sampling_rate
+        epsilon=epsilon,
+        delta=setup.delta,
+        steps=setup.noisy_steps,
+        sampling_rate=setup.sampling_rate,
     )
+    engine = batches = None
+    if setup.algorithm == "dpsgd" and not math.isinf(epsilon):
+        assert setup.dpsgd is not None
+        engine = PerUserGradients(config, features)
+        batches = {
+            r: pack_users(t, config.max_history, setup.dpsgd.max_examples) for r, t in train.items()
+        }
+    noise_share = 1 / math.sqrt(len(train)) if setup.distributed_noise else 1.0
     state = init_state(config)
     model = HybridTwoTower(config)
     # The server lr is the node's (DPConfig.server_lr); momentum is a coordinator-side
@@ -180,6 +204,22 @@ def run_one(
                 result = train_local(model, features, examples, cfg)
                 new = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 updates.append((compute_delta(new, state), result.num_examples))
+            elif engine is not None and batches is not None and setup.dpsgd is not None:
+                up = dp_sgd_update(
+                    config,
+                    state,
+                    features,
+                    train[region],
+                    dataclasses.replace(setup.dpsgd, noise_multiplier=sigma),
+                    key=f"{setup.seed}-{region}-{rnd}".encode(),
+                    noise_share=noise_share,
+                    engine=engine,
+                    users=batches[region],
+                )
+                if up is not None:
+                    # The server lr scales what was released: post-processing.
+                    step = {k: v * setup.server_lr for k, v in up.delta.items()}
+                    updates.append((step, up.num_units))
             else:
                 dp = DPConfig(
                     clip_norm=setup.clip_norm,
@@ -215,7 +255,7 @@ def run_one(
         else dp_epsilon(
             noise_multiplier=sigma,
             sampling_rate=setup.sampling_rate,
-            steps=setup.rounds,
+            steps=setup.noisy_steps,
             delta=setup.delta,
         )
     )
@@ -260,12 +300,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epsilons", default="1,4,8,inf")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--clip-norm", type=float, default=5.0)
+    p.add_argument(
+        "--algorithm",
+        choices=("fedavg", "dpsgd"),
+        default="fedavg",
+        help="DP runs: fedavg (one clipped step per user, one release a round) or dpsgd "
+        "(--dp-steps noisy steps of per-user clipped gradients a round on every node)",
+    )
+    p.add_argument("--dp-steps", type=int, default=20, help="dpsgd: noisy steps per round")
+    p.add_argument(
+        "--distributed-noise",
+        action="store_true",
+        help="dpsgd with --dp-steps 1: each node adds 1/sqrt(nodes) of the noise "
+        "(only the sum is private: secure aggregation)",
+    )
+    p.add_argument(
+        "--clip-norm",
+        type=float,
+        help="L2 clip of a user's delta (fedavg, 5) / gradient (dpsgd, 1)",
+    )
     p.add_argument("--groups", type=int, default=0, help="0: one unit per user")
     p.add_argument("--sampling-rate", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--dp-epochs", type=int, help="local epochs of one user unit (default --epochs)")
-    p.add_argument("--server-lr", type=float, default=5.0, help="DP runs: server learning rate")
+    p.add_argument(
+        "--server-lr", type=float, help="DP runs: server learning rate (fedavg 5, dpsgd 1)"
+    )
     p.add_argument(
         "--server-momentum", type=float, default=0.0, help="DP runs: server momentum (DP-FedAvgM)"
     )
@@ -281,9 +341,15 @@ def main(argv: list[str] | None = None) -> None:
         "--dp-freeze", default="", help="comma-separated parameters the DP units do not train"
     )
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--dp-lr", type=float, default=10.0, help="local lr of one user unit")
+    p.add_argument(
+        "--dp-lr",
+        type=float,
+        help="local lr of a user unit (fedavg, 10) / a node step (dpsgd, 0.01)",
+    )
     p.add_argument("--dp-batch-size", type=int, default=64)
-    p.add_argument("--dp-optimizer", default="sgd", choices=("adam", "sgd"))
+    p.add_argument(
+        "--dp-optimizer", choices=("adam", "sgd"), help="local optimizer (fedavg sgd, dpsgd adam)"
+    )
     p.add_argument("--dp-negatives", type=int, help="sampled negatives of a unit's step")
     p.add_argument("--num-negatives", type=int, default=256)
     p.add_argument("--users", type=int, default=6000, help="market size when generating")
@@ -292,9 +358,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="epsilons run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     args = p.parse_args(argv)
+    sgd = args.algorithm == "dpsgd"
+    defaults = {"clip_norm": (1.0, 5.0), "server_lr": (1.0, 5.0), "dp_lr": (0.01, 10.0)}
+    for name, (for_sgd, for_fedavg) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, for_sgd if sgd else for_fedavg)
+    args.dp_optimizer = args.dp_optimizer or ("adam" if sgd else "sgd")
+    if args.distributed_noise and not (sgd and args.dp_steps == 1):
+        p.error("--distributed-noise needs --algorithm dpsgd --dp-steps 1 (a linear sum)")
     try:  # the server step's settings: refused here, before any market is loaded
         ServerAdam(lr=args.server_adam_lr, tau=args.server_adam_tau)
         ServerMomentum(momentum=args.server_momentum)
+        dpsgd = DPSGDConfig(
+            clip_norm=args.clip_norm,
+            noise_multiplier=0.0,  # each epsilon's run sets its own
+            sampling_rate=args.sampling_rate,
+            steps=args.dp_steps,
+            lr=args.dp_lr,
+            optimizer=args.dp_optimizer,
+            num_negatives=args.dp_negatives or args.num_negatives,
+        )
     except ValueError as exc:
         p.error(str(exc))
 
@@ -325,6 +408,10 @@ def main(argv: list[str] | None = None) -> None:
         server_adam_lr=args.server_adam_lr,
         server_adam_tau=args.server_adam_tau,
         frozen=tuple(f.strip() for f in args.dp_freeze.split(",") if f.strip()),
+        algorithm=args.algorithm,
+        dp_steps=args.dp_steps,
+        distributed_noise=args.distributed_noise,
+        dpsgd=dpsgd if sgd else None,
     )
     users = sum(len(t) for t in train.values())
     print(
@@ -339,7 +426,9 @@ def main(argv: list[str] | None = None) -> None:
             else ""
         )
         + ", "
-        f"dp epochs {setup.dp_train.epochs}, dp lr {args.dp_lr} {args.dp_optimizer}, "
+        f"algorithm {args.algorithm}"
+        + (f" ({args.dp_steps} steps a round)" if sgd else f", dp epochs {setup.dp_train.epochs}")
+        + f", dp lr {args.dp_lr} {args.dp_optimizer}, "
         f"frozen {list(setup.frozen)}",
         flush=True,
     )

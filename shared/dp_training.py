@@ -94,6 +94,17 @@ def _sampled(key: bytes, seed: int, unit: str, rate: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
 
 
+def noise_generator(key: bytes) -> torch.Generator:
+    """The generator of a release's Gaussian noise, seeded from the node's secret key.
+
+    Never from the round seed: the round id is public, and noise that whoever sees the
+    update can regenerate can be subtracted, leaving the clipped sum bare. The key is
+    fresh random bytes per round on the node (the experiment passes fixed ones).
+    """
+    digest = hmac.new(key, b"noise", hashlib.sha256).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
 def dp_fedavg_update(
     config: ModelConfig,
     base_state: Mapping[str, torch.Tensor],
@@ -110,7 +121,7 @@ def dp_fedavg_update(
     num_units = dp.groups if dp.grouped else len(units)
     if num_units == 0:
         return None
-    g = torch.Generator().manual_seed(seed)
+    g = noise_generator(unit_key)
     model = HybridTwoTower(config)
     for name, param in model.named_parameters():
         param.requires_grad_(not dp.is_frozen(name))

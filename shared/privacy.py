@@ -223,15 +223,21 @@ def noise_multiplier_for_epsilon(
 
 
 def epsilon_of_releases(
-    releases: Sequence[tuple[float, float]],
+    releases: Sequence[tuple[float, float] | tuple[float, float, int]],
     delta: float,
     orders: Sequence[float] = DEFAULT_ORDERS,
 ) -> float:
-    """epsilon of a sequence of (noise_multiplier, sampling_rate) releases (RDP adds up)."""
+    """epsilon of a sequence of (noise_multiplier, sampling_rate[, steps]) releases.
+
+    A release of `steps` subsampled Gaussian mechanisms (a round of DP-SGD) counts as
+    that many; RDP adds up over all of them.
+    """
     if not releases:
         return 0.0
     total = [0.0 for _ in orders]
-    for sigma, q in releases:
-        rdp = rdp_gaussian(noise_multiplier=sigma, sampling_rate=q, steps=1, orders=orders)
+    for release in releases:
+        sigma, q = release[0], release[1]
+        steps = int(release[2]) if len(release) > 2 else 1
+        rdp = rdp_gaussian(noise_multiplier=sigma, sampling_rate=q, steps=steps, orders=orders)
         total = [a + b for a, b in zip(total, rdp, strict=True)]
     return epsilon_from_rdp(total, orders, delta)

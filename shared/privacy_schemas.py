@@ -72,12 +72,19 @@ class SeedRevealIn(BaseModel):
 
 class PrivacyStatus(BaseModel):
     dp_enabled: bool
+    dp_algorithm: str | None = Field(
+        default=None, description="fedavg (DP-FedAvg) or dpsgd (node-side DP-SGD)."
+    )
     dp_epsilon: float | None = Field(description="Epsilon spent so far at dp_delta (RDP).")
     dp_delta: float | None
     dp_epsilon_budget: float | None
     dp_noise_multiplier: float | None
-    dp_clip_norm: float | None
+    dp_clip_norm: float | None = Field(description="L2 clip of one user's contribution.")
+    dp_sampling_rate: float | None = Field(default=None, description="Poisson rate of users.")
     dp_releases: int = Field(description="Noisy updates released so far.")
+    dp_steps: int = Field(
+        default=0, description="Noisy steps the accountant composed (one a release for fedavg)."
+    )
     training_refused: str | None = Field(description="Why the node does not train, if so.")
     secure_aggregation: bool
     insights_pushed_at: datetime | None
