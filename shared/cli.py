@@ -165,7 +165,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         poisoning.main(_experiment_argv(args, extra))
         return 0
     if args.dp_epsilon:
-        # DP-FedAvg: HR@10 against epsilon (delta 1e-5) next to the non-private run.
+        # DP-FedAvg or DP-SGD: HR@10 against epsilon (delta 1e-5) next to the non-private run.
         from shared import dp_experiment
 
         extra = ["--epsilons", args.dp_epsilon]
@@ -173,6 +173,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             extra += ["--sampling-rate", str(args.dp_sampling_rate)]
         if args.dp_server_lr is not None:
             extra += ["--server-lr", str(args.dp_server_lr)]
+        if args.dp_algorithm is not None:
+            extra += ["--algorithm", args.dp_algorithm]
+        if args.dp_steps is not None:
+            extra += ["--dp-steps", str(args.dp_steps)]
         dp_experiment.main(_experiment_argv(args, extra))
         return 0
 
@@ -451,7 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--dp-server-lr",
         type=float,
-        help="with --dp-epsilon: server learning rate of the DP runs (default 5)",
+        help="with --dp-epsilon: server learning rate of the DP runs (fedavg 5, dpsgd 1)",
+    )
+    sim.add_argument(
+        "--dp-algorithm",
+        choices=("fedavg", "dpsgd"),
+        help="with --dp-epsilon: DP-FedAvg (default) or node-side DP-SGD (NODE_DP_ALGORITHM)",
+    )
+    sim.add_argument(
+        "--dp-steps",
+        type=int,
+        help="with --dp-epsilon --dp-algorithm dpsgd: noisy steps per round (default 20)",
     )
     sim.set_defaults(func=cmd_simulate)
 

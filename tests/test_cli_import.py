@@ -153,3 +153,7 @@ def test_simulate_runs_the_poisoning_and_dp_experiments(tmp_path: Path, capsys) 
         main([*base, "--dp-epsilon", "8,inf", "--dp-sampling-rate", "0.5", "--dp-server-lr", "2"])
     assert exit_info.value.code == 0
     assert "inf" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--dp-epsilon", "8", "--dp-algorithm", "dpsgd", "--dp-steps", "2"])
+    assert exit_info.value.code == 0
+    assert "dpsgd (2 steps a round)" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 Real processes on loopback: a coordinator with secure aggregation, three nodes,
 and one recording reverse proxy per node between it and the coordinator
 (shared/wire_recorder.py), for three rounds. Node `dp-1` trains with DP-FedAvg
-and a budget that allows exactly three rounds; `big-1` has enough users for its
+(or, in the second run, node-side DP-SGD: two noisy steps a round at sampling rate
+0.5) and a budget that allows exactly three rounds; `big-1` has enough users for its
 metrics to be sent; `small-1` has fewer users than NODE_MIN_USERS_FOR_METRICS.
 """
 
@@ -66,9 +67,12 @@ AGGREGATE_METRICS = {"hr@10", "ndcg@10", "eval_users", "train_loss"}
 DP_METRICS = {"dp_epsilon", "dp_noise_multiplier"}
 
 
-def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path) -> None:
-    eps3 = dp_epsilon(noise_multiplier=1.0, sampling_rate=1.0, steps=3, delta=1e-5)
-    eps4 = dp_epsilon(noise_multiplier=1.0, sampling_rate=1.0, steps=4, delta=1e-5)
+@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd"])
+def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path, algorithm: str) -> None:
+    # One release a round (fedavg, q 1) or two subsampled steps a round (dpsgd, q 0.5).
+    steps, q = (2, 0.5) if algorithm == "dpsgd" else (1, 1.0)
+    eps3 = dp_epsilon(noise_multiplier=1.0, sampling_rate=q, steps=3 * steps, delta=1e-5)
+    eps4 = dp_epsilon(noise_multiplier=1.0, sampling_rate=q, steps=4 * steps, delta=1e-5)
     budget = (eps3 + eps4) / 2  # three DP rounds fit, a fourth does not
     procs: list[ServiceProcess] = []
     events: dict[str, list[dict[str, Any]]] = {}
@@ -123,6 +127,9 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path) -> None:
             if dp:
                 env |= {
                     "NODE_DP_ENABLED": "true",
+                    "NODE_DP_ALGORITHM": algorithm,
+                    "NODE_DP_SGD_STEPS": str(steps),
+                    "NODE_DP_SAMPLING_RATE": str(q),
                     "NODE_DP_CLIP_NORM": "0.5",
                     "NODE_DP_NOISE_MULTIPLIER": "1.0",
                     "NODE_DP_EPSILON_BUDGET": str(budget),
@@ -157,6 +164,7 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path) -> None:
         wait_for(lambda: dp_status()["training_refused"] is not None, 60, "refusal", procs)
         status = dp_status()
         assert status["dp_enabled"] and status["dp_releases"] == 3
+        assert status["dp_algorithm"] == algorithm and status["dp_steps"] == 3 * steps
         assert status["dp_epsilon"] == pytest.approx(eps3)
         assert "privacy budget exhausted" in status["training_refused"]
         v4 = admin.get("/v1/models/4").json()

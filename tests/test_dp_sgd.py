@@ -1,0 +1,270 @@
+"""Node-side user-level DP-SGD (shared/dp_sgd.py): exact per-user gradients, clipping,
+sensitivity, secret noise, the ledger's step count and the experiment's dpsgd path."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from regional_node.privacy_budget import PrivacyAccountant
+from regional_node.store import EventStore
+from regional_node.trainer import run_train_job
+from shared.dp_experiment import load_regions
+from shared.dp_sgd import DPSGDConfig, PerUserGradients, dp_sgd_update, pack_users
+from shared.dp_training import DPConfig, dp_fedavg_update
+from shared.features import build_item_features
+from shared.market import generate_market
+from shared.model import HybridTwoTower, ModelConfig, init_state, sampled_softmax_loss
+from shared.privacy import dp_epsilon, epsilon_of_releases, l2_norm
+from shared.training import TrainConfig, UserSequence, make_examples
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    data = tmp_path_factory.mktemp("dpsgd-market")
+    generate_market(data, seed=3, regions=2, users=160, items=50)
+    catalog, train, _held, config = load_regions(data, users=0, items=0, seed=3)
+    config = config.model_copy(update={"embedding_dim": 8, "content_buckets": 128})
+    features = build_item_features(catalog, config.content_buckets)
+    region = max(train, key=lambda r: len(train[r]))
+    return config, features, train[region]
+
+
+def _perturbed_state(config: ModelConfig) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in init_state(config).items()}
+
+
+def _one_user_sum(engine, state, batch, i, neg, clip=1e9):  # type: ignore[no-untyped-def]
+    total, _ = engine.clipped_sum(state, batch, torch.tensor([i]), neg, clip, 64)
+    return total
+
+
+def test_per_user_gradients_equal_autograd_on_the_model(market) -> None:  # type: ignore[no-untyped-def]
+    config, features, seqs = market
+    engine = PerUserGradients(config, features)
+    batch = pack_users(seqs, config.max_history, 64)
+    state = _perturbed_state(config)
+    neg = torch.randint(0, config.num_items, (16,), generator=torch.Generator().manual_seed(1))
+    model = HybridTwoTower(config)
+    model.load_state_dict(state)
+    longest = int(torch.argmax(batch.count))
+    for i in sorted({0, 1, longest}):
+        ex = make_examples([seqs[batch.users[i]]], config.max_history)
+        assert len(ex) == int(batch.count[i])
+        model.zero_grad()
+        vecs = model.item_vectors(features)
+        users = model.user_vectors(vecs[ex.history], ex.history_types, ex.country)
+        sampled_softmax_loss(users, vecs[ex.target], vecs[neg], ex.target, neg).backward()
+        ours = _one_user_sum(engine, state, batch, i, neg)
+        for name, p in model.named_parameters():
+            assert p.grad is not None
+            torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_packed_examples_are_the_users_most_recent_ones(market) -> None:  # type: ignore[no-untyped-def]
+    config, _features, seqs = market
+    full = pack_users(seqs, config.max_history, 64)
+    capped = pack_users(seqs, config.max_history, 2)
+    assert full.users == capped.users == sorted(u for u, s in seqs.items() if len(s.items) >= 2)
+    i = int(torch.argmax(full.count))
+    n = int(full.count[i])
+    assert n > 2 and int(capped.count[i]) == 2
+    # The capped user's examples are the last two of the full ones, position for position.
+    seq = full.seq[i]
+    assert torch.equal(seq[capped.target[i]], seq[full.target[i, n - 2 : n]])
+    empty = pack_users({"u": UserSequence([1], [1], 0)}, config.max_history, 4)
+    assert empty.users == [] and empty.history.shape[0] == 0
+
+
+def test_each_users_contribution_is_clipped_so_one_user_moves_the_sum_by_at_most_c(
+    market,  # type: ignore[no-untyped-def]
+) -> None:
+    config, features, seqs = market
+    engine = PerUserGradients(config, features)
+    batch = pack_users(seqs, config.max_history, 64)
+    state = _perturbed_state(config)
+    neg = torch.randint(0, config.num_items, (16,), generator=torch.Generator().manual_seed(2))
+    clip = 0.05
+    everyone = torch.arange(len(batch.users))
+    total, clipped = engine.clipped_sum(state, batch, everyone, neg, clip, 7)
+    assert clipped > 0
+    for i in (0, len(batch.users) // 2, len(batch.users) - 1):
+        without, _ = engine.clipped_sum(state, batch, everyone[everyone != i], neg, clip, 7)
+        diff = {k: total[k] - without[k] for k in total}
+        assert l2_norm(diff) <= clip * (1 + 1e-4)
+        # ... and the difference is exactly that user's clipped gradient.
+        alone = _one_user_sum(engine, state, batch, i, neg, clip)
+        for k in diff:
+            torch.testing.assert_close(diff[k], alone[k], atol=1e-6, rtol=1e-4)
+
+
+def test_frozen_parameters_get_no_gradient_and_are_not_released(market) -> None:  # type: ignore[no-untyped-def]
+    config, features, seqs = market
+    engine = PerUserGradients(config, features, frozen=("item_id.weight",))
+    assert "item_id.weight" not in engine.names
+    batch = pack_users(seqs, config.max_history, 64)
+    neg = torch.arange(8)
+    total, _ = engine.clipped_sum(init_state(config), batch, torch.arange(4), neg, 1.0, 64)
+    assert "item_id.weight" not in total and "content.weight" in total
+
+
+def test_dp_sgd_noise_comes_from_the_secret_key(market) -> None:  # type: ignore[no-untyped-def]
+    config, features, seqs = market
+    state = init_state(config)
+    dp = DPSGDConfig(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5, steps=2, lr=0.01)
+    a = dp_sgd_update(config, state, features, seqs, dp, key=b"k1")
+    b = dp_sgd_update(config, state, features, seqs, dp, key=b"k1")
+    c = dp_sgd_update(config, state, features, seqs, dp, key=b"k2")
+    assert a is not None and b is not None and c is not None
+    assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)  # same key: same release
+    assert not torch.equal(a.delta["item_id.weight"], c.delta["item_id.weight"])
+    assert a.num_units == len([s for s in seqs.values() if len(s.items) >= 2])
+    assert a.sampled_units > 0 and 0 <= a.clipped_fraction <= 1
+    assert a.noise_stddev == 1.0
+    # Only trainable weights move; the delta has every tensor of the model.
+    assert a.delta.keys() == state.keys()
+
+
+def test_dp_fedavg_noise_is_not_the_public_round_seed(market) -> None:  # type: ignore[no-untyped-def]
+    config, features, seqs = market
+    state = init_state(config)
+    train = TrainConfig(epochs=1, lr=1.0, batch_size=64, num_negatives=16, optimizer="sgd")
+    dp = DPConfig(clip_norm=1.0, noise_multiplier=1.0)
+    one = dp_fedavg_update(config, state, features, seqs, train, dp, seed=7, unit_key=b"a")
+    two = dp_fedavg_update(config, state, features, seqs, train, dp, seed=7, unit_key=b"b")
+    assert one is not None and two is not None
+    # Same public seed, different secret keys: the noise differs, so whoever knows the
+    # round id cannot regenerate it and subtract it.
+    assert not torch.equal(one.delta["item_id.weight"], two.delta["item_id.weight"])
+
+
+def test_dp_sgd_without_noise_lowers_the_loss(market) -> None:  # type: ignore[no-untyped-def]
+    config, features, seqs = market
+    state = init_state(config)
+    dp = DPSGDConfig(clip_norm=1.0, noise_multiplier=0.0, sampling_rate=1.0, steps=30, lr=0.05)
+    up = dp_sgd_update(config, state, features, seqs, dp, key=b"k")
+    assert up is not None and up.sampled_units == 30 * up.num_units
+    engine = PerUserGradients(config, features)
+    batch = pack_users(seqs, config.max_history, 64)
+    neg = torch.arange(config.num_items)
+
+    @torch.no_grad()
+    def loss(s: dict[str, torch.Tensor]) -> float:
+        model = HybridTwoTower(config)
+        model.load_state_dict(s)
+        total = 0.0
+        for u in batch.users:
+            ex = make_examples([seqs[u]], config.max_history)
+            vecs = model.item_vectors(features)
+            users = model.user_vectors(vecs[ex.history], ex.history_types, ex.country)
+            total += float(sampled_softmax_loss(users, vecs[ex.target], vecs[neg], ex.target, neg))
+        return total / len(batch.users)
+
+    trained = {k: state[k] + up.delta[k] for k in state}
+    assert loss(trained) < loss(state) - 0.1
+    assert engine.names  # the engine builds for this config
+
+
+def test_dp_sgd_config_refuses_bad_values() -> None:
+    for bad in (
+        {"clip_norm": 0.0},
+        {"noise_multiplier": -1.0},
+        {"sampling_rate": 0.0},
+        {"sampling_rate": 1.5},
+        {"steps": 0},
+        {"optimizer": "rmsprop"},
+    ):
+        args = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling_rate": 0.1, "steps": 1}
+        with pytest.raises(ValueError):
+            DPSGDConfig(**(args | bad))  # type: ignore[arg-type]
+
+
+def test_the_ledger_counts_every_noisy_step(tmp_path: Path) -> None:
+    store = EventStore(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store.migrate()
+    acc = PrivacyAccountant(store, delta=1e-5)
+    acc.record(1, 1.2, 0.1, 20)
+    acc.record(2, 1.2, 0.1, 20)
+    assert acc.releases() == [(1.2, 0.1, 20), (1.2, 0.1, 20)]
+    expected = dp_epsilon(noise_multiplier=1.2, sampling_rate=0.1, steps=40, delta=1e-5)
+    assert acc.spent() == pytest.approx(expected)
+    after = dp_epsilon(noise_multiplier=1.2, sampling_rate=0.1, steps=60, delta=1e-5)
+    assert acc.after_one_more(1.2, 0.1, 20) == pytest.approx(after)
+    # A (z, q) release without a step count is one step, as before the column existed.
+    assert epsilon_of_releases([(1.2, 0.1)] * 3, 1e-5) == pytest.approx(
+        epsilon_of_releases([(1.2, 0.1, 3)], 1e-5)
+    )
+    store.dispose()
+
+
+def test_a_dpsgd_train_job_sends_the_delta_and_no_data_dependent_metric(
+    tmp_path: Path,
+) -> None:
+    from tests.test_privacy import _job
+
+    dp = DPSGDConfig(clip_norm=0.5, noise_multiplier=1.0, sampling_rate=0.5, steps=3)
+    job = dataclasses.replace(_job(tmp_path, 1), dp=dp)
+    outcome = run_train_job(job)
+    assert outcome is not None
+    assert outcome.num_examples == 12  # users, not examples
+    assert outcome.metrics == {"dp_noise_multiplier": 1.0}
+
+
+def test_dp_experiment_runs_dpsgd_and_counts_rounds_times_steps(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from shared.dp_experiment import main
+
+    generate_market(tmp_path, seed=2, regions=2, users=120, items=40)
+    base = ["--data", str(tmp_path), "--rounds", "2", "--algorithm", "dpsgd", "--dp-steps", "3"]
+    main([*base, "--sampling-rate", "0.5", "--epsilons", "8"])
+    out = capsys.readouterr().out
+    assert "dpsgd (3 steps a round)" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 8 "))
+    z = float(row.split("|")[2])
+    # The noise multiplier is the one that spends epsilon 8 over 2 rounds x 3 steps.
+    assert dp_epsilon(noise_multiplier=z, sampling_rate=0.5, steps=6, delta=1e-5) <= 8.0
+    assert dp_epsilon(noise_multiplier=z * 0.98, sampling_rate=0.5, steps=6, delta=1e-5) > 8.0
+    assert math.isfinite(float(row.split("|")[4]))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--distributed-noise", "--epsilons", "8"])
+    assert exit_info.value.code == 2
+    assert "--distributed-noise needs" in capsys.readouterr().err
+
+
+def test_ledger_migration_counts_earlier_releases_as_one_step(db_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from shared.db import alembic_config
+
+    cfg = alembic_config("node", db_url)
+    command.upgrade(cfg, "n0002_privacy")
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO privacy_ledger (round_id, noise_multiplier, sampling_rate, "
+                    "released_at) VALUES (1, 1.5, 1.0, :ts)"
+                ),
+                {"ts": datetime.now(UTC)},
+            )
+        command.upgrade(cfg, "head")
+        store = EventStore(db_url)
+        try:
+            acc = PrivacyAccountant(store, delta=1e-5)
+            assert acc.releases() == [(1.5, 1.0, 1)]
+            acc.record(2, 1.5, 0.2, 10)
+            assert acc.releases()[-1] == (1.5, 0.2, 10)
+        finally:
+            store.dispose()
+        command.downgrade(cfg, "n0002_privacy")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM privacy_ledger")).scalar_one() == 2
+    finally:
+        engine.dispose()
