@@ -100,6 +100,23 @@ class ModelVersionChunk(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class ServerOptimizerState(Base):
+    """The server optimizer's state after the round that made `version` (migration 0004).
+
+    FedAdam's first and second moments (COORDINATOR_SERVER_OPTIMIZER=adam) as one
+    safetensors file (`m.<name>`, `v.<name>`). A round on base version b continues
+    from b's row (zeros when b has none, e.g. the initial model or one made before the
+    optimizer was turned on), so promoting an older version also rolls the moments back.
+    """
+
+    __tablename__ = "server_optimizer_states"
+
+    version: Mapped[int] = mapped_column(ForeignKey("model_versions.version"), primary_key=True)
+    optimizer: Mapped[str] = mapped_column(String(16))
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
 class Round(Base):
     __tablename__ = "rounds"
 

@@ -48,6 +48,17 @@ class CoordinatorSettings(BaseSettings):
             "stream; the robust rules hold all of a round's updates in memory."
         ),
     )
+    server_optimizer: Literal["none", "adam"] = Field(
+        default="none",
+        description="adam: FedAdam on the round's aggregate, its moments stored per version "
+        "(DP-FedSGD, docs/privacy.md); none: the aggregate is the step.",
+    )
+    server_lr: float = Field(
+        default=0.01, gt=0, le=10, description="adam: the server learning rate."
+    )
+    server_adam_tau: float = Field(
+        default=1e-8, gt=0, le=1, description="adam: tau, added to sqrt(v) (Reddi et al.)."
+    )
     clip_norm: float | None = Field(
         default=None, gt=0, description="clipped: L2 bound per update (unset: the round's median)."
     )

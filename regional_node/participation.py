@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -573,7 +574,9 @@ class Participant:
                 sampling_rate=s.dp_sampling_rate,
                 steps=s.dp_sgd_steps,
                 lr=s.dp_sgd_learning_rate,
+                optimizer=s.dp_sgd_optimizer,
                 num_negatives=s.num_negatives,
+                noise_share=1 / math.sqrt(s.dp_noise_nodes),
             )
         return DPConfig(
             clip_norm=s.dp_clip_norm,

@@ -111,6 +111,19 @@ class NodeSettings(BaseSettings):
     dp_sgd_clip_norm: float = Field(
         default=1.0, gt=0, description="dpsgd: L2 clip of one user's gradient."
     )
+    dp_sgd_optimizer: Literal["adam", "sgd"] = Field(
+        default="adam",
+        description="dpsgd: the node's optimizer; sgd with NODE_DP_SGD_STEPS=1 and lr 1 sends "
+        "the noisy mean gradient (the coordinator's optimizer then takes the step).",
+    )
+    dp_noise_nodes: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Distributed DP: each node adds 1/sqrt(n) of the noise, so only the sum "
+        "of at least n nodes' updates is private. Needs secure aggregation and dpsgd with "
+        "one step a round; set n to the coordinator's minimum cohort. 1: the node's own.",
+    )
     dp_clip_norm: float = Field(
         default=5.0, gt=0, description="L2 clip of each user unit's delta (docs/privacy.md)."
     )
@@ -166,6 +179,18 @@ class NodeSettings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @model_validator(mode="after")
+    def _distributed_noise_needs_a_linear_masked_sum(self) -> NodeSettings:
+        if self.dp_noise_nodes > 1 and not (
+            self.secure_aggregation and self.dp_algorithm == "dpsgd" and self.dp_sgd_steps == 1
+        ):
+            raise ValueError(
+                "NODE_DP_NOISE_NODES > 1 splits the noise over a sum that only secure "
+                "aggregation keeps hidden, of updates that add up linearly: it needs "
+                "NODE_SECURE_AGGREGATION=true, NODE_DP_ALGORITHM=dpsgd and NODE_DP_SGD_STEPS=1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _need_keys_or_anonymous(self) -> NodeSettings:

@@ -210,9 +210,10 @@ def run_one(
                     state,
                     features,
                     train[region],
-                    dataclasses.replace(setup.dpsgd, noise_multiplier=sigma),
+                    dataclasses.replace(
+                        setup.dpsgd, noise_multiplier=sigma, noise_share=noise_share
+                    ),
                     key=f"{setup.seed}-{region}-{rnd}".encode(),
-                    noise_share=noise_share,
                     engine=engine,
                     users=batches[region],
                 )

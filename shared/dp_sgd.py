@@ -46,6 +46,10 @@ class DPSGDConfig:
     num_negatives: int = 256  # uniform catalog negatives shared by a step's users
     max_examples: int = 64  # a user's most recent examples that enter its gradient
     chunk_users: int = 64  # users per vectorized pass
+    # Share of the noise stddev this node adds: 1 is the node's own guarantee; 1/sqrt(n)
+    # splits one release's noise over n nodes (distributed DP: only their *sum* is
+    # private, so it relies on secure aggregation and on every node adding its share).
+    noise_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.clip_norm <= 0:
@@ -58,6 +62,8 @@ class DPSGDConfig:
             raise ValueError("steps must be >= 1")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError("optimizer must be 'adam' or 'sgd'")
+        if not 0 < self.noise_share <= 1:
+            raise ValueError("noise_share must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -271,18 +277,13 @@ def dp_sgd_update(
     dp: DPSGDConfig,
     *,
     key: bytes,
-    noise_share: float = 1.0,
     engine: PerUserGradients | None = None,
     users: UserBatch | None = None,
 ) -> DPUpdate | None:
     """The region's contribution for one round: `dp.steps` DP-SGD steps from the base.
 
     Returns the delta (trained - base) with `num_units` = users with an example, or None
-    when no user has one. `noise_share` scales each step's noise stddev: 1 is the
-    node's own guarantee; 1/sqrt(n) splits the noise of one release over n nodes
-    (distributed DP: only their *sum* is private, so it relies on secure aggregation
-    and on every node adding its share; the experiment's `--distributed-noise`).
-    `engine` and `users` may be passed in to reuse them across rounds.
+    when no user has one. `engine` and `users` may be passed in to reuse them across rounds.
     """
     engine = engine or PerUserGradients(config, features)
     batch = users or pack_users(sequences, config.max_history, dp.max_examples)
@@ -297,7 +298,7 @@ def dp_sgd_update(
         if dp.optimizer == "adam"
         else torch.optim.SGD(tensors, lr=dp.lr)
     )
-    std = dp.noise_multiplier * dp.clip_norm * noise_share
+    std = dp.noise_multiplier * dp.clip_norm * dp.noise_share
     sampled = clipped = 0
     for step in range(dp.steps):
         picked = _coins(key, step, batch.users, dp.sampling_rate).nonzero().flatten()

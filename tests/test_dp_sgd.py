@@ -268,3 +268,21 @@ def test_ledger_migration_counts_earlier_releases_as_one_step(db_url: str) -> No
             assert conn.execute(text("SELECT count(*) FROM privacy_ledger")).scalar_one() == 2
     finally:
         engine.dispose()
+
+
+def test_distributed_noise_needs_secure_aggregation_and_one_linear_step(market) -> None:  # type: ignore[no-untyped-def]
+    from regional_node.settings import NodeSettings
+
+    base = {"allow_anonymous": True, "dp_enabled": True, "dp_noise_nodes": 3}
+    with pytest.raises(ValueError, match="NODE_DP_NOISE_NODES"):
+        NodeSettings(**base)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NODE_DP_NOISE_NODES"):
+        NodeSettings(**base, secure_aggregation=True, dp_algorithm="dpsgd", dp_sgd_steps=2)  # type: ignore[arg-type]
+    ok = NodeSettings(**base, secure_aggregation=True, dp_algorithm="dpsgd", dp_sgd_steps=1)  # type: ignore[arg-type]
+    assert ok.dp_noise_nodes == 3
+    config, features, seqs = market
+    dp = DPSGDConfig(
+        clip_norm=2.0, noise_multiplier=1.5, sampling_rate=1.0, steps=1, noise_share=3**-0.5
+    )
+    up = dp_sgd_update(config, init_state(config), features, seqs, dp, key=b"k")
+    assert up is not None and up.noise_stddev == pytest.approx(3.0 / 3**0.5)

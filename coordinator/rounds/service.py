@@ -43,6 +43,7 @@ from coordinator.models_registry.service import (
     promote,
 )
 from coordinator.secagg.service import check_masked_update, secure_mean_delta, step_secure_round
+from coordinator.server_optimizer import save_adam, server_step
 from coordinator.settings import CoordinatorSettings
 from shared.compression import SPARSE_ENCODINGS, SUPPORTED_ENCODINGS, decode_update
 from shared.errors import Conflict, NotFound, Unprocessable
@@ -431,6 +432,9 @@ def _close_round(
         delta = strategy.aggregate(updates() if strategy.streaming else list(updates()))
         total_examples, count = sum(int(row.num_examples) for row in rows), len(rows)
         new_state = apply_delta(base_state, delta)
+    adam = None
+    if settings.server_optimizer == "adam":
+        new_state, adam = server_step(session, settings, r.base_version, base_state, new_state)
     new_state, new_config = grow_state(new_state, config, catalog_size(session))
     metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m, _, _ in rows)
     # A privacy loss is as large as the worst node's, not an average.
@@ -446,6 +450,8 @@ def _close_round(
         status="active",
         consume_state=True,
     )
+    if adam is not None:
+        save_adam(session, v.version, adam, now)
     r.state = "closed"
     r.closed_at = now
     r.result_version = v.version
