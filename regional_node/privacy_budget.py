@@ -31,7 +31,9 @@ class PrivacyAccountant:
     def spent(self) -> float:
         return epsilon_of_releases(self.releases(), self.delta)
 
-    def after_one_more(self, noise_multiplier: float, sampling_rate: float, steps: int) -> float:
+    def after_one_more(
+        self, noise_multiplier: float, sampling_rate: float, steps: int = 1
+    ) -> float:
         return epsilon_of_releases(
             [*self.releases(), (noise_multiplier, sampling_rate, steps)], self.delta
         )

@@ -11,6 +11,7 @@ metrics to be sent; `small-1` has fewer users than NODE_MIN_USERS_FOR_METRICS.
 from __future__ import annotations
 
 import json
+import sqlite3
 import re
 from collections import defaultdict
 from datetime import datetime
@@ -67,10 +68,14 @@ AGGREGATE_METRICS = {"hr@10", "ndcg@10", "eval_users", "train_loss"}
 DP_METRICS = {"dp_epsilon", "dp_noise_multiplier"}
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "dpsgd"])
-def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path, algorithm: str) -> None:
-    # One release a round (fedavg, q 1) or two subsampled steps a round (dpsgd, q 0.5).
-    steps, q = (2, 0.5) if algorithm == "dpsgd" else (1, 1.0)
+@pytest.mark.parametrize("mode", ["fedavg", "dpsgd", "fedsgd"])
+def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path, mode: str) -> None:
+    # One release a round (fedavg, q 1), two subsampled steps a round (dpsgd, q 0.5), or
+    # DP-FedSGD: one noisy mean gradient a round, half the noise (the cohort's minimum is
+    # 2) and FedAdam on the coordinator.
+    algorithm = "fedavg" if mode == "fedavg" else "dpsgd"
+    steps, q = (2, 0.5) if mode == "dpsgd" else (1, 0.5) if mode == "fedsgd" else (1, 1.0)
+    fedsgd = mode == "fedsgd"
     eps3 = dp_epsilon(noise_multiplier=1.0, sampling_rate=q, steps=3 * steps, delta=1e-5)
     eps4 = dp_epsilon(noise_multiplier=1.0, sampling_rate=q, steps=4 * steps, delta=1e-5)
     budget = (eps3 + eps4) / 2  # three DP rounds fit, a fourth does not
@@ -89,6 +94,7 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path, algorithm
                 "COORDINATOR_ROUND_CHECK_SECONDS": "0.2",
                 "COORDINATOR_EMBEDDING_DIM": "16",
                 "COORDINATOR_SECURE_AGGREGATION": "true",
+                "COORDINATOR_SERVER_OPTIMIZER": "adam" if fedsgd else "none",
             },
             log_path=tmp_path / "coordinator.log",
         ).start()
@@ -129,6 +135,9 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path, algorithm
                     "NODE_DP_ENABLED": "true",
                     "NODE_DP_ALGORITHM": algorithm,
                     "NODE_DP_SGD_STEPS": str(steps),
+                    "NODE_DP_SGD_OPTIMIZER": "sgd" if fedsgd else "adam",
+                    "NODE_DP_SGD_LEARNING_RATE": "1" if fedsgd else "0.01",
+                    "NODE_DP_NOISE_NODES": "2" if fedsgd else "1",
                     "NODE_DP_SAMPLING_RATE": str(q),
                     "NODE_DP_CLIP_NORM": "0.5",
                     "NODE_DP_NOISE_MULTIPLIER": "1.0",
@@ -157,6 +166,9 @@ def test_nodes_send_only_weights_counts_and_aggregates(tmp_path: Path, algorithm
         rounds = {r["round_id"]: r for r in admin.get("/v1/rounds").json()}
         for round_id in (1, 2, 3):
             assert sorted(rounds[round_id]["participants"]) == sorted(NODES)
+        with sqlite3.connect(tmp_path / "coordinator.db") as db:
+            (moments,) = db.execute("SELECT count(*) FROM server_optimizer_states").fetchone()
+        assert (moments >= 3) if fedsgd else moments == 0  # FedAdam took the steps
 
         def dp_status() -> dict[str, Any]:
             return dict(httpx.get(nodes["dp-1"].url + "/v1/status").json()["privacy"])
