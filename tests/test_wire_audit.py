@@ -11,8 +11,8 @@ metrics to be sent; `small-1` has fewer users than NODE_MIN_USERS_FOR_METRICS.
 from __future__ import annotations
 
 import json
-import sqlite3
 import re
+import sqlite3
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
