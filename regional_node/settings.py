@@ -125,21 +125,23 @@ class NodeSettings(BaseSettings):
         "one step a round; set n to the coordinator's minimum cohort. 1: the node's own.",
     )
     dp_clip_norm: float = Field(
-        default=5.0, gt=0, description="L2 clip of each user unit's delta (docs/privacy.md)."
+        default=5.0,
+        gt=0,
+        description="fedavg: L2 clip of each user unit's delta (docs/privacy.md).",
     )
     dp_learning_rate: float = Field(
-        default=10.0, gt=0, le=100, description="Local learning rate of each user unit."
+        default=10.0, gt=0, le=100, description="fedavg: local learning rate of each user unit."
     )
     dp_optimizer: Literal["sgd", "adam"] = Field(
         default="sgd",
-        description="Local optimizer of each user unit: one SGD step keeps the gradient's "
+        description="fedavg: local optimizer of each user unit: one SGD step keeps the gradient's "
         "shape, Adam's first step moves every touched weight by the learning rate.",
     )
     dp_server_lr: float = Field(
         default=1.0,
         gt=0,
         le=100,
-        description="Server learning rate: the node scales its noisy mean by it before "
+        description="fedavg: server learning rate: the node scales its noisy mean by it before "
         "sending (post-processing, no privacy cost).",
     )
     dp_noise_multiplier: float = Field(
@@ -152,10 +154,13 @@ class NodeSettings(BaseSettings):
         default=1e-5, gt=0, lt=1, description="DP delta the accountant reports epsilon for."
     )
     dp_groups: int = Field(
-        default=0, ge=0, description="0: one unit per user; n: users hashed into n buckets."
+        default=0, ge=0, description="fedavg: 0: one unit per user; n: users hashed into n buckets."
     )
     dp_sampling_rate: float = Field(
-        default=1.0, gt=0, le=1, description="Share of users sampled into each DP round."
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Poisson rate of users sampled into each DP round (fedavg) or step (dpsgd).",
     )
     secure_aggregation: bool = Field(default=False, description="Pairwise-mask every update.")
     secagg_wait_seconds: float = Field(
