@@ -142,6 +142,7 @@ class PerUserGradients:
         self.model = HybridTwoTower(config)
         self.config = config
         self.tokens, self.token_weight = dense_bags(features)
+        self.num_rows = features.num_items  # catalog rows (may exceed the id table)
         # Frozen parameters get no gradient: not clipped, not noised, not released.
         self.names = [n for n, _ in self.model.named_parameters() if n not in frozen]
 
@@ -224,9 +225,13 @@ class PerUserGradients:
             # the full tables' gradients, which are zero elsewhere), then scattered back.
             items, inverse = torch.unique(torch.cat([seq.reshape(-1), neg]), return_inverse=True)
             tokens, tok_inverse = torch.unique(self.tokens[items], return_inverse=True)
+            # Catalog rows past the id table (items added since this version was made)
+            # are content-only, as in `HybridTwoTower.item_vectors`: no id part, no id grad.
+            known = items < params["item_id.weight"].shape[0]
+            safe = torch.where(known, items, torch.zeros_like(items))
             local = dict(params)
             for k in ("item_id.weight", "item_bias.weight"):
-                local[k] = params[k][items]
+                local[k] = params[k][safe] * known.unsqueeze(1).to(params[k].dtype)
             local["content.weight"] = params["content.weight"][tokens]
             grads = self._per_user(
                 {k: v for k, v in local.items() if k in self.names},
@@ -241,6 +246,9 @@ class PerUserGradients:
                 mask,
                 inverse[seq.numel() :],
             )
+            for k in ("item_id.weight", "item_bias.weight"):
+                if k in grads:
+                    grads[k] = grads[k] * known.view(1, -1, 1).to(grads[k].dtype)
             sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values())
             norms = sq.sqrt()
             factor = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
@@ -250,7 +258,7 @@ class PerUserGradients:
                 if k == "content.weight":
                     total[k].index_add_(0, tokens, summed)
                 elif k in ("item_id.weight", "item_bias.weight"):
-                    total[k].index_add_(0, items, summed)
+                    total[k].index_add_(0, safe, summed)
                 else:
                     total[k] += summed
         return total, clipped
@@ -302,7 +310,7 @@ def dp_sgd_update(
     sampled = clipped = 0
     for step in range(dp.steps):
         picked = _coins(key, step, batch.users, dp.sampling_rate).nonzero().flatten()
-        neg = torch.randint(0, config.num_items, (dp.num_negatives,), generator=g)
+        neg = torch.randint(0, engine.num_rows, (dp.num_negatives,), generator=g)
         current = {**base_state, **params}
         total, c = engine.clipped_sum(current, batch, picked, neg, dp.clip_norm, dp.chunk_users)
         sampled += int(picked.numel())

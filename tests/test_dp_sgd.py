@@ -286,3 +286,28 @@ def test_distributed_noise_needs_secure_aggregation_and_one_linear_step(market) 
     )
     up = dp_sgd_update(config, init_state(config), features, seqs, dp, key=b"k")
     assert up is not None and up.noise_stddev == pytest.approx(3.0 / 3**0.5)
+
+
+def test_items_past_the_id_table_are_content_only_as_in_the_model(market) -> None:  # type: ignore[no-untyped-def]
+    config, features, seqs = market
+    # A version made before the last 10 catalog items existed: its id table is shorter.
+    small = config.model_copy(update={"num_items": config.num_items - 10})
+    engine = PerUserGradients(small, features)
+    batch = pack_users(seqs, small.max_history, 64)
+    new_rows = set(range(small.num_items, config.num_items))
+    users = [i for i, u in enumerate(batch.users) if new_rows & set(seqs[u].items)]
+    assert users, "the market has users of the newest items"
+    state = _perturbed_state(small)
+    neg = torch.arange(config.num_items - 16, config.num_items)  # half of them new
+    model = HybridTwoTower(small)
+    model.load_state_dict(state)
+    for i in users[:3]:
+        ex = make_examples([seqs[batch.users[i]]], small.max_history)
+        model.zero_grad()
+        vecs = model.item_vectors(features)
+        u = model.user_vectors(vecs[ex.history], ex.history_types, ex.country)
+        sampled_softmax_loss(u, vecs[ex.target], vecs[neg], ex.target, neg).backward()
+        ours = _one_user_sum(engine, state, batch, i, neg)
+        for name, p in model.named_parameters():
+            assert p.grad is not None
+            torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4)
