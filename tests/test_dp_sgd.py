@@ -45,26 +45,32 @@ def _one_user_sum(engine, state, batch, i, neg, clip=1e9):  # type: ignore[no-un
     return total
 
 
+def _assert_autograd_equal(config, features, seqs, engine, state, batch, neg, users) -> None:  # type: ignore[no-untyped-def]
+    """Each listed user's gradient from the engine equals plain autograd on the model."""
+    model = HybridTwoTower(config)
+    model.load_state_dict(state)
+    for i in sorted(users):
+        ex = make_examples([seqs[batch.users[i]]], config.max_history)
+        model.zero_grad()
+        vecs = model.item_vectors(features)
+        u = model.user_vectors(vecs[ex.history], ex.history_types, ex.country)
+        sampled_softmax_loss(u, vecs[ex.target], vecs[neg], ex.target, neg).backward()
+        ours = _one_user_sum(engine, state, batch, i, neg)
+        for name, p in model.named_parameters():
+            assert p.grad is not None
+            torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_per_user_gradients_equal_autograd_on_the_model(market) -> None:  # type: ignore[no-untyped-def]
     config, features, seqs = market
     engine = PerUserGradients(config, features)
     batch = pack_users(seqs, config.max_history, 64)
     state = _perturbed_state(config)
     neg = torch.randint(0, config.num_items, (16,), generator=torch.Generator().manual_seed(1))
-    model = HybridTwoTower(config)
-    model.load_state_dict(state)
     longest = int(torch.argmax(batch.count))
     for i in sorted({0, 1, longest}):
-        ex = make_examples([seqs[batch.users[i]]], config.max_history)
-        assert len(ex) == int(batch.count[i])
-        model.zero_grad()
-        vecs = model.item_vectors(features)
-        users = model.user_vectors(vecs[ex.history], ex.history_types, ex.country)
-        sampled_softmax_loss(users, vecs[ex.target], vecs[neg], ex.target, neg).backward()
-        ours = _one_user_sum(engine, state, batch, i, neg)
-        for name, p in model.named_parameters():
-            assert p.grad is not None
-            torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4)
+        assert len(make_examples([seqs[batch.users[i]]], config.max_history)) == batch.count[i]
+    _assert_autograd_equal(config, features, seqs, engine, state, batch, neg, {0, 1, longest})
 
 
 def test_packed_examples_are_the_users_most_recent_ones(market) -> None:  # type: ignore[no-untyped-def]
@@ -299,15 +305,4 @@ def test_items_past_the_id_table_are_content_only_as_in_the_model(market) -> Non
     assert users, "the market has users of the newest items"
     state = _perturbed_state(small)
     neg = torch.arange(config.num_items - 16, config.num_items)  # half of them new
-    model = HybridTwoTower(small)
-    model.load_state_dict(state)
-    for i in users[:3]:
-        ex = make_examples([seqs[batch.users[i]]], small.max_history)
-        model.zero_grad()
-        vecs = model.item_vectors(features)
-        u = model.user_vectors(vecs[ex.history], ex.history_types, ex.country)
-        sampled_softmax_loss(u, vecs[ex.target], vecs[neg], ex.target, neg).backward()
-        ours = _one_user_sum(engine, state, batch, i, neg)
-        for name, p in model.named_parameters():
-            assert p.grad is not None
-            torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4)
+    _assert_autograd_equal(small, features, seqs, engine, state, batch, neg, users[:3])
