@@ -353,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--dp-negatives", type=int, help="sampled negatives of a unit's step")
     p.add_argument("--num-negatives", type=int, default=256)
+    p.add_argument(
+        "--embedding-dim", type=int, help="model width of every run (default: the model's 48)"
+    )
     p.add_argument("--users", type=int, default=6000, help="market size when generating")
     p.add_argument("--items", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
@@ -385,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     catalog, train, held, config = load_regions(
         args.data, users=args.users, items=args.items, seed=args.seed
     )
+    if args.embedding_dim is not None:
+        config = config.model_copy(update={"embedding_dim": args.embedding_dim})
     features = build_item_features(catalog, config.content_buckets)
     setup = Setup(
         rounds=args.rounds,
@@ -417,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     users = sum(len(t) for t in train.values())
     print(
         f"market: {len(train)} regions, {users} users, {len(catalog)} items; "
+        f"embedding dim {config.embedding_dim}, "
         f"{args.rounds} rounds, delta {args.delta}, clip {args.clip_norm}, "
         f"units {'per user' if args.groups == 0 else f'{args.groups} groups'}, "
         f"q {args.sampling_rate}, server lr {args.server_lr} momentum {args.server_momentum} "

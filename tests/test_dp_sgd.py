@@ -227,9 +227,9 @@ def test_dp_experiment_runs_dpsgd_and_counts_rounds_times_steps(tmp_path: Path, 
 
     generate_market(tmp_path, seed=2, regions=2, users=120, items=40)
     base = ["--data", str(tmp_path), "--rounds", "2", "--algorithm", "dpsgd", "--dp-steps", "3"]
-    main([*base, "--sampling-rate", "0.5", "--epsilons", "8"])
+    main([*base, "--sampling-rate", "0.5", "--epsilons", "8", "--embedding-dim", "8"])
     out = capsys.readouterr().out
-    assert "dpsgd (3 steps a round)" in out
+    assert "dpsgd (3 steps a round)" in out and "embedding dim 8," in out
     row = next(line for line in out.splitlines() if line.startswith("| 8 "))
     z = float(row.split("|")[2])
     # The noise multiplier is the one that spends epsilon 8 over 2 rounds x 3 steps.
