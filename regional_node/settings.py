@@ -106,7 +106,7 @@ class NodeSettings(BaseSettings):
         default=20, ge=1, le=10_000, description="dpsgd: noisy steps per round (each one counted)."
     )
     dp_sgd_learning_rate: float = Field(
-        default=0.01, gt=0, le=10, description="dpsgd: Adam learning rate of the node's steps."
+        default=0.01, gt=0, le=10, description="dpsgd: learning rate of the node's optimizer."
     )
     dp_sgd_clip_norm: float = Field(
         default=1.0, gt=0, description="dpsgd: L2 clip of one user's gradient."
