@@ -69,18 +69,16 @@ class Setup:
     server_adam_lr: float = 0.1
     server_adam_tau: float = 1e-2
     frozen: tuple[str, ...] = ()
-    # "dpsgd": every node runs `dp_steps` DP-SGD steps a round (shared/dp_sgd.py) instead
-    # of one DP-FedAvg release; the accountant counts rounds x dp_steps releases.
-    algorithm: str = "fedavg"
-    dp_steps: int = 1
+    # Set: every node runs `dpsgd.steps` DP-SGD steps a round (shared/dp_sgd.py) instead
+    # of one DP-FedAvg release; the accountant counts rounds x steps releases.
     dpsgd: DPSGDConfig | None = None
     # Each node adds 1/sqrt(nodes) of the noise (distributed DP: only the sum of the
-    # nodes' updates is private; needs secure aggregation and dp_steps = 1).
+    # nodes' updates is private; needs secure aggregation and dpsgd.steps = 1).
     distributed_noise: bool = False
 
     @property
     def noisy_steps(self) -> int:
-        return self.rounds * (self.dp_steps if self.algorithm == "dpsgd" else 1)
+        return self.rounds * (self.dpsgd.steps if self.dpsgd is not None else 1)
 
 
 @dataclass(frozen=True)
@@ -176,9 +174,8 @@ def run_one(
         sampling_rate=setup.sampling_rate,
     )
     engine = batches = None
-    if setup.algorithm == "dpsgd" and not math.isinf(epsilon):
-        assert setup.dpsgd is not None
-        engine = PerUserGradients(config, features)
+    if setup.dpsgd is not None and not math.isinf(epsilon):
+        engine = PerUserGradients(config, features, frozen=setup.frozen)
         batches = {
             r: pack_users(t, config.max_history, setup.dpsgd.max_examples) for r, t in train.items()
         }
@@ -382,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             optimizer=args.dp_optimizer,
             num_negatives=args.dp_negatives or args.num_negatives,
         )
+        if args.embedding_dim is not None:  # the model's own bounds, before any loading
+            ModelConfig(num_items=1, embedding_dim=args.embedding_dim)
     except ValueError as exc:
         p.error(str(exc))
 
@@ -389,7 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         args.data, users=args.users, items=args.items, seed=args.seed
     )
     if args.embedding_dim is not None:
-        config = config.model_copy(update={"embedding_dim": args.embedding_dim})
+        config = ModelConfig.model_validate(
+            config.model_dump() | {"embedding_dim": args.embedding_dim}
+        )
     features = build_item_features(catalog, config.content_buckets)
     setup = Setup(
         rounds=args.rounds,
@@ -414,8 +415,6 @@ def main(argv: list[str] | None = None) -> None:
         server_adam_lr=args.server_adam_lr,
         server_adam_tau=args.server_adam_tau,
         frozen=tuple(f.strip() for f in args.dp_freeze.split(",") if f.strip()),
-        algorithm=args.algorithm,
-        dp_steps=args.dp_steps,
         distributed_noise=args.distributed_noise,
         dpsgd=dpsgd if sgd else None,
     )

@@ -18,8 +18,6 @@ longest user, so padding stays small.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +25,7 @@ import torch
 from torch.func import grad, vmap
 from torch.nn import functional as F
 
-from shared.dp_training import DPUpdate, noise_generator
+from shared.dp_training import DPUpdate, is_frozen, noise_generator, poisson_coin
 from shared.features import ItemFeatures
 from shared.model import HybridTwoTower, ModelConfig
 from shared.training import UserSequence
@@ -137,14 +135,14 @@ class PerUserGradients:
     """Per-user gradients of `HybridTwoTower`'s sampled-softmax loss, vectorized."""
 
     def __init__(
-        self, config: ModelConfig, features: ItemFeatures, frozen: Sequence[str] = ()
+        self, config: ModelConfig, features: ItemFeatures, frozen: tuple[str, ...] = ()
     ) -> None:
         self.model = HybridTwoTower(config)
         self.config = config
         self.tokens, self.token_weight = dense_bags(features)
         self.num_rows = features.num_items  # catalog rows (may exceed the id table)
         # Frozen parameters get no gradient: not clipped, not noised, not released.
-        self.names = [n for n, _ in self.model.named_parameters() if n not in frozen]
+        self.names = [n for n, _ in self.model.named_parameters() if not is_frozen(n, frozen)]
 
         def item_vecs(
             p: StateDict, tokens: torch.Tensor, token_weight: torch.Tensor, rows: torch.Tensor
@@ -265,16 +263,9 @@ class PerUserGradients:
 
 
 def _coins(key: bytes, step: int, users: Sequence[str], rate: float) -> torch.Tensor:
-    """Poisson coins of one step, keyed by the node's secret round key.
-
-    As in `shared.dp_training`: a user's presence must be unpredictable to whoever sees
-    the update (amplification by subsampling), and one user's coin depends on nobody else.
-    """
-    out = []
-    for u in users:
-        digest = hmac.new(key, f"sgd|{step}|{u}".encode(), hashlib.sha256).digest()
-        out.append(int.from_bytes(digest[:8], "big") / 2.0**64 < rate)
-    return torch.tensor(out, dtype=torch.bool)
+    """Poisson coins of one step, keyed by the node's secret round key (as DP-FedAvg's)."""
+    coins = [poisson_coin(key, f"sgd|{step}|{u}", rate) for u in users]
+    return torch.tensor(coins, dtype=torch.bool)
 
 
 def dp_sgd_update(

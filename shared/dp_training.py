@@ -52,7 +52,12 @@ class DPConfig:
         return self.groups > 0
 
     def is_frozen(self, name: str) -> bool:
-        return any(name == f or name.startswith(f + ".") for f in self.frozen)
+        return is_frozen(name, self.frozen)
+
+
+def is_frozen(name: str, frozen: tuple[str, ...] | list[str]) -> bool:
+    """Whether parameter `name` is one of `frozen`, or inside a module named there."""
+    return any(name == f or name.startswith(f + ".") for f in frozen)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,12 @@ def _unit_seed(seed: int, unit: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def poisson_coin(key: bytes, label: str, rate: float) -> bool:
+    """A keyed Poisson coin: HMAC-SHA256(key, label) read as a uniform in [0, 1) < rate."""
+    digest = hmac.new(key, label.encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
+
+
 def _sampled(key: bytes, seed: int, unit: str, rate: float) -> bool:
     """The unit's Poisson coin for this round, keyed by the node's secret round key.
 
@@ -90,8 +101,7 @@ def _sampled(key: bytes, seed: int, unit: str, rate: float) -> bool:
     round on the node (and independent of the data), so one user's coin still does
     not depend on any other user.
     """
-    digest = hmac.new(key, f"coin|{seed}|{unit}".encode(), hashlib.sha256).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < rate
+    return poisson_coin(key, f"coin|{seed}|{unit}", rate)
 
 
 def noise_generator(key: bytes) -> torch.Generator:

@@ -240,6 +240,10 @@ def test_dp_experiment_runs_dpsgd_and_counts_rounds_times_steps(tmp_path: Path, 
         main([*base, "--distributed-noise", "--epsilons", "8"])
     assert exit_info.value.code == 2
     assert "--distributed-noise needs" in capsys.readouterr().err
+    for bad in (["--embedding-dim", "2"], ["--dp-steps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *bad, "--epsilons", "8"])
+        assert exit_info.value.code == 2  # a usage error, not a traceback
 
 
 def test_ledger_migration_counts_earlier_releases_as_one_step(db_url: str) -> None:
