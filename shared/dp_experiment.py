@@ -75,6 +75,12 @@ class Setup:
     # Each node adds 1/sqrt(nodes) of the noise (distributed DP: only the sum of the
     # nodes' updates is private; needs secure aggregation and dpsgd.steps = 1).
     distributed_noise: bool = False
+    server_adam_beta1: float = 0.9
+    server_adam_beta2: float = 0.99
+    # Set: the evaluated model is this exponential moving average of the DP rounds'
+    # global states (post-processing), not the last state.
+    ema: float | None = None
+    save_states: Path | None = None  # each epsilon's final global state goes here
 
     @property
     def noisy_steps(self) -> int:
@@ -95,6 +101,29 @@ class Row:
     # region, so this costs no privacy budget; the DP guarantee covers what crosses it.
     served_hr10: float = math.nan
     served_ndcg10: float = math.nan
+
+
+@dataclass
+class StateAverage:
+    """Exponential moving average of the global states, bias-corrected (the first state
+    alone, then `decay`-weighted): an average of released models, so post-processing."""
+
+    decay: float
+    state: dict[str, torch.Tensor] | None = None
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ValueError("the average's decay must be in [0, 1)")
+
+    def update(self, new: dict[str, torch.Tensor]) -> None:
+        self.count += 1
+        w = (1 - self.decay) / (1 - self.decay**self.count)
+        old = self.state
+        self.state = {
+            k: v.detach().clone() if old is None else old[k] * (1 - w) + v * w
+            for k, v in new.items()
+        }
 
 
 def load_regions(
@@ -140,9 +169,10 @@ def evaluate_served(
     held: dict[str, dict[str, int]],
     local: TrainConfig,
     seed: int,
+    global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE,
 ) -> dict[str, float]:
     """Each region fine-tunes the global weights on its own data, blends them like a node
-    (`DEFAULT_PERSONAL_GLOBAL_SHARE` of the global weights) and ranks its own users."""
+    (`global_share` of the global weights) and ranks its own users."""
     ranks: list[int] = []
     for i, region in enumerate(sorted(train)):
         model = HybridTwoTower(config)
@@ -151,7 +181,7 @@ def evaluate_served(
         if len(examples):
             train_local(model, features, examples, dataclasses.replace(local, seed=seed + i))
             tuned = model.state_dict()
-            model.load_state_dict(blend_states(tuned, state, DEFAULT_PERSONAL_GLOBAL_SHARE))
+            model.load_state_dict(blend_states(tuned, state, global_share))
         ranks.extend(rank_held_out(model, features, train[region], held[region]).values())
     return summarize_ranks(ranks, k=10)
 
@@ -185,11 +215,17 @@ def run_one(
     # The server lr is the node's (DPConfig.server_lr); momentum is a coordinator-side
     # step here (ServerMomentum), which a node could equally apply to its own means.
     server: ServerMomentum | ServerAdam = (
-        ServerAdam(lr=setup.server_adam_lr, tau=setup.server_adam_tau)
+        ServerAdam(
+            lr=setup.server_adam_lr,
+            tau=setup.server_adam_tau,
+            beta1=setup.server_adam_beta1,
+            beta2=setup.server_adam_beta2,
+        )
         if setup.server_optimizer == "adam"
         else ServerMomentum(momentum=setup.server_momentum)
     )
     aggregator = make_strategy(DEFAULT_AGGREGATION)
+    average = StateAverage(setup.ema) if setup.ema is not None and not math.isinf(epsilon) else None
     for rnd in range(setup.rounds):
         updates = []
         for i, region in enumerate(sorted(train)):
@@ -242,7 +278,14 @@ def run_one(
         mean = aggregator.aggregate(updates)  # the coordinator's default strategy
         # The server optimizer applies to the DP runs only; inf is today's plain FedAvg.
         state = apply_delta(state, mean if math.isinf(epsilon) else server.step(mean))
+        if average is not None:
+            average.update(state)
+    if average is not None and average.state is not None:
+        state = average.state
     model.load_state_dict(state)
+    if setup.save_states is not None:
+        setup.save_states.mkdir(parents=True, exist_ok=True)
+        torch.save(state, setup.save_states / f"global-eps-{epsilon:g}.pt")
     summary = evaluate(model, features, train, held)
     served = evaluate_served(
         state, config, features, train, held, setup.train, setup.seed * 10_000 + 99
@@ -335,6 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--server-adam-lr", type=float, default=0.1, help="FedAdam's lr")
     p.add_argument("--server-adam-tau", type=float, default=1e-2, help="FedAdam's tau")
+    p.add_argument("--server-adam-beta1", type=float, default=0.9, help="FedAdam's beta1")
+    p.add_argument("--server-adam-beta2", type=float, default=0.99, help="FedAdam's beta2")
+    p.add_argument(
+        "--ema",
+        type=float,
+        help="DP runs: evaluate the exponential moving average of the global states with "
+        "this decay (post-processing) instead of the last state",
+    )
     p.add_argument(
         "--dp-freeze", default="", help="comma-separated parameters the DP units do not train"
     )
@@ -353,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--embedding-dim", type=int, help="model width of every run (default: the model's 48)"
     )
+    p.add_argument(
+        "--save-states", type=Path, help="save each epsilon's final global state here (.pt)"
+    )
     p.add_argument("--users", type=int, default=6000, help="market size when generating")
     p.add_argument("--items", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
@@ -368,8 +422,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.distributed_noise and not (sgd and args.dp_steps == 1):
         p.error("--distributed-noise needs --algorithm dpsgd --dp-steps 1 (a linear sum)")
     try:  # the server step's settings: refused here, before any market is loaded
-        ServerAdam(lr=args.server_adam_lr, tau=args.server_adam_tau)
+        ServerAdam(
+            lr=args.server_adam_lr,
+            tau=args.server_adam_tau,
+            beta1=args.server_adam_beta1,
+            beta2=args.server_adam_beta2,
+        )
         ServerMomentum(momentum=args.server_momentum)
+        if args.ema is not None:
+            StateAverage(args.ema)
         dpsgd = DPSGDConfig(
             clip_norm=args.clip_norm,
             noise_multiplier=0.0,  # each epsilon's run sets its own
@@ -417,6 +478,10 @@ def main(argv: list[str] | None = None) -> None:
         frozen=tuple(f.strip() for f in args.dp_freeze.split(",") if f.strip()),
         distributed_noise=args.distributed_noise,
         dpsgd=dpsgd if sgd else None,
+        server_adam_beta1=args.server_adam_beta1,
+        server_adam_beta2=args.server_adam_beta2,
+        ema=args.ema,
+        save_states=args.save_states,
     )
     users = sum(len(t) for t in train.values())
     print(

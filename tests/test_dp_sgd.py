@@ -310,3 +310,49 @@ def test_items_past_the_id_table_are_content_only_as_in_the_model(market) -> Non
     state = _perturbed_state(small)
     neg = torch.arange(config.num_items - 16, config.num_items)  # half of them new
     _assert_autograd_equal(small, features, seqs, engine, state, batch, neg, users[:3])
+
+
+def test_state_average_is_the_bias_corrected_moving_average() -> None:
+    from shared.dp_experiment import StateAverage
+
+    s0, s1 = {"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([0.0, 6.0])}
+    avg = StateAverage(0.5)
+    avg.update(s0)
+    assert avg.state is not None and torch.equal(avg.state["w"], s0["w"])  # the first alone
+    avg.update(s1)
+    # (0.5 * 0.5 * s0 + 0.5 * s1) / (1 - 0.5^2) = s0 / 3 + 2 s1 / 3
+    torch.testing.assert_close(avg.state["w"], torch.tensor([1.0, 4.0]))
+    s0["w"][0] = 100.0  # the average holds its own copy
+    torch.testing.assert_close(avg.state["w"], torch.tensor([1.0, 4.0]))
+    with pytest.raises(ValueError):
+        StateAverage(1.0)
+
+
+def test_dp_experiment_evaluates_the_average_and_saves_the_states(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from shared.dp_experiment import main
+
+    generate_market(tmp_path / "m", seed=2, regions=2, users=120, items=40)
+    base = [
+        "--data", str(tmp_path / "m"), "--rounds", "3", "--algorithm", "dpsgd", "--dp-steps",
+        "1", "--dp-optimizer", "sgd", "--dp-lr", "1", "--server-optimizer", "adam",
+        "--embedding-dim", "8", "--epsilons", "8",
+    ]  # fmt: skip
+
+    def run(*extra: str) -> tuple[str, dict[str, torch.Tensor]]:
+        out = tmp_path / f"states{len(list(tmp_path.iterdir()))}"
+        main([*base, *extra, "--save-states", str(out)])
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 "))
+        return row.split("|")[4], torch.load(out / "global-eps-8.pt")
+
+    hr_last, last = run()
+    hr_zero, zero = run("--ema", "0")  # decay 0: the average is the last state
+    assert hr_zero == hr_last
+    for k in last:
+        torch.testing.assert_close(zero[k], last[k])
+    _hr, averaged = run("--ema", "0.9")
+    assert any(not torch.allclose(averaged[k], last[k]) for k in last)
+    for bad in (["--ema", "1"], ["--server-adam-beta1", "1"], ["--server-adam-beta2", "-0.1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *bad])
+        assert exit_info.value.code == 2
+    assert "| 8 " not in capsys.readouterr().out  # refused before any run
