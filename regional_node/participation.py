@@ -472,6 +472,7 @@ class Participant:
         keep_local: bool,
         holdout_eval: bool,
         residual: bytes | None = None,
+        epochs: int | None = None,
     ) -> TrainJob:
         s = self.settings
         return TrainJob(
@@ -480,7 +481,7 @@ class Participant:
             base_weights=base_weights,
             model_config=model_config,
             train_config=TrainConfig(
-                epochs=s.local_epochs,
+                epochs=epochs or s.local_epochs,
                 lr=s.dp_learning_rate if dp is not None else s.learning_rate,
                 batch_size=s.batch_size,
                 num_negatives=s.num_negatives,
@@ -529,6 +530,9 @@ class Participant:
             encoding="dense",
             keep_local=True,
             holdout_eval=False,  # nothing is reported: train on every event
+            # A DP node's global model carries noise: its own data (which stays here)
+            # gets more passes (docs/privacy.md, "Served quality").
+            epochs=s.dp_personalize_epochs if s.dp_enabled else None,
         )
         outcome, _seconds = await self._run_training(job)
         if outcome is not None and outcome.local_state is not None:

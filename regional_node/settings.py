@@ -40,6 +40,14 @@ class NodeSettings(BaseSettings):
         "the global version they started from (model interpolation; 0 = the fine-tuned "
         "weights alone). docs/evaluation.md has the measurements behind the default.",
     )
+    dp_personalize_epochs: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="With NODE_DP_ENABLED: epochs of the personalization fine-tune (instead of "
+        "NODE_LOCAL_EPOCHS). The global model carries DP noise; the fine-tune's weights never "
+        "leave the region. docs/privacy.md has the measurements behind the default.",
+    )
     train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
     train_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness of the training worker process."

@@ -26,6 +26,7 @@ import torch
 
 from coordinator.aggregation import apply_delta, compute_delta, make_strategy
 from coordinator.settings import DEFAULT_AGGREGATION
+from regional_node.settings import NodeSettings
 from shared.data import read_catalog_csv, read_events_csv
 from shared.dp_sgd import DPSGDConfig, PerUserGradients, dp_sgd_update, pack_users
 from shared.dp_training import DPConfig, ServerAdam, ServerMomentum, dp_fedavg_update
@@ -81,6 +82,10 @@ class Setup:
     # global states (post-processing), not the last state.
     ema: float | None = None
     save_states: Path | None = None  # each epsilon's final global state goes here
+    # How a node fine-tunes the global model it serves (NODE_LOCAL_EPOCHS, NODE_LEARNING_RATE,
+    # NODE_NUM_NEGATIVES, NODE_PERSONALIZE_GLOBAL_SHARE); None: `train`, the global share.
+    serve: TrainConfig | None = None
+    serve_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
 
     @property
     def noisy_steps(self) -> int:
@@ -288,7 +293,14 @@ def run_one(
         torch.save(state, setup.save_states / f"global-eps-{epsilon:g}.pt")
     summary = evaluate(model, features, train, held)
     served = evaluate_served(
-        state, config, features, train, held, setup.train, setup.seed * 10_000 + 99
+        state,
+        config,
+        features,
+        train,
+        held,
+        setup.serve or setup.train,
+        setup.seed * 10_000 + 99,
+        setup.serve_global_share,
     )
     spent = (
         math.inf
@@ -404,6 +416,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--embedding-dim", type=int, help="model width of every run (default: the model's 48)"
     )
+    node = NodeSettings.model_fields
+    p.add_argument(
+        "--serve-epochs",
+        type=int,
+        default=node["local_epochs"].default,
+        help="served: epochs of each node's fine-tune (NODE_LOCAL_EPOCHS)",
+    )
+    p.add_argument(
+        "--serve-negatives",
+        type=int,
+        default=node["num_negatives"].default,
+        help="served: negatives of the fine-tune (NODE_NUM_NEGATIVES)",
+    )
+    p.add_argument(
+        "--serve-global-share",
+        type=float,
+        default=node["personalize_global_share"].default,
+        help="served: share of the global weights (NODE_PERSONALIZE_GLOBAL_SHARE)",
+    )
     p.add_argument(
         "--save-states", type=Path, help="save each epsilon's final global state here (.pt)"
     )
@@ -431,6 +462,10 @@ def main(argv: list[str] | None = None) -> None:
         ServerMomentum(momentum=args.server_momentum)
         if args.ema is not None:
             StateAverage(args.ema)
+        if args.serve_epochs < 1 or args.serve_negatives < 1:
+            raise ValueError("--serve-epochs and --serve-negatives must be >= 1")
+        if not 0 <= args.serve_global_share <= 1:
+            raise ValueError("--serve-global-share must be in [0, 1]")
         dpsgd = DPSGDConfig(
             clip_norm=args.clip_norm,
             noise_multiplier=0.0,  # each epsilon's run sets its own
@@ -482,6 +517,13 @@ def main(argv: list[str] | None = None) -> None:
         server_adam_beta2=args.server_adam_beta2,
         ema=args.ema,
         save_states=args.save_states,
+        serve=TrainConfig(
+            epochs=args.serve_epochs,
+            lr=node["learning_rate"].default,
+            batch_size=node["batch_size"].default,
+            num_negatives=args.serve_negatives,
+        ),
+        serve_global_share=args.serve_global_share,
     )
     users = sum(len(t) for t in train.values())
     print(
@@ -500,7 +542,8 @@ def main(argv: list[str] | None = None) -> None:
         f"algorithm {args.algorithm}"
         + (f" ({args.dp_steps} steps a round)" if sgd else f", dp epochs {setup.dp_train.epochs}")
         + f", dp lr {args.dp_lr} {args.dp_optimizer}, "
-        f"frozen {list(setup.frozen)}",
+        f"frozen {list(setup.frozen)}; served: {args.serve_epochs} fine-tune epochs, "
+        f"{args.serve_negatives} negatives, global share {args.serve_global_share}",
         flush=True,
     )
     epsilons = parse_epsilons(args.epsilons)

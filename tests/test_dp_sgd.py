@@ -351,7 +351,13 @@ def test_dp_experiment_evaluates_the_average_and_saves_the_states(tmp_path: Path
         torch.testing.assert_close(zero[k], last[k])
     _hr, averaged = run("--ema", "0.9")
     assert any(not torch.allclose(averaged[k], last[k]) for k in last)
-    for bad in (["--ema", "1"], ["--server-adam-beta1", "1"], ["--server-adam-beta2", "-0.1"]):
+    for bad in (
+        ["--ema", "1"],
+        ["--server-adam-beta1", "1"],
+        ["--server-adam-beta2", "-0.1"],
+        ["--serve-epochs", "0"],
+        ["--serve-global-share", "1.5"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main([*base, *bad])
         assert exit_info.value.code == 2

@@ -289,3 +289,46 @@ def test_node_setting_reaches_the_train_job(tmp_path: Path) -> None:
         assert job.personal_base_share == 0.35 and job.keep_local
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize("dp_enabled", [False, True])
+def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: bool) -> None:
+    """The fine-tune of the served version runs NODE_DP_PERSONALIZE_EPOCHS on a DP node
+    (its global model carries noise), NODE_LOCAL_EPOCHS otherwise; the job trains
+    without DP (nothing of it leaves the node) and keeps the weights to serve."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from shared.schemas import CatalogOut
+
+    settings = NodeSettings(
+        database_url=f"sqlite:///{tmp_path / 'n.db'}",
+        coordinator_url="http://127.0.0.1:9",
+        allow_anonymous=True,
+        local_epochs=2,
+        dp_enabled=dp_enabled,
+        dp_personalize_epochs=7,
+    )
+    store = EventStore(settings.database_url)
+    jobs: list[TrainJob] = []
+    try:
+        runtime = NodeRuntime()
+        config = ModelConfig(num_items=3)
+        runtime.serving = SimpleNamespace(  # type: ignore[assignment]
+            personalized=False, version=4, model=SimpleNamespace(config=config)
+        )
+        runtime.weights = SimpleNamespace(version=4, data=b"weights")  # type: ignore[assignment]
+        runtime.catalog = CatalogOut(catalog_version=1, items=tiny_catalog()[:3])
+        participant = Participant(settings, store, runtime)
+
+        async def captured(job: TrainJob) -> tuple[None, float]:
+            jobs.append(job)
+            return None, 0.0
+
+        participant._run_training = captured  # type: ignore[method-assign]
+        asyncio.run(participant.personalize())
+    finally:
+        store.dispose()
+    [job] = jobs
+    assert job.train_config.epochs == (7 if dp_enabled else 2)
+    assert job.dp is None and job.keep_local and job.base_weights == b"weights"
