@@ -86,6 +86,8 @@ class Setup:
     # NODE_NUM_NEGATIVES, NODE_PERSONALIZE_GLOBAL_SHARE); None: `train`, the global share.
     serve: TrainConfig | None = None
     serve_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
+    # A DP node fine-tunes for NODE_DP_PERSONALIZE_EPOCHS instead; None: `serve`'s epochs.
+    dp_serve_epochs: int | None = None
 
     @property
     def noisy_steps(self) -> int:
@@ -292,13 +294,16 @@ def run_one(
         setup.save_states.mkdir(parents=True, exist_ok=True)
         torch.save(state, setup.save_states / f"global-eps-{epsilon:g}.pt")
     summary = evaluate(model, features, train, held)
+    serve = setup.serve or setup.train
     served = evaluate_served(
         state,
         config,
         features,
         train,
         held,
-        setup.serve or setup.train,
+        serve
+        if math.isinf(epsilon) or setup.dp_serve_epochs is None
+        else dataclasses.replace(serve, epochs=setup.dp_serve_epochs),
         setup.seed * 10_000 + 99,
         setup.serve_global_share,
     )
@@ -421,7 +426,13 @@ def main(argv: list[str] | None = None) -> None:
         "--serve-epochs",
         type=int,
         default=node["local_epochs"].default,
-        help="served: epochs of each node's fine-tune (NODE_LOCAL_EPOCHS)",
+        help="served, non-private: epochs of each node's fine-tune (NODE_LOCAL_EPOCHS)",
+    )
+    p.add_argument(
+        "--dp-serve-epochs",
+        type=int,
+        default=node["dp_personalize_epochs"].default,
+        help="served, DP runs: epochs of the fine-tune (NODE_DP_PERSONALIZE_EPOCHS)",
     )
     p.add_argument(
         "--serve-negatives",
@@ -462,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         ServerMomentum(momentum=args.server_momentum)
         if args.ema is not None:
             StateAverage(args.ema)
-        if args.serve_epochs < 1 or args.serve_negatives < 1:
-            raise ValueError("--serve-epochs and --serve-negatives must be >= 1")
+        if min(args.serve_epochs, args.dp_serve_epochs, args.serve_negatives) < 1:
+            raise ValueError("--serve-epochs, --dp-serve-epochs, --serve-negatives must be >= 1")
         if not 0 <= args.serve_global_share <= 1:
             raise ValueError("--serve-global-share must be in [0, 1]")
         dpsgd = DPSGDConfig(
@@ -524,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
             num_negatives=args.serve_negatives,
         ),
         serve_global_share=args.serve_global_share,
+        dp_serve_epochs=args.dp_serve_epochs,
     )
     users = sum(len(t) for t in train.values())
     print(
@@ -542,7 +554,8 @@ def main(argv: list[str] | None = None) -> None:
         f"algorithm {args.algorithm}"
         + (f" ({args.dp_steps} steps a round)" if sgd else f", dp epochs {setup.dp_train.epochs}")
         + f", dp lr {args.dp_lr} {args.dp_optimizer}, "
-        f"frozen {list(setup.frozen)}; served: {args.serve_epochs} fine-tune epochs, "
+        f"frozen {list(setup.frozen)}; served: {args.serve_epochs} fine-tune epochs "
+        f"({args.dp_serve_epochs} after DP), "
         f"{args.serve_negatives} negatives, global share {args.serve_global_share}",
         flush=True,
     )

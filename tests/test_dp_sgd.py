@@ -356,6 +356,7 @@ def test_dp_experiment_evaluates_the_average_and_saves_the_states(tmp_path: Path
         ["--server-adam-beta1", "1"],
         ["--server-adam-beta2", "-0.1"],
         ["--serve-epochs", "0"],
+        ["--dp-serve-epochs", "0"],
         ["--serve-global-share", "1.5"],
     ):
         with pytest.raises(SystemExit) as exit_info:
