@@ -531,7 +531,7 @@ class Participant:
             keep_local=True,
             holdout_eval=False,  # nothing is reported: train on every event
             # A DP node's global model carries noise: its own data (which stays here)
-            # gets more passes (docs/privacy.md, "Served quality").
+            # gets more passes (docs/privacy.md, "What the nodes serve").
             epochs=s.dp_personalize_epochs if s.dp_enabled else None,
         )
         outcome, _seconds = await self._run_training(job)
