@@ -62,6 +62,11 @@ class Setup:
     train: TrainConfig
     dp_train: TrainConfig
     seed: int
+    # How a node fine-tunes the global model it serves (NODE_LOCAL_EPOCHS, NODE_LEARNING_RATE,
+    # NODE_NUM_NEGATIVES, with NODE_PERSONALIZE_GLOBAL_SHARE below); after DP runs, for
+    # NODE_DP_PERSONALIZE_EPOCHS.
+    serve: TrainConfig
+    dp_serve: TrainConfig
     server_lr: float = 1.0
     server_momentum: float = 0.0
     # "adam": FedAdam on the coordinator (ServerAdam) with this lr and tau, applied to
@@ -82,12 +87,7 @@ class Setup:
     # global states (post-processing), not the last state.
     ema: float | None = None
     save_states: Path | None = None  # each epsilon's final global state goes here
-    # How a node fine-tunes the global model it serves (NODE_LOCAL_EPOCHS, NODE_LEARNING_RATE,
-    # NODE_NUM_NEGATIVES, NODE_PERSONALIZE_GLOBAL_SHARE); None: `train`, the global share.
-    serve: TrainConfig | None = None
     serve_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
-    # A DP node fine-tunes for NODE_DP_PERSONALIZE_EPOCHS instead; None: `serve`'s epochs.
-    dp_serve_epochs: int | None = None
 
     @property
     def noisy_steps(self) -> int:
@@ -294,16 +294,13 @@ def run_one(
         setup.save_states.mkdir(parents=True, exist_ok=True)
         torch.save(state, setup.save_states / f"global-eps-{epsilon:g}.pt")
     summary = evaluate(model, features, train, held)
-    serve = setup.serve or setup.train
     served = evaluate_served(
         state,
         config,
         features,
         train,
         held,
-        serve
-        if math.isinf(epsilon) or setup.dp_serve_epochs is None
-        else dataclasses.replace(serve, epochs=setup.dp_serve_epochs),
+        setup.serve if math.isinf(epsilon) else setup.dp_serve,
         setup.seed * 10_000 + 99,
         setup.serve_global_share,
     )
@@ -499,6 +496,12 @@ def main(argv: list[str] | None = None) -> None:
             config.model_dump() | {"embedding_dim": args.embedding_dim}
         )
     features = build_item_features(catalog, config.content_buckets)
+    serve = TrainConfig(
+        epochs=args.serve_epochs,
+        lr=node["learning_rate"].default,
+        batch_size=node["batch_size"].default,
+        num_negatives=args.serve_negatives,
+    )
     setup = Setup(
         rounds=args.rounds,
         delta=args.delta,
@@ -528,14 +531,9 @@ def main(argv: list[str] | None = None) -> None:
         server_adam_beta2=args.server_adam_beta2,
         ema=args.ema,
         save_states=args.save_states,
-        serve=TrainConfig(
-            epochs=args.serve_epochs,
-            lr=node["learning_rate"].default,
-            batch_size=node["batch_size"].default,
-            num_negatives=args.serve_negatives,
-        ),
+        serve=serve,
+        dp_serve=dataclasses.replace(serve, epochs=args.dp_serve_epochs),
         serve_global_share=args.serve_global_share,
-        dp_serve_epochs=args.dp_serve_epochs,
     )
     users = sum(len(t) for t in train.values())
     print(
