@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import pickle
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -287,6 +289,14 @@ def run_one(
         state = apply_delta(state, mean if math.isinf(epsilon) else server.step(mean))
         if average is not None:
             average.update(state)
+        if (rnd + 1) % max(1, setup.rounds // 10) == 0 or rnd + 1 == setup.rounds:
+            # Progress on stderr (the table goes to stdout): a DP run takes minutes.
+            print(
+                f"epsilon {epsilon:g}: round {rnd + 1}/{setup.rounds} "
+                f"({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     if average is not None and average.state is not None:
         state = average.state
     model.load_state_dict(state)
@@ -323,6 +333,33 @@ def run_one(
         seconds=time.perf_counter() - start,
         served_hr10=float(served["hr@10"]),
         served_ndcg10=float(served["ndcg@10"]),
+    )
+
+
+def format_served_recipe(
+    path: Path,
+    setup: Setup,
+    config: ModelConfig,
+    features: ItemFeatures,
+    train: dict[str, dict[str, UserSequence]],
+    held: dict[str, dict[str, int]],
+) -> str:
+    """One saved global state ranked as it is and as the nodes serve it with `setup.serve`.
+
+    The fine-tune's seed is `run_one`'s, so the recipe a run used reproduces its figure.
+    """
+    state = torch.load(path)
+    model = HybridTwoTower(config)
+    model.load_state_dict(state)
+    summary = evaluate(model, features, train, held)
+    served = evaluate_served(
+        state, config, features, train, held, setup.serve, setup.seed * 10_000 + 99,
+        setup.serve_global_share,
+    )  # fmt: skip
+    return (
+        f"{path}: global HR@10 {summary['hr@10']:.4f}; served "
+        f"({setup.serve.epochs} epochs, {setup.serve.num_negatives} negatives, "
+        f"global share {setup.serve_global_share:g}) HR@10 {served['hr@10']:.4f}"
     )
 
 
@@ -446,6 +483,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--save-states", type=Path, help="save each epsilon's final global state here (.pt)"
     )
+    p.add_argument(
+        "--from-state",
+        type=Path,
+        help="train nothing: rank with this saved global state (--save-states) and serve it "
+        "with --serve-epochs, --serve-negatives, --serve-global-share (a recipe grid)",
+    )
     p.add_argument("--users", type=int, default=6000, help="market size when generating")
     p.add_argument("--items", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
@@ -474,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--serve-epochs, --dp-serve-epochs, --serve-negatives must be >= 1")
         if not 0 <= args.serve_global_share <= 1:
             raise ValueError("--serve-global-share must be in [0, 1]")
+        if args.from_state is not None and not args.from_state.is_file():
+            raise ValueError(f"--from-state {args.from_state}: no such file")
         dpsgd = DPSGDConfig(
             clip_norm=args.clip_norm,
             noise_multiplier=0.0,  # each epsilon's run sets its own
@@ -535,6 +580,12 @@ def main(argv: list[str] | None = None) -> None:
         dp_serve=dataclasses.replace(serve, epochs=args.dp_serve_epochs),
         serve_global_share=args.serve_global_share,
     )
+    if args.from_state is not None:
+        try:
+            print(format_served_recipe(args.from_state, setup, config, features, train, held))
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # not a fitting state
+            p.error(f"--from-state {args.from_state} does not fit this market and model: {exc}")
+        return
     users = sum(len(t) for t in train.values())
     print(
         f"market: {len(train)} regions, {users} users, {len(catalog)} items; "

@@ -363,3 +363,45 @@ def test_dp_experiment_evaluates_the_average_and_saves_the_states(tmp_path: Path
             main([*base, *bad])
         assert exit_info.value.code == 2
     assert "| 8 " not in capsys.readouterr().out  # refused before any run
+
+
+def test_a_saved_state_is_served_again_with_the_recipe_the_run_used(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from shared.dp_experiment import main
+
+    generate_market(tmp_path / "m", seed=2, regions=2, users=120, items=40)
+    base = [
+        "--data", str(tmp_path / "m"), "--rounds", "3", "--algorithm", "dpsgd", "--dp-steps",
+        "1", "--dp-optimizer", "sgd", "--dp-lr", "1", "--server-optimizer", "adam",
+        "--embedding-dim", "8", "--epsilons", "8", "--dp-serve-epochs", "3", "--seed", "4",
+    ]  # fmt: skip
+    main([*base, "--save-states", str(tmp_path / "s")])
+    printed = capsys.readouterr()
+    row = next(line for line in printed.out.splitlines() if line.startswith("| 8 "))
+    # Progress of the rounds goes to stderr, the table to stdout.
+    assert [ln.split(" (")[0] for ln in printed.err.splitlines() if "round" in ln] == [
+        f"epsilon 8: round {r}/3" for r in (1, 2, 3)
+    ]
+    cells = [c.strip() for c in row.split("|")]
+    state = tmp_path / "s" / "global-eps-8.pt"
+
+    def again(*extra: str) -> tuple[str, str]:
+        main([*base, "--from-state", str(state), *extra])
+        out = capsys.readouterr().out
+        assert "| 8 " not in out  # nothing trained
+        line = out.strip().splitlines()[-1]
+        return line.split("global HR@10 ")[1][:6], line.rsplit("HR@10 ", 1)[1]
+
+    # The DP row was served after --dp-serve-epochs (3): that recipe gives its figures back.
+    assert again("--serve-epochs", "3") == (cells[4], cells[7])
+    glob, served = again("--serve-epochs", "3", "--serve-global-share", "1")
+    assert glob == cells[4]
+    # Share 1 serves the global weights themselves.
+    assert served == cells[4] != cells[7]
+    for bad in (
+        ["--from-state", str(tmp_path / "missing.pt")],
+        ["--from-state", str(state), "--embedding-dim", "4"],  # another width's state
+        ["--from-state", str(tmp_path / "m" / "catalog.csv")],  # not a state at all
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *bad])
+        assert exit_info.value.code == 2
