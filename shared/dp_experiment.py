@@ -195,6 +195,27 @@ def evaluate_served(
     return summarize_ranks(ranks, k=10)
 
 
+def score_state(
+    state: dict[str, torch.Tensor],
+    serve: TrainConfig,
+    setup: Setup,
+    config: ModelConfig,
+    features: ItemFeatures,
+    train: dict[str, dict[str, UserSequence]],
+    held: dict[str, dict[str, int]],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """A global state's metrics as it is and as the nodes serve it after the `serve`
+    fine-tune (seeded from `setup.seed` alone, so a saved state scores the same again)."""
+    model = HybridTwoTower(config)
+    model.load_state_dict(state)
+    summary = evaluate(model, features, train, held)
+    served = evaluate_served(
+        state, config, features, train, held, serve, setup.seed * 10_000 + 99,
+        setup.serve_global_share,
+    )  # fmt: skip
+    return summary, served
+
+
 def run_one(
     epsilon: float,
     setup: Setup,
@@ -299,20 +320,17 @@ def run_one(
             )
     if average is not None and average.state is not None:
         state = average.state
-    model.load_state_dict(state)
     if setup.save_states is not None:
         setup.save_states.mkdir(parents=True, exist_ok=True)
         torch.save(state, setup.save_states / f"global-eps-{epsilon:g}.pt")
-    summary = evaluate(model, features, train, held)
-    served = evaluate_served(
+    summary, served = score_state(
         state,
+        setup.serve if math.isinf(epsilon) else setup.dp_serve,
+        setup,
         config,
         features,
         train,
         held,
-        setup.serve if math.isinf(epsilon) else setup.dp_serve,
-        setup.seed * 10_000 + 99,
-        setup.serve_global_share,
     )
     spent = (
         math.inf
@@ -348,14 +366,9 @@ def format_served_recipe(
 
     The fine-tune's seed is `run_one`'s, so the recipe a run used reproduces its figure.
     """
-    state = torch.load(path)
-    model = HybridTwoTower(config)
-    model.load_state_dict(state)
-    summary = evaluate(model, features, train, held)
-    served = evaluate_served(
-        state, config, features, train, held, setup.serve, setup.seed * 10_000 + 99,
-        setup.serve_global_share,
-    )  # fmt: skip
+    summary, served = score_state(
+        torch.load(path), setup.serve, setup, config, features, train, held
+    )
     return (
         f"{path}: global HR@10 {summary['hr@10']:.4f}; served "
         f"({setup.serve.epochs} epochs, {setup.serve.num_negatives} negatives, "
