@@ -157,3 +157,24 @@ def test_simulate_runs_the_poisoning_and_dp_experiments(tmp_path: Path, capsys) 
         main([*base, "--dp-epsilon", "8", "--dp-algorithm", "dpsgd", "--dp-steps", "2"])
     assert exit_info.value.code == 0
     assert "dpsgd (2 steps a round)" in capsys.readouterr().out
+    # The best measured setting by name: its own schedule (non-private 30 rounds), and a
+    # flag given explicitly still wins over the recipe's value.
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                *base,
+                "--dp-epsilon",
+                "8,inf",
+                "--dp-algorithm",
+                "fedsgd",
+                "--dp-sampling-rate",
+                "0.5",
+            ]
+        )
+    assert exit_info.value.code == 0
+    out, err = capsys.readouterr()
+    assert "epsilon 8: round 1/1 " in err and "epsilon inf: round 30/30 " in err
+    assert "1 rounds (30 non-private)" in out and "q 0.5" in out
+    assert "optimizer adam (lr 0.01, tau 1e-08)" in out and "dpsgd (1 steps a round)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 8 ", "| inf "))]
+    assert len(rows) == 2
