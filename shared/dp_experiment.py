@@ -107,6 +107,8 @@ class Setup:
     distributed_noise: bool = False
     server_adam_beta1: float = 0.9
     server_adam_beta2: float = 0.99
+    # FedAdam subtracts the DP noise's known variance from its second moment (DP-AdamBC).
+    server_adam_bias_correction: bool = False
     # Set: the evaluated model is this exponential moving average of the DP rounds'
     # global states (post-processing), not the last state.
     ema: float | None = None
@@ -268,6 +270,18 @@ def run_one(
             r: pack_users(t, config.max_history, setup.dpsgd.max_examples) for r, t in train.items()
         }
     noise_share = 1 / math.sqrt(len(train)) if setup.distributed_noise else 1.0
+    noise_variance = 0.0
+    if setup.server_adam_bias_correction and not math.isinf(epsilon):
+        # Noise of the example-weighted mean of the nodes' noisy sums / (q U_r): each node's
+        # N(0, (share z C)^2) enters with weight 1 / (q sum U), so per coordinate
+        # nodes x (share z C / (q sum U))^2 (DP-SGD's units: users with an example).
+        if setup.dpsgd is None or batches is None:
+            raise ValueError("FedAdam's bias correction is for the dpsgd runs")
+        units = sum(len(b.users) for b in batches.values())
+        noise_variance = (
+            len(train)
+            * (noise_share * sigma * setup.dpsgd.clip_norm / (setup.sampling_rate * units)) ** 2
+        )
     state = init_state(config)
     model = HybridTwoTower(config)
     # The server lr is the node's (DPConfig.server_lr); momentum is a coordinator-side
@@ -278,6 +292,7 @@ def run_one(
             tau=setup.server_adam_tau,
             beta1=setup.server_adam_beta1,
             beta2=setup.server_adam_beta2,
+            noise_variance=noise_variance,
         )
         if setup.server_optimizer == "adam"
         else ServerMomentum(momentum=setup.server_momentum)
@@ -488,6 +503,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-adam-beta1", type=float, default=0.9, help="FedAdam's beta1")
     p.add_argument("--server-adam-beta2", type=float, default=0.99, help="FedAdam's beta2")
     p.add_argument(
+        "--server-adam-bias-correction",
+        action="store_true",
+        help="dpsgd: FedAdam subtracts the DP noise's known variance from its second moment "
+        "(DP-AdamBC)",
+    )
+    p.add_argument(
         "--ema",
         type=float,
         help="DP runs: evaluate the exponential moving average of the global states with "
@@ -635,6 +656,7 @@ def main(argv: list[str] | None = None) -> None:
         dpsgd=dpsgd if sgd else None,
         server_adam_beta1=args.server_adam_beta1,
         server_adam_beta2=args.server_adam_beta2,
+        server_adam_bias_correction=args.server_adam_bias_correction,
         ema=args.ema,
         save_states=args.save_states,
         serve=serve,

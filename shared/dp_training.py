@@ -244,16 +244,29 @@ class ServerAdam:
     tau: float = 1e-2
     m: StateDict | None = None
     v: StateDict | None = None
+    # Known variance of the DP noise on each coordinate of the mean (z C / (q U))^2. Set,
+    # `v` less the noise's share of it, (1 - b2^t) noise_variance, floored at 0, takes the
+    # place of `v` in the step (DP-AdamBC, Tang et al. 2024: without it the noise
+    # dominates `v` and Adam is scaled SGD). Experiment flag; the coordinator keeps 0.
+    noise_variance: float = 0.0
+    steps: int = 0
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.tau <= 0:
             raise ValueError("server lr and tau must be positive")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("server betas must be in [0, 1)")
+        if self.noise_variance < 0:
+            raise ValueError("noise variance must be >= 0")
 
     def step(self, delta: Mapping[str, torch.Tensor]) -> StateDict:
         m_prev = self.m or {k: torch.zeros_like(v) for k, v in delta.items()}
         v_prev = self.v or {k: torch.zeros_like(v) for k, v in delta.items()}
+        self.steps += 1
         self.m = {k: m_prev[k] * self.beta1 + d * (1 - self.beta1) for k, d in delta.items()}
         self.v = {k: v_prev[k] * self.beta2 + d * d * (1 - self.beta2) for k, d in delta.items()}
-        return {k: self.lr * self.m[k] / (self.v[k].sqrt() + self.tau) for k in delta}
+        noise = self.noise_variance * (1 - self.beta2**self.steps)
+        return {
+            k: self.lr * self.m[k] / ((self.v[k] - noise).clamp(min=0).sqrt() + self.tau)
+            for k in delta
+        }

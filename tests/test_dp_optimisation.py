@@ -202,6 +202,37 @@ def test_server_adam_is_fedadam_on_the_released_means() -> None:
         ServerAdam(beta2=1.0)
     with pytest.raises(ValueError):
         ServerAdam(tau=0.0)
+    with pytest.raises(ValueError):
+        ServerAdam(noise_variance=-1.0)
+
+
+def test_server_adam_bias_correction_takes_the_known_noise_out_of_its_second_moment() -> None:
+    from shared.dp_training import ServerAdam
+
+    # Hand-checked first step: v = 0.25 d^2 = [1, 4]; less (1 - 0.75) 2 = 0.5 -> [0.5, 3.5].
+    server = ServerAdam(lr=0.5, beta1=0.5, beta2=0.75, tau=0.1, noise_variance=2.0)
+    first = server.step({"w": torch.tensor([2.0, -4.0])})
+    want = 0.5 * torch.tensor([1.0, -2.0]) / (torch.tensor([0.5, 3.5]).sqrt() + 0.1)
+    assert torch.allclose(first["w"], want)
+    # Second step, d = 0: v = 0.75 [1, 4] = [0.75, 3]; noise share 2 (1 - 0.75^2) = 0.875,
+    # so [0 (floored), 2.125]; m = [0.5, -1].
+    second = server.step({"w": torch.tensor([0.0, 0.0])})
+    want = 0.5 * torch.tensor([0.5, -1.0]) / (torch.tensor([0.0, 2.125]).sqrt() + 0.1)
+    assert torch.allclose(second["w"], want)
+    # On signal + N(0, sigma^2) the corrected second moment estimates the signal's
+    # (1 - b2^t) s^2, where the plain one is dominated by sigma^2.
+    g = torch.Generator().manual_seed(0)
+    signal = torch.tensor([0.0] * 500 + [3.0] * 500)
+    sigma = 2.0
+    corrected = ServerAdam(beta2=0.99, noise_variance=sigma**2)
+    for _ in range(400):
+        corrected.step({"w": signal + torch.randn(1000, generator=g) * sigma})
+    assert corrected.v is not None
+    share = 1 - 0.99**400
+    v_signal = (corrected.v["w"] - sigma**2 * share).clamp(min=0)
+    assert v_signal[:500].mean() < 0.2 * sigma**2  # noise-only coordinates: ~0
+    assert abs(v_signal[500:].mean() / (9.0 * share) - 1) < 0.15  # s^2 = 9 recovered
+    assert corrected.v["w"][:500].mean() > 0.8 * sigma**2 * share  # plain v: the noise
 
 
 @pytest.mark.parametrize(
