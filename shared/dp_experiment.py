@@ -415,8 +415,9 @@ def format_served_recipe(
     )
     return (
         f"{path}: global HR@10 {summary['hr@10']:.4f}; served "
-        f"({setup.serve.epochs} epochs, {setup.serve.num_negatives} negatives, "
-        f"global share {setup.serve_global_share:g}) HR@10 {served['hr@10']:.4f}"
+        f"({setup.serve.epochs} epochs, lr {setup.serve.lr:g}, "
+        f"{setup.serve.num_negatives} negatives, global share {setup.serve_global_share:g}) "
+        f"HR@10 {served['hr@10']:.4f}"
     )
 
 
@@ -552,6 +553,12 @@ def main(argv: list[str] | None = None) -> None:
         help="served: negatives of the fine-tune (NODE_NUM_NEGATIVES)",
     )
     p.add_argument(
+        "--serve-lr",
+        type=float,
+        default=node["learning_rate"].default,
+        help="served: learning rate of the fine-tune (NODE_LEARNING_RATE)",
+    )
+    p.add_argument(
         "--serve-global-share",
         type=float,
         default=node["personalize_global_share"].default,
@@ -597,6 +604,8 @@ def main(argv: list[str] | None = None) -> None:
             StateAverage(args.ema)
         if min(args.serve_epochs, args.dp_serve_epochs, args.serve_negatives) < 1:
             raise ValueError("--serve-epochs, --dp-serve-epochs, --serve-negatives must be >= 1")
+        if args.serve_lr <= 0:
+            raise ValueError("--serve-lr must be positive")
         if not 0 <= args.serve_global_share <= 1:
             raise ValueError("--serve-global-share must be in [0, 1]")
         if args.from_state is not None and not args.from_state.is_file():
@@ -625,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     features = build_item_features(catalog, config.content_buckets)
     serve = TrainConfig(
         epochs=args.serve_epochs,
-        lr=node["learning_rate"].default,
+        lr=args.serve_lr,
         batch_size=node["batch_size"].default,
         num_negatives=args.serve_negatives,
     )

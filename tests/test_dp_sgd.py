@@ -358,6 +358,7 @@ def test_dp_experiment_evaluates_the_average_and_saves_the_states(tmp_path: Path
         ["--serve-epochs", "0"],
         ["--dp-serve-epochs", "0"],
         ["--serve-global-share", "1.5"],
+        ["--serve-lr", "0"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             main([*base, *bad])
@@ -397,6 +398,8 @@ def test_a_saved_state_is_served_again_with_the_recipe_the_run_used(tmp_path: Pa
     assert glob == cells[4]
     # Share 1 serves the global weights themselves.
     assert served == cells[4] != cells[7]
+    # The fine-tune's learning rate is a recipe knob too.
+    assert again("--serve-epochs", "3", "--serve-lr", "0.05") != (cells[4], cells[7])
     for bad in (
         ["--from-state", str(tmp_path / "missing.pt")],
         ["--from-state", str(state), "--embedding-dim", "4"],  # another width's state
