@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) is None:
             setattr(args, name, for_sgd if sgd else for_fedavg)
     args.dp_optimizer = args.dp_optimizer or ("adam" if sgd else "sgd")
+    if args.server_adam_bias_correction and not (sgd and args.server_optimizer == "adam"):
+        p.error("--server-adam-bias-correction needs --algorithm dpsgd --server-optimizer adam")
     if args.distributed_noise and not (sgd and args.dp_steps == 1):
         p.error("--distributed-noise needs --algorithm dpsgd --dp-steps 1 (a linear sum)")
     try:  # the server step's settings: refused here, before any market is loaded

@@ -241,6 +241,8 @@ def test_server_adam_bias_correction_takes_the_known_noise_out_of_its_second_mom
         ["--server-optimizer", "adam", "--server-adam-lr", "-1"],
         ["--server-adam-tau", "0"],
         ["--server-momentum", "1"],
+        ["--server-adam-bias-correction"],  # FedAvg units, SGD server: nothing to correct
+        ["--recipe", "fedsgd", "--plain-rounds", "0"],
     ],
 )
 def test_dp_experiment_refuses_bad_server_settings_before_loading(
