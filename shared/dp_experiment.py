@@ -188,30 +188,38 @@ def load_regions(
     return catalog, train, held, config
 
 
-def evaluate(
-    model: HybridTwoTower,
-    features: ItemFeatures,
-    train: dict[str, dict[str, UserSequence]],
-    held: dict[str, dict[str, int]],
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class Market:
+    """What every run ranks and trains on: the model's shape, the catalog's features and
+    each region's training sequences and held-out items."""
+
+    config: ModelConfig
+    features: ItemFeatures
+    train: dict[str, dict[str, UserSequence]]
+    held: dict[str, dict[str, int]]
+
+
+def evaluate(model: HybridTwoTower, market: Market) -> dict[str, float]:
     ranks: list[int] = []
-    for region in sorted(train):
-        ranks.extend(rank_held_out(model, features, train[region], held[region]).values())
+    for region in sorted(market.train):
+        ranks.extend(
+            rank_held_out(
+                model, market.features, market.train[region], market.held[region]
+            ).values()
+        )
     return summarize_ranks(ranks, k=10)
 
 
 def evaluate_served(
     state: dict[str, torch.Tensor],
-    config: ModelConfig,
-    features: ItemFeatures,
-    train: dict[str, dict[str, UserSequence]],
-    held: dict[str, dict[str, int]],
+    market: Market,
     local: TrainConfig,
     seed: int,
     global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE,
 ) -> dict[str, float]:
     """Each region fine-tunes the global weights on its own data, blends them like a node
     (`global_share` of the global weights) and ranks its own users."""
+    config, features, train, held = market.config, market.features, market.train, market.held
     ranks: list[int] = []
     for i, region in enumerate(sorted(train)):
         model = HybridTwoTower(config)
@@ -229,33 +237,27 @@ def score_state(
     state: dict[str, torch.Tensor],
     serve: TrainConfig,
     setup: Setup,
-    config: ModelConfig,
-    features: ItemFeatures,
-    train: dict[str, dict[str, UserSequence]],
-    held: dict[str, dict[str, int]],
+    market: Market,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """A global state's metrics as it is and as the nodes serve it after the `serve`
     fine-tune (seeded from `setup.seed` alone, so a saved state scores the same again)."""
-    model = HybridTwoTower(config)
+    model = HybridTwoTower(market.config)
     model.load_state_dict(state)
-    summary = evaluate(model, features, train, held)
+    summary = evaluate(model, market)
     served = evaluate_served(
-        state, config, features, train, held, serve, setup.seed * 10_000 + 99,
-        setup.serve_global_share,
-    )  # fmt: skip
+        state, market, serve, setup.seed * 10_000 + 99, setup.serve_global_share
+    )
     return summary, served
 
 
 def run_one(
     epsilon: float,
     setup: Setup,
-    config: ModelConfig,
-    features: ItemFeatures,
-    train: dict[str, dict[str, UserSequence]],
-    held: dict[str, dict[str, int]],
+    market: Market,
     threads: int = 1,
 ) -> Row:
     torch.set_num_threads(threads)
+    config, features, train = market.config, market.features, market.train
     start = time.perf_counter()
     sigma = noise_multiplier_for_epsilon(
         epsilon=epsilon,
@@ -368,13 +370,7 @@ def run_one(
         setup.save_states.mkdir(parents=True, exist_ok=True)
         torch.save(state, setup.save_states / f"global-eps-{epsilon:g}.pt")
     summary, served = score_state(
-        state,
-        setup.serve if math.isinf(epsilon) else setup.dp_serve,
-        setup,
-        config,
-        features,
-        train,
-        held,
+        state, setup.serve if math.isinf(epsilon) else setup.dp_serve, setup, market
     )
     spent = (
         math.inf
@@ -401,18 +397,13 @@ def run_one(
 def format_served_recipe(
     path: Path,
     setup: Setup,
-    config: ModelConfig,
-    features: ItemFeatures,
-    train: dict[str, dict[str, UserSequence]],
-    held: dict[str, dict[str, int]],
+    market: Market,
 ) -> str:
     """One saved global state ranked as it is and as the nodes serve it with `setup.serve`.
 
     The fine-tune's seed is `run_one`'s, so the recipe a run used reproduces its figure.
     """
-    summary, served = score_state(
-        torch.load(path), setup.serve, setup, config, features, train, held
-    )
+    summary, served = score_state(torch.load(path), setup.serve, setup, market)
     return (
         f"{path}: global HR@10 {summary['hr@10']:.4f}; served "
         f"({setup.serve.epochs} epochs, lr {setup.serve.lr:g}, "
@@ -634,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
             config.model_dump() | {"embedding_dim": args.embedding_dim}
         )
     features = build_item_features(catalog, config.content_buckets)
+    market = Market(config=config, features=features, train=train, held=held)
     serve = TrainConfig(
         epochs=args.serve_epochs,
         lr=args.serve_lr,
@@ -677,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.from_state is not None:
         try:
-            print(format_served_recipe(args.from_state, setup, config, features, train, held))
+            print(format_served_recipe(args.from_state, setup, market))
         except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # not a fitting state
             p.error(f"--from-state {args.from_state} does not fit this market and model: {exc}")
         return
@@ -708,13 +700,10 @@ def main(argv: list[str] | None = None) -> None:
     epsilons = parse_epsilons(args.epsilons)
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [
-                pool.submit(run_one, e, setup, config, features, train, held, args.threads)
-                for e in epsilons
-            ]
+            futures = [pool.submit(run_one, e, setup, market, args.threads) for e in epsilons]
             rows = [f.result() for f in futures]
     else:
-        rows = [run_one(e, setup, config, features, train, held, args.threads) for e in epsilons]
+        rows = [run_one(e, setup, market, args.threads) for e in epsilons]
     print(format_table(rows))
 
 
