@@ -104,7 +104,6 @@ class Participant:
         self._insights_refresh = asyncio.Event()
         self._insights_event_id: int | None = None  # newest event in the last report
         # (base version, fine-tuned weights) of the last round's training, to serve.
-        self._personal_pending: tuple[int, bytes] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -213,7 +212,7 @@ class Participant:
             self._round_seen = max(self._round_seen or 0, rnd.round_id)
         if rnd is None or not self._wants(rnd):
             await self.sync_serving()
-            await self.personalize()  # no round will train on this version here
+            await self.personalize()  # between rounds: the version served now
             return
         if self.settings.id in rnd.participants:
             self._mark_joined(rnd.round_id)
@@ -239,9 +238,7 @@ class Participant:
                 await serving
             raise
         await serving
-        pending, self._personal_pending = self._personal_pending, None
-        if pending is not None:
-            await self._serve_personalized(*pending)
+        await self.personalize()  # the version served now, after the update went out
 
     def _mark_joined(self, round_id: int) -> None:
         self.runtime.rounds_joined.add(round_id)
@@ -376,8 +373,7 @@ class Participant:
             dp=self._dp_config(),
             encoding=encoding,
             residual=self.runtime.update_residual if encoding != "dense" else None,
-            # A DP node's round model carries noise: it personalizes with its own job.
-            keep_local=s.personalize and not s.dp_enabled,
+            keep_local=False,  # what a node serves is its own fine-tune: `personalize`
             holdout_eval=s.holdout_eval,
         )
         if not await self._within_budget(round_id):
@@ -445,11 +441,6 @@ class Participant:
         )
         self._mark_joined(round_id)
         self._insights_refresh.set()  # refresh the regional report if events arrived
-        if outcome.local_state is not None:
-            # Served by `step` after the upload and after the serving model caught up
-            # with this version, so it never delays the round and is never replaced
-            # by the plain global version built beside the training.
-            self._personal_pending = (base_version, outcome.local_state)
         log.info(
             "submitted update to round %s (%d examples; trained in %.2fs, %.2fs with the "
             "hand-over to the worker)",
@@ -473,6 +464,7 @@ class Participant:
         holdout_eval: bool,
         residual: bytes | None = None,
         epochs: int | None = None,
+        lr: float | None = None,
     ) -> TrainJob:
         s = self.settings
         return TrainJob(
@@ -482,7 +474,7 @@ class Participant:
             model_config=model_config,
             train_config=TrainConfig(
                 epochs=epochs or s.local_epochs,
-                lr=s.dp_learning_rate if dp is not None else s.learning_rate,
+                lr=lr or (s.dp_learning_rate if dp is not None else s.learning_rate),
                 batch_size=s.batch_size,
                 num_negatives=s.num_negatives,
                 fedprox_mu=s.fedprox_mu,
@@ -505,11 +497,11 @@ class Participant:
     # Personalization (docs/evaluation.md) -------------------------------------------------
 
     async def personalize(self) -> None:
-        """Fine-tune the served global version on this region's events, once per version.
-
-        Runs only when no open round will train on the version here (the round's own
-        local model is served instead: no extra work). The fine-tuned weights never
-        leave the node.
+        """Fine-tune the served global version on this region's events, once per version
+        (and catalog), with its own schedule: NODE_PERSONALIZE_EPOCHS (a DP node:
+        NODE_DP_PERSONALIZE_EPOCHS) at NODE_PERSONALIZE_LEARNING_RATE, gentler than a
+        round's training (docs/evaluation.md). Runs between rounds, after this node's
+        update is sent. The fine-tuned weights never leave the node.
         """
         rt, s = self.runtime, self.settings
         serving, weights, catalog = rt.serving, rt.weights, rt.catalog
@@ -532,7 +524,8 @@ class Participant:
             holdout_eval=False,  # nothing is reported: train on every event
             # A DP node's global model carries noise: its own data (which stays here)
             # gets more passes (docs/privacy.md, "What the nodes serve").
-            epochs=s.dp_personalize_epochs if s.dp_enabled else None,
+            epochs=s.dp_personalize_epochs if s.dp_enabled else s.personalize_epochs,
+            lr=s.personalize_learning_rate,
         )
         outcome, _seconds = await self._run_training(job)
         if outcome is not None and outcome.local_state is not None:

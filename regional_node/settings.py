@@ -28,9 +28,24 @@ class NodeSettings(BaseSettings):
     fedprox_mu: float = Field(default=0.0, ge=0)
     personalize: bool = Field(
         default=True,
-        description="Serve the global model fine-tuned on this region's events: the model "
-        "this node trained from the newest version in its round (no extra work), or a "
-        "fine-tune job when a version arrives that no open round will train on.",
+        description="Serve the global model fine-tuned on this region's events: a fine-tune "
+        "job of its own for each new global version, run after this node's round update is "
+        "sent (a round that opens meanwhile waits for it). The fine-tuned weights never "
+        "leave the node.",
+    )
+    personalize_epochs: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Epochs of the personalization fine-tune (DP nodes: "
+        "NODE_DP_PERSONALIZE_EPOCHS). docs/evaluation.md has the measurements behind it.",
+    )
+    personalize_learning_rate: float = Field(
+        default=0.003,
+        gt=0,
+        le=10,
+        description="Learning rate of the personalization fine-tune, DP nodes too (gentler "
+        "than NODE_LEARNING_RATE: it starts from a trained global model).",
     )
     personalize_global_share: float = Field(
         default=DEFAULT_PERSONAL_GLOBAL_SHARE,
@@ -41,12 +56,12 @@ class NodeSettings(BaseSettings):
         "weights alone). docs/evaluation.md has the measurements behind the default.",
     )
     dp_personalize_epochs: int = Field(
-        default=5,
+        default=10,
         ge=1,
         le=100,
         description="With NODE_DP_ENABLED: epochs of the personalization fine-tune (instead of "
-        "NODE_LOCAL_EPOCHS). The global model carries DP noise; the fine-tune's weights never "
-        "leave the region. docs/privacy.md has the measurements behind the default.",
+        "NODE_PERSONALIZE_EPOCHS). The global model carries DP noise; the fine-tune's weights "
+        "never leave the region. docs/privacy.md has the measurements behind the default.",
     )
     train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
     train_nice: int = Field(

@@ -211,6 +211,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             console.print("[red]--personal-global-share must be between 0 and 1")
             return 2
         overrides["personal_global_share"] = args.personal_global_share
+    if args.personal_epochs is not None:
+        if args.personal_epochs < 0:
+            console.print("[red]--personal-epochs must be 0 or more")
+            return 2
+        overrides["personal_epochs"] = args.personal_epochs or None
+    if args.personal_lr is not None:
+        if args.personal_lr <= 0:
+            console.print("[red]--personal-lr must be positive")
+            return 2
+        overrides["personal_lr"] = args.personal_lr
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
@@ -456,6 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="personal_global_share",
         help="share of the global weights blended into each region's personalized model "
         f"(NODE_PERSONALIZE_GLOBAL_SHARE; default {defaults.personal_global_share})",
+    )
+    sim.add_argument(
+        "--personal-epochs",
+        type=int,
+        dest="personal_epochs",
+        help="epochs of each region's fine-tune of the final global model, what its node "
+        f"serves (NODE_PERSONALIZE_EPOCHS; default {defaults.personal_epochs}); 0: serve the "
+        "region's last round's local model instead (no training beyond the rounds)",
+    )
+    sim.add_argument(
+        "--personal-lr",
+        type=float,
+        dest="personal_lr",
+        help="learning rate of that fine-tune (NODE_PERSONALIZE_LEARNING_RATE; default "
+        f"{defaults.personal_lr})",
     )
     sim.add_argument(
         "--dp-epsilon",

@@ -39,7 +39,6 @@ from shared.model import (
     DEFAULT_PERSONAL_GLOBAL_SHARE,
     HybridTwoTower,
     ModelConfig,
-    blend_states,
     init_state,
 )
 from shared.privacy import dp_epsilon, noise_multiplier_for_epsilon
@@ -47,6 +46,7 @@ from shared.training import (
     TrainConfig,
     UserSequence,
     build_sequences,
+    fine_tuned_state,
     make_examples,
     rank_held_out,
     split_leave_last_out,
@@ -223,12 +223,9 @@ def evaluate_served(
     ranks: list[int] = []
     for i, region in enumerate(sorted(train)):
         model = HybridTwoTower(config)
-        model.load_state_dict(state)
         examples = make_examples(train[region].values(), config.max_history)
-        if len(examples):
-            train_local(model, features, examples, dataclasses.replace(local, seed=seed + i))
-            tuned = model.state_dict()
-            model.load_state_dict(blend_states(tuned, state, global_share))
+        tuned = dataclasses.replace(local, seed=seed + i)
+        fine_tuned_state(model, state, features, examples, tuned, global_share)
         ranks.extend(rank_held_out(model, features, train[region], held[region]).values())
     return summarize_ranks(ranks, k=10)
 
@@ -528,8 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--serve-epochs",
         type=int,
-        default=node["local_epochs"].default,
-        help="served, non-private: epochs of each node's fine-tune (NODE_LOCAL_EPOCHS)",
+        default=node["personalize_epochs"].default,
+        help="served, non-private: epochs of each node's fine-tune (NODE_PERSONALIZE_EPOCHS)",
     )
     p.add_argument(
         "--dp-serve-epochs",
@@ -546,8 +543,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--serve-lr",
         type=float,
-        default=node["learning_rate"].default,
-        help="served: learning rate of the fine-tune (NODE_LEARNING_RATE)",
+        default=node["personalize_learning_rate"].default,
+        help="served: learning rate of the fine-tune (NODE_PERSONALIZE_LEARNING_RATE)",
     )
     p.add_argument(
         "--serve-global-share",
@@ -693,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
         + (f" ({args.dp_steps} steps a round)" if sgd else f", dp epochs {setup.dp_train.epochs}")
         + f", dp lr {args.dp_lr} {args.dp_optimizer}, "
         f"frozen {list(setup.frozen)}; served: {args.serve_epochs} fine-tune epochs "
-        f"({args.dp_serve_epochs} after DP), "
+        f"({args.dp_serve_epochs} after DP) at lr {args.serve_lr:g}, "
         f"{args.serve_negatives} negatives, global share {args.serve_global_share}",
         flush=True,
     )

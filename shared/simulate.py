@@ -28,7 +28,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch
 
 from coordinator.aggregation import StateDict, apply_delta, compute_delta, make_strategy
 from coordinator.settings import DEFAULT_AGGREGATION
+from regional_node.settings import NodeSettings
 from shared.data import read_catalog_csv, read_events_csv
 from shared.features import ItemFeatures, build_item_features
 from shared.metrics import summarize_ranks
@@ -54,12 +55,15 @@ from shared.training import (
     TrainConfig,
     UserSequence,
     build_sequences,
+    fine_tuned_state,
     make_examples,
     rank_held_out,
     rank_with_scores,
     split_leave_last_out,
     train_local,
 )
+
+_NODE = NodeSettings.model_fields  # what a node does by default
 
 METHODS: tuple[str, ...] = ("popularity", "local_only", "federated", "centralized", "als")
 # Computed from the same training run as "federated" when both are asked for.
@@ -90,6 +94,11 @@ class SimulationConfig:
     personalize: bool = True  # rank each region with its node's last local model
     # ... blended with the global weights it trained from, like NODE_PERSONALIZE_GLOBAL_SHARE
     personal_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
+    # Each region serves its own fine-tune of the final global model, like a node:
+    # NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE. None: its last round's
+    # local model instead (what nodes served before 2026-11-26; no training beyond the rounds).
+    personal_epochs: int | None = _NODE["personalize_epochs"].default
+    personal_lr: float = _NODE["personalize_learning_rate"].default
     # Best of a small grid on the default market (factors 8-64, regularization 0.05-5,
     # alpha 1-40), chosen on the evaluation split itself: a generous reference.
     als_factors: int = 8
@@ -454,6 +463,33 @@ def rank_personalized(
     )
 
 
+def rank_fine_tuned(
+    data: Dataset, run: FederatedRun, config: SimulationConfig, epochs: int
+) -> dict[str, int]:
+    """Each region's users ranked by its own fine-tune of the final global model
+    (`epochs` at `personal_lr`, blended with `personal_global_share` of the global
+    weights): what a node serves with NODE_PERSONALIZE_EPOCHS / _LEARNING_RATE set."""
+    global_state = {k: v.detach().clone() for k, v in run.global_model.state_dict().items()}
+    model = HybridTwoTower(run.global_model.config)
+    ranks: dict[str, int] = {}
+    for i, region in enumerate(data.regions):
+        train, held = _subset(data, data.users_of(region))
+        tune = replace(
+            config.train_config(
+                epochs,
+                config.seed * 1000 + 999 - i,  # apart from the rounds' seeds
+            ),
+            lr=config.personal_lr,
+        )
+        examples = make_examples(train.values(), model.config.max_history)
+        fine_tuned_state(
+            model, global_state, data.features, examples, tune, config.personal_global_share
+        )
+        model.eval()
+        ranks.update(rank_held_out(model, data.features, train, held))
+    return ranks
+
+
 class _FederatedRanker:
     """`federated` and `federated_global` from one training run (one per simulation)."""
 
@@ -473,6 +509,8 @@ class _FederatedRanker:
         if not config.personalize:
             return self.global_only(data, config, progress)
         run = self.run(data, config, progress)
+        if config.personal_epochs is not None:
+            return rank_fine_tuned(data, run, config, config.personal_epochs)
         return rank_personalized(data, run, config.personal_global_share)
 
     def global_only(

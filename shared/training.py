@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from shared.features import ItemFeatures, country_bucket
-from shared.model import EVENT_TYPE_IDS, HybridTwoTower, sampled_softmax_loss
+from shared.model import EVENT_TYPE_IDS, HybridTwoTower, blend_states, sampled_softmax_loss
 
 
 @dataclass
@@ -240,6 +240,28 @@ def train_local(
             break
     model.eval()
     return TrainResult(loss=epoch_loss, num_examples=n, steps=step)
+
+
+def fine_tuned_state(
+    model: HybridTwoTower,
+    state: dict[str, torch.Tensor],
+    features: ItemFeatures,
+    examples: Examples,
+    config: TrainConfig,
+    base_share: float,
+) -> dict[str, torch.Tensor]:
+    """What a personalizing node serves from the global `state`: `model` (of the state's
+    config) fine-tuned on the region's `examples`, blended with `base_share` of `state`.
+
+    With no examples the global state itself. `model` is left holding the result.
+    """
+    model.load_state_dict(state)
+    if len(examples) == 0:
+        return state
+    train_local(model, features, examples, config)
+    served = blend_states(model.state_dict(), state, base_share)
+    model.load_state_dict(served)
+    return served
 
 
 def _negative_pool(examples: Examples, num_rows: int, source: str) -> torch.Tensor | None:

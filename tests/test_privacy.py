@@ -294,7 +294,8 @@ def test_node_setting_reaches_the_train_job(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dp_enabled", [False, True])
 def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: bool) -> None:
     """The fine-tune of the served version runs NODE_DP_PERSONALIZE_EPOCHS on a DP node
-    (its global model carries noise), NODE_LOCAL_EPOCHS otherwise; the job trains
+    (its global model carries noise), NODE_PERSONALIZE_EPOCHS otherwise, both at
+    NODE_PERSONALIZE_LEARNING_RATE (not the rounds' epochs and rate); the job trains
     without DP (nothing of it leaves the node) and keeps the weights to serve."""
     import asyncio
     from types import SimpleNamespace
@@ -306,6 +307,9 @@ def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: b
         coordinator_url="http://127.0.0.1:9",
         allow_anonymous=True,
         local_epochs=2,
+        learning_rate=0.01,
+        personalize_epochs=3,
+        personalize_learning_rate=0.004,
         dp_enabled=dp_enabled,
         dp_personalize_epochs=7,
     )
@@ -330,5 +334,6 @@ def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: b
     finally:
         store.dispose()
     [job] = jobs
-    assert job.train_config.epochs == (7 if dp_enabled else 2)
+    assert job.train_config.epochs == (7 if dp_enabled else 3)
+    assert job.train_config.lr == 0.004 and job.train_config.optimizer == "adam"
     assert job.dp is None and job.keep_local and job.base_weights == b"weights"

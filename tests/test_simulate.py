@@ -11,7 +11,15 @@ import torch
 
 from shared.cli import main
 from shared.market import generate_market
-from shared.simulate import ALL_METHODS, SimulationConfig, load_dataset, run_simulation
+from shared.simulate import (
+    ALL_METHODS,
+    SimulationConfig,
+    load_dataset,
+    rank_fine_tuned,
+    run_simulation,
+    train_federated,
+)
+from shared.training import rank_held_out
 
 # Small enough for CI, large enough that the margins below are not luck.
 USERS, ITEMS, REGIONS = 1500, 300, 4
@@ -139,3 +147,39 @@ def test_cli_rejects_a_share_outside_0_1(market_dir: Path, share: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--data", str(market_dir), "--personal-global-share", share])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--personal-epochs", "-1"), ("--personal-lr", "0")])
+def test_cli_rejects_a_fine_tune_that_cannot_run(market_dir: Path, flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--data", str(market_dir), flag, value])
+    assert exit_info.value.code == 2
+
+
+def test_what_a_region_serves_is_its_own_fine_tune_of_the_final_global_model(
+    market_dir: Path,
+) -> None:
+    """Like a node (NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE): each region
+    fine-tunes the final global weights; `personal_epochs=None` serves the last round's
+    local model instead."""
+    data = load_dataset(market_dir)
+    config = SimulationConfig(rounds=1, local_epochs=1, seed=2, methods=("federated",))
+    assert (config.personal_epochs, config.personal_lr) == (5, 0.003)  # the node's defaults
+    run = train_federated(data, config)
+    global_ranks = rank_held_out(run.global_model, data.features, data.train, data.held_out)
+    tuned = rank_fine_tuned(data, run, config, 1)
+    assert tuned.keys() == global_ranks.keys() == data.held_out.keys()
+    assert tuned != global_ranks  # the fine-tune moved what is served
+    # All of the global weights (share 1) is the global model, whatever the fine-tune did.
+    whole_global = SimulationConfig(**{**config.__dict__, "personal_global_share": 1.0})
+    assert rank_fine_tuned(data, run, whole_global, 1) == global_ranks
+    # The learning rate is the fine-tune's own.
+    assert (
+        rank_fine_tuned(data, run, SimulationConfig(**{**config.__dict__, "personal_lr": 0.01}), 1)
+        != tuned
+    )
+    served = run_simulation(market_dir, config, data=data).results["federated"]
+    old = SimulationConfig(**{**config.__dict__, "personal_epochs": None})
+    round_model = run_simulation(market_dir, old, data=data).results["federated"]
+    assert served["overall"]["users"] == round_model["overall"]["users"] == len(data.held_out)
+    assert served != round_model
