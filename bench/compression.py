@@ -130,9 +130,12 @@ def simulate(
 ) -> dict[str, float]:
     """Federated rounds with one encoding; returns HR@10, NDCG@10 and bytes ÷ dense.
 
-    `hr@10` is the final global model's; `served_hr@10` is what the nodes serve
-    (NODE_PERSONALIZE): each region's last local model, which never leaves the node
-    and so is never compressed, blended with the global weights it was trained from.
+    `hr@10` is the final global model's; `served_hr@10` is what the nodes served
+    (NODE_PERSONALIZE) when these figures were measured: each region's last local model,
+    which never leaves the node and so is never compressed, blended with the global
+    weights it was trained from. (Nodes now serve a fine-tune of their own of the final
+    global model, `shared.simulate.rank_fine_tuned`, which compression reaches only
+    through `hr@10`'s global model.)
     `sparse_rows`: a top-k update counts only in the rows it sent (the coordinator's
     rule) or, False, its zeros count as zero changes.
     """

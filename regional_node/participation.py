@@ -18,7 +18,7 @@ import pickle
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import httpx
@@ -104,6 +104,7 @@ class Participant:
         self._insights_refresh = asyncio.Event()
         self._insights_event_id: int | None = None  # newest event in the last report
         # (base version, fine-tuned weights) of the last round's training, to serve.
+        self._personal_pending: tuple[int, bytes] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -238,7 +239,11 @@ class Participant:
                 await serving
             raise
         await serving
-        await self.personalize()  # the version served now, after the update went out
+        # The round's own local model is served at once (no extra work); the node's own
+        # fine-tune replaces it between rounds (`personalize`), never delaying a round.
+        pending, self._personal_pending = self._personal_pending, None
+        if pending is not None:
+            await self._serve_personalized(*pending)
 
     def _mark_joined(self, round_id: int) -> None:
         self.runtime.rounds_joined.add(round_id)
@@ -373,7 +378,9 @@ class Participant:
             dp=self._dp_config(),
             encoding=encoding,
             residual=self.runtime.update_residual if encoding != "dense" else None,
-            keep_local=False,  # what a node serves is its own fine-tune: `personalize`
+            # Served until the node's own fine-tune runs between rounds; a DP node's round
+            # model carries noise, so it waits for that job.
+            keep_local=s.personalize and not s.dp_enabled,
             holdout_eval=s.holdout_eval,
         )
         if not await self._within_budget(round_id):
@@ -441,6 +448,11 @@ class Participant:
         )
         self._mark_joined(round_id)
         self._insights_refresh.set()  # refresh the regional report if events arrived
+        if outcome.local_state is not None:
+            # Served by `step` after the upload and after the serving model caught up
+            # with this version, so it never delays the round and is never replaced
+            # by the plain global version built beside the training.
+            self._personal_pending = (base_version, outcome.local_state)
         log.info(
             "submitted update to round %s (%d examples; trained in %.2fs, %.2fs with the "
             "hand-over to the worker)",
@@ -500,14 +512,16 @@ class Participant:
         """Fine-tune the served global version on this region's events, once per version
         (and catalog), with its own schedule: NODE_PERSONALIZE_EPOCHS (a DP node:
         NODE_DP_PERSONALIZE_EPOCHS) at NODE_PERSONALIZE_LEARNING_RATE, gentler than a
-        round's training (docs/evaluation.md). Runs between rounds, after this node's
-        update is sent. The fine-tuned weights never leave the node.
+        round's training (docs/evaluation.md, item 5). Runs only between rounds (no open
+        round wants this node); right after a round the node serves that round's local
+        model, which this replaces. A round that opens while it runs waits for it. The
+        fine-tuned weights never leave the node.
         """
         rt, s = self.runtime, self.settings
         serving, weights, catalog = rt.serving, rt.weights, rt.catalog
         if not s.personalize or serving is None or weights is None or catalog is None:
             return
-        if serving.personalized or weights.version != serving.version:
+        if serving.fine_tuned or weights.version != serving.version:
             return
         attempt = (serving.version, rt.catalog_etag)
         if rt.personalize_tried == attempt:
@@ -529,9 +543,11 @@ class Participant:
         )
         outcome, _seconds = await self._run_training(job)
         if outcome is not None and outcome.local_state is not None:
-            await self._serve_personalized(serving.version, outcome.local_state)
+            await self._serve_personalized(serving.version, outcome.local_state, fine_tuned=True)
 
-    async def _serve_personalized(self, version: int, local_state: bytes) -> None:
+    async def _serve_personalized(
+        self, version: int, local_state: bytes, *, fine_tuned: bool = False
+    ) -> None:
         """Swap in the fine-tuned weights if `version` is still the one being served."""
         rt = self.runtime
         current, catalog = rt.serving, rt.catalog
@@ -545,6 +561,7 @@ class Participant:
             catalog,
             personalized=True,
         )
+        new_serving = replace(new_serving, fine_tuned=fine_tuned)
         if rt.serving is current:
             rt.serving = new_serving  # atomic reference swap
             log.info(

@@ -98,8 +98,10 @@ class ServingModel:
     # (d, n) copy of item_vecs: u @ item_vecs_t reads memory in order, ~4x faster than
     # item_vecs @ u for a 50k-item catalog on one thread.
     item_vecs_t: torch.Tensor | None = None
-    # True when the weights are the global version fine-tuned on this node's events.
+    # True when the weights are the global version fine-tuned on this node's events ...
     personalized: bool = False
+    # ... by the node's own fine-tune job (`Participant.personalize`), not a round's training.
+    fine_tuned: bool = False
     blocked_cache: FilterCache[FilterPlan] = field(default_factory=lambda: FilterCache())
     catalog_index: CatalogIndex | None = None
     ivf: IvfIndex | None = None  # approximate search (regional_node/ann.py), None = exact

@@ -28,10 +28,11 @@ class NodeSettings(BaseSettings):
     fedprox_mu: float = Field(default=0.0, ge=0)
     personalize: bool = Field(
         default=True,
-        description="Serve the global model fine-tuned on this region's events: a fine-tune "
-        "job of its own for each new global version, run after this node's round update is "
-        "sent (a round that opens meanwhile waits for it). The fine-tuned weights never "
-        "leave the node.",
+        description="Serve the global model fine-tuned on this region's events: between "
+        "rounds, a fine-tune job of its own for each new global version "
+        "(NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE; a round that opens "
+        "while it runs waits for it); right after a round, until then, the model this node "
+        "trained in the round. The fine-tuned weights never leave the node.",
     )
     personalize_epochs: int = Field(
         default=5,

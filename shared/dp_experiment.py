@@ -86,9 +86,9 @@ class Setup:
     train: TrainConfig
     dp_train: TrainConfig
     seed: int
-    # How a node fine-tunes the global model it serves (NODE_LOCAL_EPOCHS, NODE_LEARNING_RATE,
-    # NODE_NUM_NEGATIVES, with NODE_PERSONALIZE_GLOBAL_SHARE below); after DP runs, for
-    # NODE_DP_PERSONALIZE_EPOCHS.
+    # How a node fine-tunes the global model it serves (NODE_PERSONALIZE_EPOCHS,
+    # NODE_PERSONALIZE_LEARNING_RATE, NODE_NUM_NEGATIVES, with NODE_PERSONALIZE_GLOBAL_SHARE
+    # below); after DP runs, for NODE_DP_PERSONALIZE_EPOCHS.
     serve: TrainConfig
     dp_serve: TrainConfig
     server_lr: float = 1.0

@@ -94,9 +94,10 @@ class SimulationConfig:
     personalize: bool = True  # rank each region with its node's last local model
     # ... blended with the global weights it trained from, like NODE_PERSONALIZE_GLOBAL_SHARE
     personal_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
-    # Each region serves its own fine-tune of the final global model, like a node:
-    # NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE. None: its last round's
-    # local model instead (what nodes served before 2026-11-26; no training beyond the rounds).
+    # Each region serves its own fine-tune of the final global model, like a node once the
+    # rounds stop: NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE. None: its
+    # last round's local model instead (what a node serves right after a round, and all
+    # nodes served before 2026-11-26; no training beyond the rounds).
     personal_epochs: int | None = _NODE["personalize_epochs"].default
     personal_lr: float = _NODE["personalize_learning_rate"].default
     # Best of a small grid on the default market (factors 8-64, regularization 0.05-5,

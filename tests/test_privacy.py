@@ -291,39 +291,32 @@ def test_node_setting_reaches_the_train_job(tmp_path: Path) -> None:
         store.dispose()
 
 
-@pytest.mark.parametrize("dp_enabled", [False, True])
-def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: bool) -> None:
-    """The fine-tune of the served version runs NODE_DP_PERSONALIZE_EPOCHS on a DP node
-    (its global model carries noise), NODE_PERSONALIZE_EPOCHS otherwise, both at
-    NODE_PERSONALIZE_LEARNING_RATE (not the rounds' epochs and rate); the job trains
-    without DP (nothing of it leaves the node) and keeps the weights to serve."""
+def _personalize_jobs(
+    tmp_path: Path, serving: dict[str, object], **settings: object
+) -> list[TrainJob]:
+    """The train jobs one `Participant.personalize()` starts, with version 4 served."""
     import asyncio
     from types import SimpleNamespace
 
     from shared.schemas import CatalogOut
 
-    settings = NodeSettings(
+    node = NodeSettings(
         database_url=f"sqlite:///{tmp_path / 'n.db'}",
         coordinator_url="http://127.0.0.1:9",
         allow_anonymous=True,
-        local_epochs=2,
-        learning_rate=0.01,
-        personalize_epochs=3,
-        personalize_learning_rate=0.004,
-        dp_enabled=dp_enabled,
-        dp_personalize_epochs=7,
+        **settings,  # type: ignore[arg-type]
     )
-    store = EventStore(settings.database_url)
+    store = EventStore(node.database_url)
     jobs: list[TrainJob] = []
     try:
         runtime = NodeRuntime()
         config = ModelConfig(num_items=3)
         runtime.serving = SimpleNamespace(  # type: ignore[assignment]
-            personalized=False, version=4, model=SimpleNamespace(config=config)
+            version=4, model=SimpleNamespace(config=config), **serving
         )
         runtime.weights = SimpleNamespace(version=4, data=b"weights")  # type: ignore[assignment]
         runtime.catalog = CatalogOut(catalog_version=1, items=tiny_catalog()[:3])
-        participant = Participant(settings, store, runtime)
+        participant = Participant(node, store, runtime)
 
         async def captured(job: TrainJob) -> tuple[None, float]:
             jobs.append(job)
@@ -333,7 +326,35 @@ def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: b
         asyncio.run(participant.personalize())
     finally:
         store.dispose()
-    [job] = jobs
+    return jobs
+
+
+@pytest.mark.parametrize("dp_enabled", [False, True])
+def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: bool) -> None:
+    """The fine-tune of the served version runs NODE_DP_PERSONALIZE_EPOCHS on a DP node
+    (its global model carries noise), NODE_PERSONALIZE_EPOCHS otherwise, both at
+    NODE_PERSONALIZE_LEARNING_RATE (not the rounds' epochs and rate); the job trains
+    without DP (nothing of it leaves the node) and keeps the weights to serve."""
+    [job] = _personalize_jobs(
+        tmp_path,
+        {"personalized": False, "fine_tuned": False},
+        local_epochs=2,
+        learning_rate=0.01,
+        personalize_epochs=3,
+        personalize_learning_rate=0.004,
+        dp_enabled=dp_enabled,
+        dp_personalize_epochs=7,
+    )
     assert job.train_config.epochs == (7 if dp_enabled else 3)
     assert job.train_config.lr == 0.004 and job.train_config.optimizer == "adam"
     assert job.dp is None and job.keep_local and job.base_weights == b"weights"
+
+
+@pytest.mark.parametrize("fine_tuned", [False, True])
+def test_the_round_model_a_node_serves_is_replaced_by_its_own_fine_tune(
+    tmp_path: Path, fine_tuned: bool
+) -> None:
+    """Right after a round a node serves the round's local model (personalized, not its
+    own fine-tune); between rounds its fine-tune job replaces it, once per version."""
+    jobs = _personalize_jobs(tmp_path, {"personalized": True, "fine_tuned": fine_tuned})
+    assert len(jobs) == (0 if fine_tuned else 1)
