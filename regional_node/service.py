@@ -101,6 +101,7 @@ def node_status(settings: NodeSettings, store: EventStore, runtime: NodeRuntime)
         region=settings.region,
         model_version=runtime.serving.version if runtime.serving else None,
         model_personalized=bool(runtime.serving and runtime.serving.personalized),
+        model_fine_tuned=bool(runtime.serving and runtime.serving.fine_tuned),
         last_round_joined=runtime.last_round_joined,
         event_count=store.count(),
         coordinator_reachable=runtime.coordinator_reachable,

@@ -375,6 +375,7 @@ class NodeStatus(BaseModel):
                     "region": "EU",
                     "model_version": 3,
                     "model_personalized": True,
+                    "model_fine_tuned": True,
                     "last_round_joined": 2,
                     "event_count": 184220,
                     "coordinator_reachable": True,
@@ -394,6 +395,12 @@ class NodeStatus(BaseModel):
         default=False,
         description="The served weights are model_version fine-tuned on this region's events "
         "(NODE_PERSONALIZE); false: the global version as published.",
+    )
+    model_fine_tuned: bool = Field(
+        default=False,
+        description="Personalized by the node's own fine-tune job (NODE_PERSONALIZE_EPOCHS, "
+        "between rounds); false with model_personalized: the model this node trained in its "
+        "last round, served until that job has run.",
     )
     last_round_joined: int | None
     event_count: int

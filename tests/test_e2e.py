@@ -106,12 +106,15 @@ def test_three_nodes_three_rounds(db_url: str, tmp_path: Path) -> None:
             assert status["last_round_joined"] is not None and status["event_count"] > 0
 
         # No round trains on the last version, so each node fine-tunes it on its own
-        # events (NODE_PERSONALIZE) and serves that; the weights never leave the node.
+        # events with its own job (NODE_PERSONALIZE_EPOCHS) and serves that; the weights
+        # never leave the node.
         assert latest() == newest == 4
+
+        def fine_tuned(status: dict[str, object]) -> bool:
+            return status["model_personalized"] is True and status["model_fine_tuned"] is True
+
         wait_for(
-            lambda: all(
-                httpx.get(n.url + "/v1/status").json()["model_personalized"] for n in nodes
-            ),
+            lambda: all(fine_tuned(httpx.get(n.url + "/v1/status").json()) for n in nodes),
             120,
             "every node to serve the last version fine-tuned on its region",
             procs,
