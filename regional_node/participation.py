@@ -213,7 +213,7 @@ class Participant:
             self._round_seen = max(self._round_seen or 0, rnd.round_id)
         if rnd is None or not self._wants(rnd):
             await self.sync_serving()
-            await self.personalize()  # between rounds: the version served now
+            await self.personalize(round_open=rnd is not None and rnd.state == "open")
             return
         if self.settings.id in rnd.participants:
             self._mark_joined(rnd.round_id)
@@ -240,7 +240,7 @@ class Participant:
             raise
         await serving
         # The round's own local model is served at once (no extra work); the node's own
-        # fine-tune replaces it between rounds (`personalize`), never delaying a round.
+        # fine-tune replaces it when the rounds pause (`personalize`), never delaying one.
         pending, self._personal_pending = self._personal_pending, None
         if pending is not None:
             await self._serve_personalized(*pending)
@@ -508,14 +508,18 @@ class Participant:
 
     # Personalization (docs/evaluation.md) -------------------------------------------------
 
-    async def personalize(self) -> None:
+    async def personalize(self, round_open: bool = False) -> None:
         """Fine-tune the served global version on this region's events, once per version
         (and catalog), with its own schedule: NODE_PERSONALIZE_EPOCHS (a DP node:
         NODE_DP_PERSONALIZE_EPOCHS) at NODE_PERSONALIZE_LEARNING_RATE, gentler than a
-        round's training (docs/evaluation.md, item 5). Runs only between rounds (no open
-        round wants this node); right after a round the node serves that round's local
-        model, which this replaces. A round that opens while it runs waits for it. The
-        fine-tuned weights never leave the node.
+        round's training (docs/evaluation.md, item 5).
+
+        Right after a round the node serves that round's local model; this replaces it
+        once no round is open (`round_open`: one is, and this node already sent its
+        update), so a node never starts its next round late for it. A version served
+        as published (one this node did not train on, or any version on a DP node, whose
+        round model carries noise) is fine-tuned whenever no round wants the node; a
+        round that opens meanwhile waits for the job. The weights never leave the node.
         """
         rt, s = self.runtime, self.settings
         serving, weights, catalog = rt.serving, rt.weights, rt.catalog
@@ -523,6 +527,8 @@ class Participant:
             return
         if serving.fine_tuned or weights.version != serving.version:
             return
+        if round_open and serving.personalized:
+            return  # the round's own model serves until the rounds pause
         attempt = (serving.version, rt.catalog_etag)
         if rt.personalize_tried == attempt:
             return  # nothing to learn from yet, or it failed: wait for new data or a version

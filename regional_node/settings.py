@@ -28,11 +28,10 @@ class NodeSettings(BaseSettings):
     fedprox_mu: float = Field(default=0.0, ge=0)
     personalize: bool = Field(
         default=True,
-        description="Serve the global model fine-tuned on this region's events: between "
-        "rounds, a fine-tune job of its own for each new global version "
-        "(NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE; a round that opens "
-        "while it runs waits for it); right after a round, until then, the model this node "
-        "trained in the round. The fine-tuned weights never leave the node.",
+        description="Serve the global model fine-tuned on this region's events: right after "
+        "a round, the model this node trained in it; once no round is open, a fine-tune job "
+        "of its own (NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE) replaces it. "
+        "The fine-tuned weights never leave the node.",
     )
     personalize_epochs: int = Field(
         default=5,

@@ -292,7 +292,7 @@ def test_node_setting_reaches_the_train_job(tmp_path: Path) -> None:
 
 
 def _personalize_jobs(
-    tmp_path: Path, serving: dict[str, object], **settings: object
+    tmp_path: Path, serving: dict[str, object], round_open: bool = False, **settings: object
 ) -> list[TrainJob]:
     """The train jobs one `Participant.personalize()` starts, with version 4 served."""
     import asyncio
@@ -323,7 +323,7 @@ def _personalize_jobs(
             return None, 0.0
 
         participant._run_training = captured  # type: ignore[method-assign]
-        asyncio.run(participant.personalize())
+        asyncio.run(participant.personalize(round_open=round_open))
     finally:
         store.dispose()
     return jobs
@@ -350,11 +350,22 @@ def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: b
     assert job.dp is None and job.keep_local and job.base_weights == b"weights"
 
 
-@pytest.mark.parametrize("fine_tuned", [False, True])
+@pytest.mark.parametrize(
+    ("personalized", "fine_tuned", "round_open", "jobs"),
+    [
+        (True, False, False, 1),  # the round's model, rounds paused: fine-tune it
+        (True, True, False, 0),  # already its own fine-tune
+        (True, False, True, 0),  # a round is open: the round's model serves meanwhile
+        (False, False, True, 1),  # served as published (a DP node, a version it skipped)
+    ],
+)
 def test_the_round_model_a_node_serves_is_replaced_by_its_own_fine_tune(
-    tmp_path: Path, fine_tuned: bool
+    tmp_path: Path, personalized: bool, fine_tuned: bool, round_open: bool, jobs: int
 ) -> None:
     """Right after a round a node serves the round's local model (personalized, not its
-    own fine-tune); between rounds its fine-tune job replaces it, once per version."""
-    jobs = _personalize_jobs(tmp_path, {"personalized": True, "fine_tuned": fine_tuned})
-    assert len(jobs) == (0 if fine_tuned else 1)
+    own fine-tune); once no round is open its fine-tune job replaces it, once per
+    version. A version served as published is fine-tuned whenever no round wants it."""
+    started = _personalize_jobs(
+        tmp_path, {"personalized": personalized, "fine_tuned": fine_tuned}, round_open
+    )
+    assert len(started) == jobs
