@@ -91,8 +91,8 @@ class SimulationConfig:
     num_negatives: int = TrainConfig.num_negatives
     fedprox_mu: float = TrainConfig.fedprox_mu
     aggregation: str = DEFAULT_AGGREGATION  # the coordinator's default strategy
-    personalize: bool = True  # rank each region with its node's last local model
-    # ... blended with the global weights it trained from, like NODE_PERSONALIZE_GLOBAL_SHARE
+    personalize: bool = True  # rank each region with what its node serves (below) ...
+    # ... blended with the global weights it was tuned from, like NODE_PERSONALIZE_GLOBAL_SHARE
     personal_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
     # Each region serves its own fine-tune of the final global model, like a node once the
     # rounds stop: NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE. None: its
@@ -469,7 +469,8 @@ def rank_fine_tuned(
 ) -> dict[str, int]:
     """Each region's users ranked by its own fine-tune of the final global model
     (`epochs` at `personal_lr`, blended with `personal_global_share` of the global
-    weights): what a node serves with NODE_PERSONALIZE_EPOCHS / _LEARNING_RATE set."""
+    weights): what a node serves once the rounds stop (NODE_PERSONALIZE_EPOCHS at
+    NODE_PERSONALIZE_LEARNING_RATE)."""
     global_state = {k: v.detach().clone() for k, v in run.global_model.state_dict().items()}
     model = HybridTwoTower(run.global_model.config)
     ranks: dict[str, int] = {}
