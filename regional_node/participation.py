@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -30,7 +31,14 @@ from regional_node.recommender import CatalogIndex, ServingModel, build_serving_
 from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
-from regional_node.trainer import TrainJob, TrainOutcome, prepare_worker, timed_train_job
+from regional_node.trainer import (
+    FineTuneStopped,
+    TrainJob,
+    TrainOutcome,
+    init_worker,
+    prepare_worker,
+    timed_train_job,
+)
 from shared.aio import wait_event
 from shared.compression import default_topk_fraction
 from shared.dp_sgd import DPSGDConfig
@@ -82,6 +90,7 @@ class Participant:
         assert settings.coordinator_url is not None
         self.client = CoordinatorClient(settings.coordinator_url, settings.token)
         self._pool: ProcessPoolExecutor | None = None
+        self._stop_flag: Any = None  # the worker's stop flag for preemptible jobs
         self._rng = random.Random()
         self.accountant = (
             PrivacyAccountant(store, settings.dp_delta) if settings.dp_enabled else None
@@ -108,8 +117,13 @@ class Participant:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            context = multiprocessing.get_context("spawn")
+            self._stop_flag = context.Event()
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                max_workers=1,
+                mp_context=context,
+                initializer=init_worker,
+                initargs=(self._stop_flag,),
             )
         return self._pool
 
@@ -240,7 +254,7 @@ class Participant:
             raise
         await serving
         # The round's own local model is served at once (no extra work); the node's own
-        # fine-tune replaces it when the rounds pause (`personalize`), never delaying one.
+        # fine-tune replaces it once no round is open (`personalize`).
         pending, self._personal_pending = self._personal_pending, None
         if pending is not None:
             await self._serve_personalized(*pending)
@@ -378,8 +392,8 @@ class Participant:
             dp=self._dp_config(),
             encoding=encoding,
             residual=self.runtime.update_residual if encoding != "dense" else None,
-            # Served until the node's own fine-tune runs between rounds; a DP node's round
-            # model carries noise, so it waits for that job.
+            # Served until the node's own fine-tune has run (`personalize`); a DP node's
+            # round model carries noise, so it waits for that job.
             keep_local=s.personalize and not s.dp_enabled,
             holdout_eval=s.holdout_eval,
         )
@@ -516,10 +530,13 @@ class Participant:
 
         Right after a round the node serves that round's local model; this replaces it
         once no round is open (`round_open`: one is, and this node already sent its
-        update), so a node never starts its next round late for it. A version served
-        as published (one this node did not train on, or any version on a DP node, whose
-        round model carries noise) is fine-tuned whenever no round wants the node; a
-        round that opens meanwhile waits for the job. The weights never leave the node.
+        update), so a federation running rounds back to back keeps its round models and
+        spends nothing on fine-tunes. A version served as published (one this node did
+        not train on, or any version on a DP node, whose round model carries noise) is
+        fine-tuned whenever no round wants the node. The job is preemptible: when a round
+        opens that wants the node, the worker stops it between two steps and the round
+        trains at once; the fine-tune is tried again at the next pause. The fine-tuned
+        weights never leave the node.
         """
         rt, s = self.runtime, self.settings
         serving, weights, catalog = rt.serving, rt.weights, rt.catalog
@@ -547,9 +564,54 @@ class Participant:
             epochs=s.dp_personalize_epochs if s.dp_enabled else s.personalize_epochs,
             lr=s.personalize_learning_rate,
         )
-        outcome, _seconds = await self._run_training(job)
+        try:
+            outcome, _seconds = await self._run_preemptible(replace(job, preemptible=True))
+        except FineTuneStopped:
+            rt.personalize_tried = None  # again at the next pause
+            log.info(
+                "fine-tune of version %s stopped: a round wants this node",
+                serving.version,
+                extra={"model_version": serving.version},
+            )
+            return
         if outcome is not None and outcome.local_state is not None:
             await self._serve_personalized(serving.version, outcome.local_state, fine_tuned=True)
+
+    async def _run_preemptible(self, job: TrainJob) -> tuple[TrainOutcome | None, float]:
+        """`_run_training`, stopped (FineTuneStopped) as soon as a round wants this node."""
+        self._executor()
+        self._stop_flag.clear()
+        training = asyncio.ensure_future(self._run_training(job))
+        watch = asyncio.ensure_future(self._round_wanting_this_node())
+        try:
+            done, _pending = await asyncio.wait(
+                {training, watch}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if watch in done:
+                self._stop_flag.set()  # the worker stops between two steps
+        except asyncio.CancelledError:
+            self._stop_flag.set()
+            raise
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        return await training
+
+    async def _round_wanting_this_node(self) -> RoundOut:
+        """Long-polls the coordinator until a round is open that this node has not joined.
+
+        Leaves `_round_seen` alone, so the round loop's own poll finds the round at once.
+        """
+        while True:
+            started = time.monotonic()
+            rnd = None
+            with contextlib.suppress(httpx.HTTPError, CoordinatorError):
+                rnd = await self.client.current_round(after=self._round_seen or 0, wait=30.0)
+            if rnd is not None and self._wants(rnd):
+                return rnd
+            if time.monotonic() - started < 1.0:  # answered at once: no newer round yet
+                await asyncio.sleep(self.settings.poll_seconds)
 
     async def _serve_personalized(
         self, version: int, local_state: bytes, *, fine_tuned: bool = False

@@ -30,8 +30,9 @@ class NodeSettings(BaseSettings):
         default=True,
         description="Serve the global model fine-tuned on this region's events: right after "
         "a round, the model this node trained in it; once no round is open, a fine-tune job "
-        "of its own (NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE) replaces it. "
-        "The fine-tuned weights never leave the node.",
+        "of its own (NODE_PERSONALIZE_EPOCHS at NODE_PERSONALIZE_LEARNING_RATE, stopped at "
+        "once when a round wants the node) replaces it. The fine-tuned weights never leave "
+        "the node.",
     )
     personalize_epochs: int = Field(
         default=5,

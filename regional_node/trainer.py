@@ -54,6 +54,9 @@ class TrainJob:
     topk_fraction: float = 0.01
     residual: bytes | None = None  # error feedback carried from the previous round
     keep_local: bool = False  # also return the trained weights (served when personalizing)
+    # Stops with FineTuneStopped between steps once the node sets the worker's stop flag
+    # (plain training only: the personalization fine-tune, never a round's update).
+    preemptible: bool = False
     # Share of the base (global) weights blended into the returned local weights.
     personal_base_share: float = 0.0
 
@@ -72,6 +75,28 @@ class TrainOutcome:
 def users_with_examples(sequences: dict[str, UserSequence]) -> int:
     """Users whose events yield at least one training example (two distinct items)."""
     return sum(1 for seq in sequences.values() if len(seq.items) >= 2)
+
+
+class FineTuneStopped(Exception):
+    """A preemptible job (`TrainJob.preemptible`) stopped because the node asked it to:
+    a round opened that the worker should train for instead."""
+
+
+# The worker's stop flag (a multiprocessing Event shared with the node), set by
+# `init_worker` when the pool starts the process.
+_STOP: Any = None
+
+
+def init_worker(stop: Any) -> None:
+    """Pool initializer: keep the node's stop flag for preemptible jobs."""
+    global _STOP
+    _STOP = stop
+
+
+def _stop_if_asked(_step: int, _total: int, _loss: float) -> None:
+    """A training-progress hook: raise `FineTuneStopped` once the node set the flag."""
+    if _STOP is not None and _STOP.is_set():
+        raise FineTuneStopped
 
 
 def prepare_worker(threads: int, nice: int) -> None:
@@ -121,7 +146,13 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     examples = make_examples(train_seqs.values(), config.max_history)
     if len(examples) == 0:
         return None
-    result = train_local(model, features, examples, job.train_config)
+    result = train_local(
+        model,
+        features,
+        examples,
+        job.train_config,
+        progress=_stop_if_asked if job.preemptible else None,
+    )
     if users_with_examples(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
         metrics["train_loss"] = result.loss
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -364,8 +364,86 @@ def test_the_round_model_a_node_serves_is_replaced_by_its_own_fine_tune(
 ) -> None:
     """Right after a round a node serves the round's local model (personalized, not its
     own fine-tune); once no round is open its fine-tune job replaces it, once per
-    version. A version served as published is fine-tuned whenever no round wants it."""
+    version. A version served as published is fine-tuned whenever no round wants the
+    node. Either job is preemptible."""
     started = _personalize_jobs(
         tmp_path, {"personalized": personalized, "fine_tuned": fine_tuned}, round_open
     )
     assert len(started) == jobs
+    assert all(job.preemptible and job.keep_local for job in started)
+
+
+def test_a_preemptible_job_stops_between_steps_when_the_node_asks(tmp_path: Path) -> None:
+    """The worker's stop flag ends a preemptible job (the fine-tune) with FineTuneStopped;
+    a round's job, not preemptible, trains through it."""
+    import multiprocessing
+
+    from regional_node import trainer
+
+    job = _job(tmp_path, 1)
+    flag = multiprocessing.get_context("spawn").Event()
+    trainer.init_worker(flag)
+    try:
+        assert run_train_job(dataclasses.replace(job, preemptible=True)) is not None
+        flag.set()
+        with pytest.raises(trainer.FineTuneStopped):
+            run_train_job(dataclasses.replace(job, preemptible=True))
+        assert run_train_job(job) is not None
+    finally:
+        trainer.init_worker(None)
+
+
+def test_a_round_that_wants_the_node_stops_its_fine_tune(tmp_path: Path) -> None:
+    """While the fine-tune runs the node long-polls the coordinator; a new round that
+    wants the node sets the worker's stop flag, the fine-tune ends without swapping the
+    served model, and it is tried again at the next pause."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from regional_node.trainer import FineTuneStopped
+    from shared.schemas import CatalogOut
+
+    settings = NodeSettings(
+        database_url=f"sqlite:///{tmp_path / 'n.db'}",
+        coordinator_url="http://127.0.0.1:9",
+        allow_anonymous=True,
+        poll_seconds=0.05,
+    )
+    store = EventStore(settings.database_url)
+    try:
+        runtime = NodeRuntime()
+        served = SimpleNamespace(
+            personalized=True,
+            fine_tuned=False,
+            version=4,
+            model=SimpleNamespace(config=ModelConfig(num_items=3)),
+        )
+        runtime.serving = served  # type: ignore[assignment]
+        runtime.weights = SimpleNamespace(version=4, data=b"weights")  # type: ignore[assignment]
+        runtime.catalog = CatalogOut(catalog_version=1, items=tiny_catalog()[:3])
+        participant = Participant(settings, store, runtime)
+        participant._round_seen = 7
+        polls: list[int | None] = []
+        opened = SimpleNamespace(round_id=8, state="open")  # what `_wants` reads
+
+        async def current_round(*, after: int | None = None, wait: float = 0.0) -> object:
+            polls.append(after)
+            await asyncio.sleep(0.2)  # the round opens while the fine-tune runs
+            return opened
+
+        async def fine_tune(job: TrainJob) -> tuple[None, float]:
+            assert job.preemptible
+            while not participant._stop_flag.is_set():
+                await asyncio.sleep(0.01)
+            raise FineTuneStopped
+
+        participant.client.current_round = current_round  # type: ignore[method-assign]
+        participant._run_training = fine_tune  # type: ignore[method-assign]
+        asyncio.run(asyncio.wait_for(participant.personalize(), 10))
+        assert polls and polls[0] == 7  # long-polled for a round newer than the last seen
+        assert runtime.serving is served  # nothing swapped in
+        assert runtime.personalize_tried is None  # tried again at the next pause
+        assert participant._round_seen == 7  # the round loop still finds round 8 at once
+    finally:
+        asyncio.run(participant.aclose())
+        store.dispose()
