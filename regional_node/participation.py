@@ -587,15 +587,19 @@ class Participant:
             done, _pending = await asyncio.wait(
                 {training, watch}, return_when=asyncio.FIRST_COMPLETED
             )
-            if watch in done:
+            if watch in done and watch.exception() is None:
                 self._stop_flag.set()  # the worker stops between two steps
         except asyncio.CancelledError:
             self._stop_flag.set()
             raise
         finally:
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await watch
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # the fine-tune just runs to its end unwatched
+                log.warning("watching for a round during the fine-tune failed", exc_info=True)
         return await training
 
     async def _round_wanting_this_node(self) -> RoundOut:
