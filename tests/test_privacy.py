@@ -265,14 +265,19 @@ def test_personalized_weights_blend_the_fine_tuned_and_the_global_ones(
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
 
 
-def test_node_setting_reaches_the_train_job(tmp_path: Path) -> None:
-    """NODE_PERSONALIZE_GLOBAL_SHARE is what the node's train jobs blend with."""
-    settings = NodeSettings(
+def _node_settings(tmp_path: Path, **overrides: object) -> NodeSettings:
+    """A node's settings with its own database and an unreachable coordinator."""
+    return NodeSettings(
         database_url=f"sqlite:///{tmp_path / 'n.db'}",
         coordinator_url="http://127.0.0.1:9",
         allow_anonymous=True,
-        personalize_global_share=0.35,
+        **overrides,  # type: ignore[arg-type]
     )
+
+
+def test_node_setting_reaches_the_train_job(tmp_path: Path) -> None:
+    """NODE_PERSONALIZE_GLOBAL_SHARE is what the node's train jobs blend with."""
+    settings = _node_settings(tmp_path, personalize_global_share=0.35)
     store = EventStore(settings.database_url)
     try:
         participant = Participant(settings, store, NodeRuntime())
@@ -300,12 +305,7 @@ def _personalize_jobs(
 
     from shared.schemas import CatalogOut
 
-    node = NodeSettings(
-        database_url=f"sqlite:///{tmp_path / 'n.db'}",
-        coordinator_url="http://127.0.0.1:9",
-        allow_anonymous=True,
-        **settings,  # type: ignore[arg-type]
-    )
+    node = _node_settings(tmp_path, **settings)
     store = EventStore(node.database_url)
     jobs: list[TrainJob] = []
     try:
@@ -403,12 +403,7 @@ def test_a_round_that_wants_the_node_stops_its_fine_tune(tmp_path: Path) -> None
     from regional_node.trainer import FineTuneStopped
     from shared.schemas import CatalogOut
 
-    settings = NodeSettings(
-        database_url=f"sqlite:///{tmp_path / 'n.db'}",
-        coordinator_url="http://127.0.0.1:9",
-        allow_anonymous=True,
-        poll_seconds=0.05,
-    )
+    settings = _node_settings(tmp_path, poll_seconds=0.05)
     store = EventStore(settings.database_url)
     try:
         runtime = NodeRuntime()
