@@ -590,7 +590,8 @@ class Participant:
             if watch in done and watch.exception() is None:
                 self._stop_flag.set()  # the worker stops between two steps
         except asyncio.CancelledError:
-            self._stop_flag.set()
+            self._stop_flag.set()  # the worker stops; nobody waits for its outcome
+            training.cancel()
             raise
         finally:
             watch.cancel()
