@@ -612,7 +612,11 @@ class Participant:
             started = time.monotonic()
             rnd = None
             with contextlib.suppress(httpx.HTTPError, CoordinatorError):
-                rnd = await self.client.current_round(after=self._round_seen or 0, wait=30.0)
+                # As long as the round loop's own poll: a stopping coordinator waits for
+                # its open long polls.
+                rnd = await self.client.current_round(
+                    after=self._round_seen or 0, wait=min(self.settings.poll_seconds, 30.0)
+                )
             if rnd is not None and self._wants(rnd):
                 return rnd
             if time.monotonic() - started < 1.0:  # answered at once: no newer round yet
