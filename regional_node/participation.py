@@ -604,23 +604,13 @@ class Participant:
         return await training
 
     async def _round_wanting_this_node(self) -> RoundOut:
-        """Long-polls the coordinator until a round is open that this node has not joined.
-
-        Leaves `_round_seen` alone, so the round loop's own poll finds the round at once.
-        """
+        """The round loop's own poll (`wait_for_next_round`), until a round is open that
+        this node has not joined. Leaves `_round_seen` alone, so the round loop's next
+        poll finds the round at once."""
         while True:
-            started = time.monotonic()
-            rnd = None
-            with contextlib.suppress(httpx.HTTPError, CoordinatorError):
-                # As long as the round loop's own poll: a stopping coordinator waits for
-                # its open long polls.
-                rnd = await self.client.current_round(
-                    after=self._round_seen or 0, wait=min(self.settings.poll_seconds, 30.0)
-                )
+            rnd = await self.wait_for_next_round(self.settings.poll_seconds)
             if rnd is not None and self._wants(rnd):
                 return rnd
-            if time.monotonic() - started < 1.0:  # answered at once: no newer round yet
-                await asyncio.sleep(self.settings.poll_seconds)
 
     async def _serve_personalized(
         self, version: int, local_state: bytes, *, fine_tuned: bool = False
