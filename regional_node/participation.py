@@ -20,7 +20,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 
@@ -90,7 +89,8 @@ class Participant:
         assert settings.coordinator_url is not None
         self.client = CoordinatorClient(settings.coordinator_url, settings.token)
         self._pool: ProcessPoolExecutor | None = None
-        self._stop_flag: Any = None  # the worker's stop flag for preemptible jobs
+        self._mp = multiprocessing.get_context("spawn")  # the training worker's
+        self._stop_flag = self._mp.Event()  # set: the worker stops a preemptible job
         self._rng = random.Random()
         self.accountant = (
             PrivacyAccountant(store, settings.dp_delta) if settings.dp_enabled else None
@@ -117,11 +117,9 @@ class Participant:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            context = multiprocessing.get_context("spawn")
-            self._stop_flag = context.Event()
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
-                mp_context=context,
+                mp_context=self._mp,
                 initializer=init_worker,
                 initargs=(self._stop_flag,),
             )
@@ -579,7 +577,6 @@ class Participant:
 
     async def _run_preemptible(self, job: TrainJob) -> tuple[TrainOutcome | None, float]:
         """`_run_training`, stopped (FineTuneStopped) as soon as a round wants this node."""
-        self._executor()
         self._stop_flag.clear()
         training = asyncio.ensure_future(self._run_training(job))
         watch = asyncio.ensure_future(self._round_wanting_this_node())
