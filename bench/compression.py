@@ -33,12 +33,12 @@ import torch
 
 from bench.common import BenchResult, run_main, seed_list
 from coordinator.aggregation import (
-    StateDict,
     WeightedMeanAccumulator,
     apply_delta,
     compute_delta,
 )
 from coordinator.settings import DEFAULT_AGGREGATION
+from regional_node.settings import NodeSettings
 from shared.compression import (
     SPARSE_ENCODINGS,
     decode_update,
@@ -56,17 +56,19 @@ from shared.model import (
     init_state,
 )
 from shared.serialization import state_to_bytes
-from shared.simulate import rank_served
 from shared.training import (
     Examples,
     TrainConfig,
     UserSequence,
     build_sequences,
+    fine_tuned_state,
     make_examples,
     rank_held_out,
     split_leave_last_out,
     train_local,
 )
+
+NODE_DEFAULTS = NodeSettings.model_fields  # what a node does by default
 
 
 @dataclass(frozen=True)
@@ -127,26 +129,25 @@ def simulate(
     seed: int,
     aggregation: str = DEFAULT_AGGREGATION,
     sparse_rows: bool = True,
+    personal_epochs: int = NODE_DEFAULTS["personalize_epochs"].default,
+    personal_lr: float = NODE_DEFAULTS["personalize_learning_rate"].default,
 ) -> dict[str, float]:
     """Federated rounds with one encoding; returns HR@10, NDCG@10 and bytes ÷ dense.
 
-    `hr@10` is the final global model's; `served_hr@10` is what the nodes served
-    (NODE_PERSONALIZE) when these figures were measured: each region's last local model,
-    which never leaves the node and so is never compressed, blended with the global
-    weights it was trained from. (Nodes now serve a fine-tune of their own of the final
-    global model, `shared.simulate.rank_fine_tuned`, which compression reaches only
-    through `hr@10`'s global model.)
+    `hr@10` is the final global model's; `served_hr@10` is what the nodes serve once
+    the rounds stop: each region's own fine-tune of that global model
+    (`personal_epochs` at `personal_lr`, blended with DEFAULT_PERSONAL_GLOBAL_SHARE of
+    it, as NODE_PERSONALIZE_EPOCHS and NODE_PERSONALIZE_LEARNING_RATE do on a node).
+    The fine-tune never leaves the node and so is never compressed: compression reaches
+    it only through the global model it starts from.
     `sparse_rows`: a top-k update counts only in the rows it sent (the coordinator's
     rule) or, False, its zeros count as zero changes.
     """
     torch.manual_seed(seed)
     state = init_state(fed.config)
-    base = state
-    local_states: dict[str, StateDict] = {}
     residuals: dict[str, dict[str, torch.Tensor] | None] = dict.fromkeys(fed.regions)
     sent_bytes = dense_bytes = 0
     for rnd in range(rounds):
-        base = state
         acc = WeightedMeanAccumulator(dtype=None, rowwise=aggregation == "fedavg_rows")
         for i, (region, examples) in enumerate(fed.regions.items()):
             if len(examples) == 0:
@@ -155,8 +156,7 @@ def simulate(
             model.load_state_dict(state)
             cfg = TrainConfig(epochs=epochs, lr=0.01, batch_size=256, seed=seed + 100 * rnd + i)
             result = train_local(model, fed.features, examples, cfg)
-            local_states[region] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            delta = compute_delta(local_states[region], state)
+            delta = compute_delta(model.state_dict(), state)
             if mode.feedback and mode.encoding != "dense":
                 payload, residuals[region] = encode_with_feedback(
                     delta, residuals[region], mode.encoding, topk_fraction=mode.topk_fraction
@@ -175,14 +175,17 @@ def simulate(
     model.load_state_dict(state)
     ranks = rank_held_out(model, fed.features, fed.train, fed.held_out)
     summary = summarize_ranks(ranks.values(), k=10)
-    served = rank_served(
-        model,
-        fed.features,
-        local_states,
-        base,
-        ((region, train, held) for region, (train, held) in fed.region_users.items()),
-        DEFAULT_PERSONAL_GLOBAL_SHARE,
-    )
+    served: dict[str, int] = {}
+    tuned = HybridTwoTower(fed.config)
+    for i, (region, (train, held)) in enumerate(fed.region_users.items()):
+        cfg = TrainConfig(
+            epochs=personal_epochs, lr=personal_lr, batch_size=256, seed=seed + 999 - i
+        )
+        fine_tuned_state(
+            tuned, state, fed.features, fed.regions[region], cfg, DEFAULT_PERSONAL_GLOBAL_SHARE
+        )
+        tuned.eval()
+        served.update(rank_held_out(tuned, fed.features, train, held))
     return {
         "hr@10": float(summary["hr@10"]),
         "served_hr@10": float(summarize_ranks(served.values(), k=10)["hr@10"]),

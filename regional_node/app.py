@@ -21,8 +21,15 @@ from regional_node.recommender import Filters
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
 from shared.db import database_ready
-from shared.errors import error_responses, install_error_handlers
-from shared.schemas import EventIn, EventsAccepted, NodeStatus, RecommendResponse
+from shared.errors import Unprocessable, error_responses, install_error_handlers
+from shared.schemas import (
+    COUNTRY_PATTERN,
+    IDENTIFIER_PATTERN,
+    EventIn,
+    EventsAccepted,
+    NodeStatus,
+    RecommendResponse,
+)
 from shared.streaming import BodySizeLimit
 
 log = logging.getLogger("fedjewel.node")
@@ -97,18 +104,21 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
             "region plus the optional session context. Purchased items are excluded. A "
             "brand-new user with a session (`session_items`) gets model-based "
             "recommendations; with no history at all the answer is regional popularity "
-            "(`strategy: popularity`)."
+            "(`strategy: popularity`). Of a long session the newest 100 items count. "
+            "Before the node has its first model a request with filters is answered 503."
         ),
         response_model=RecommendResponse,
-        responses=error_responses(401, 422),
+        responses=error_responses(401, 422, 503),
     )
     async def get_recommend(
         _: ApiKeyDep,
         store: StoreDep,
         runtime: RuntimeDep,
-        user_id: Annotated[str | None, Query(max_length=128)] = None,
+        user_id: Annotated[str | None, Query(max_length=128, pattern=IDENTIFIER_PATTERN)] = None,
         k: Annotated[int, Query(ge=1, le=200)] = 10,
-        country: Annotated[str | None, Query(max_length=8)] = None,
+        country: Annotated[
+            str | None, Query(max_length=8, pattern=COUNTRY_PATTERN.replace("A-Z", "A-Za-z"))
+        ] = None,
         session_items: Annotated[
             str | None,
             Query(max_length=8192, description="Comma-separated item ids seen this session."),
@@ -116,13 +126,15 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         category: Annotated[str | None, Query(max_length=64)] = None,
         material: Annotated[str | None, Query(max_length=64)] = None,
         gemstone: Annotated[str | None, Query(max_length=64)] = None,
-        max_price: Annotated[float | None, Query(ge=0)] = None,
-        min_price: Annotated[float | None, Query(ge=0)] = None,
+        max_price: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
+        min_price: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
     ) -> Response:
         # On the event loop, not in the thread pool: the work is one indexed query and
         # sub-millisecond tensor ops (popularity refreshes in the background), and the
         # thread hop cost more than that. The answer is serialized as built: the schema
         # above documents it.
+        if min_price is not None and max_price is not None and min_price > max_price:
+            raise Unprocessable(f"min_price {min_price} is above max_price {max_price}")
         session = [s.strip() for s in (session_items or "").split(",") if s.strip()]
         body = service.recommend_for(
             store,
@@ -130,11 +142,11 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
             user_id=user_id,
             k=k,
             country=country.upper() if country else None,
-            session_items=session[:100],
+            session_items=session[-100:],  # the newest
             filters=Filters(
-                category=category,
-                material=material,
-                gemstone=gemstone,
+                category=_stripped(category),
+                material=_stripped(material),
+                gemstone=_stripped(gemstone),
                 max_price=max_price,
                 min_price=min_price,
             ),
@@ -169,3 +181,8 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         return {"status": "ready"}
 
     return app
+
+
+def _stripped(value: str | None) -> str | None:
+    """A filter value as the catalog's are compared: surrounding blanks dropped."""
+    return (value.strip() or None) if value is not None else None

@@ -45,9 +45,9 @@ async def require_api_key(
     settings: SettingsDep, key: Annotated[str | None, Depends(_api_key)]
 ) -> None:
     keys = settings.api_key_list
-    if not keys and settings.allow_anonymous:
-        return
     if not key:
+        if settings.allow_anonymous:
+            return
         raise Unauthorized("missing X-API-Key header")
     if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
         raise Unauthorized("invalid API key")

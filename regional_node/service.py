@@ -9,7 +9,7 @@ from regional_node.participation import NodeRuntime
 from regional_node.recommender import Filters, candidate_mask, recommend
 from regional_node.settings import NodeSettings
 from regional_node.store import EventStore
-from shared.errors import PayloadTooLarge
+from shared.errors import PayloadTooLarge, ServiceUnavailable
 from shared.privacy_schemas import PrivacyStatus
 from shared.schemas import EventIn, EventsAccepted, NodeStatus
 
@@ -57,7 +57,7 @@ def recommend_for(
             country = last_country
     history += [(item, "view") for item in session_items]
     exclude = sorted(purchased | set(session_items))
-    if serving is not None and history:
+    if serving is not None and any(item in serving.row_of for item, _ in history):
         items = recommend(serving, history, country, k, filters, exclude)
         return {
             "user_id": user_id,
@@ -65,13 +65,23 @@ def recommend_for(
             "strategy": "model",
             "items": [{"item_id": i, "score": s} for i, s in items],
         }
-    # No history yet: regional popularity, still honouring filters and exclusions.
-    ranked = store.popularity()
+    # No history yet (or none the model knows): regional popularity, still honouring
+    # filters and exclusions.
     excluded = set(exclude)
     allowed = None
     if serving is not None:
         mask = candidate_mask(serving, filters, exclude)
         allowed = {serving.item_ids[i] for i in mask.nonzero().flatten().tolist()}
+    elif filters != Filters():
+        # Before the first model (a node started while the coordinator is unreachable)
+        # the node knows no item's attributes: filtered answers would be unfiltered.
+        raise ServiceUnavailable(
+            "no model and catalog loaded yet, so filters cannot be applied; retry once the "
+            "node has reached the coordinator (GET /v1/status: model_version)"
+        )
+    elif runtime.catalog is not None:
+        excluded.update(runtime.catalog.inactive_item_ids)
+    ranked = store.popularity()
     picks: list[dict[str, Any]] = []
     for item_id, score in ranked:
         if item_id in excluded or (allowed is not None and item_id not in allowed):

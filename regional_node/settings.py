@@ -109,7 +109,9 @@ class NodeSettings(BaseSettings):
         default="", description="Comma-separated storefront API keys (X-API-Key header)."
     )
     allow_anonymous: bool = Field(
-        default=False, description="Serve /v1/recommend and /v1/events without an API key."
+        default=False,
+        description="Serve /v1/recommend and /v1/events without an API key (a key that is "
+        "sent must still be valid).",
     )
     max_events_per_batch: int = Field(default=10_000, ge=1)
     max_body_bytes: int = Field(

@@ -87,9 +87,9 @@ class EventStore:
                     }
                     for e in chunk
                 ]
-                stmt = self._insert().values(rows).on_conflict_do_nothing()
-                result = session.execute(stmt)
-                inserted += max(int(result.rowcount or 0), 0)  # type: ignore[attr-defined]
+                # Counted from RETURNING: psycopg's rowcount reaches SQLAlchemy as -1 here.
+                stmt = self._insert().values(rows).on_conflict_do_nothing().returning(Event.id)
+                inserted += len(session.execute(stmt).all())
         cached = self._popularity
         if inserted and cached is not None:
             self._popularity = (float("-inf"), cached[1])  # stale: recomputed in the background

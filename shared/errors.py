@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 
@@ -56,7 +60,24 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
+    async def invalid(_request: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's own 422, except that an input it echoes back which JSON cannot carry
+        # (NaN or Infinity, accepted by the JSON parser) is written as text, not a 500.
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
+
     app.add_exception_handler(ApiError, handle)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:

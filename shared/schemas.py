@@ -19,10 +19,11 @@ from shared.privacy_schemas import PrivacyStatus
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
 EventType = Literal["view", "click", "add_to_cart", "purchase"]
 
-Identifier = Annotated[
-    str,
-    Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$"),
-]
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$"
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
+
+# A country code as events carry it (upper-cased first): letters, digits, '-'.
+COUNTRY_PATTERN = r"^[A-Z0-9][A-Z0-9\-]*$"
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -115,14 +116,17 @@ class EventIn(BaseModel):
     item_id: Identifier
     event_type: EventType
     timestamp: datetime
-    country: str | None = Field(default=None, max_length=8)
+    country: str | None = Field(default=None, max_length=8, pattern=COUNTRY_PATTERN)
 
     @field_validator("timestamp")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
+            raise ValueError("timestamp out of range in UTC") from None
 
     @field_validator("country", mode="before")
     @classmethod

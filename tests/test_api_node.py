@@ -55,7 +55,16 @@ def test_api_key_required(node: TestClient) -> None:
     assert node.get("/readyz").status_code == 200
 
 
-def test_events_ingest_validates_and_dedupes(node: TestClient) -> None:
+@pytest.fixture
+def node_on_db(db_url: str) -> Iterator[TestClient]:
+    """`node`, once on SQLite and once on PostgreSQL."""
+    settings = NodeSettings(id="eu-1", region="EU", database_url=db_url, api_keys="shop-key")
+    with TestClient(create_app(settings, participate=False)) as c:
+        yield c
+
+
+def test_events_ingest_validates_and_dedupes(node_on_db: TestClient) -> None:
+    node = node_on_db
     events = tiny_events("eu", users=5, material="gold", seed=1)
     r = node.post("/v1/events", json=events, headers=KEY)
     assert r.status_code == 200 and r.json()["inserted"] == len(events)
@@ -71,6 +80,41 @@ def test_events_ingest_validates_and_dedupes(node: TestClient) -> None:
     r = node.post("/v1/events", json=[{**events[0], "secret": 1}], headers=KEY)
     assert r.status_code == 422
     assert node.get("/v1/status").json()["event_count"] == len(events)
+    # Part new, part stored: the counts say which (PostgreSQL's rowcount once read -1).
+    more = tiny_events("eu", users=7, material="gold", seed=1)
+    fresh = len(more) - len(events)
+    r = node.post("/v1/events", json=more, headers=KEY).json()
+    assert fresh > 0 and (r["inserted"], r["duplicates"]) == (fresh, len(events))
+    assert node.get("/v1/status").json()["event_count"] == len(more)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        # Before year 1 once converted to UTC (was a 500: OverflowError).
+        ("timestamp", "0001-01-01T00:00:00+01:00", "out of range"),
+        ("timestamp", "9999-12-31T23:59:59-01:00", "out of range"),
+        ("country", "D\x00E", "pattern"),  # PostgreSQL text cannot hold NUL (was a 500)
+        ("country", "D E", "pattern"),
+    ],
+)
+def test_events_with_values_no_database_can_hold_are_a_422(
+    node_on_db: TestClient, field: str, value: str, says: str
+) -> None:
+    event = {**tiny_events("eu", users=1, material="gold", seed=1)[0], field: value}
+    r = node_on_db.post("/v1/events", json=[event], headers=KEY)
+    assert r.status_code == 422 and says in str(r.json()["detail"]), r.text
+    assert node_on_db.get("/v1/status").json()["event_count"] == 0
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_json_number_is_a_422_not_a_500(node: TestClient, literal: str) -> None:
+    # Python's JSON parser accepts these; the 422 that echoes the input must still encode.
+    event = '{"user_id": "u1", "item_id": "I001", "event_type": "view", "timestamp": '
+    body = f"[{event}{literal}}}]"
+    r = node.post("/v1/events", content=body, headers={**KEY, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", 0, "timestamp"]
 
 
 def test_recommend_popularity_without_model(node: TestClient) -> None:
@@ -130,3 +174,71 @@ def test_status(node: TestClient) -> None:
     assert status["node_id"] == "eu-1" and status["region"] == "EU"
     assert status["model_version"] is None and status["event_count"] == 0
     assert status["coordinator_reachable"] is False
+
+
+def test_recommend_refuses_inputs_it_cannot_honour(node: TestClient) -> None:
+    _install_model(node)
+    for params, says in [
+        ({"min_price": 500, "max_price": 100}, "above max_price"),
+        ({"max_price": "inf"}, "finite"),
+        ({"min_price": "nan"}, "finite"),
+        ({"user_id": "a\x00b"}, "pattern"),
+        ({"country": "D E"}, "pattern"),
+    ]:
+        r = node.get("/v1/recommend", params=params, headers=KEY)
+        assert r.status_code == 422 and says in r.text, (params, r.text)
+    # A filter value is compared as the catalog's are: surrounding blanks do not count.
+    padded = node.get(
+        "/v1/recommend", params={"session_items": "I001", "category": " ring "}, headers=KEY
+    ).json()["items"]
+    by_id = {c["item_id"]: c for c in tiny_catalog(60)}
+    assert padded and all(by_id[i["item_id"]]["category"] == "ring" for i in padded)
+
+
+def test_a_long_session_counts_its_newest_items(node: TestClient) -> None:
+    _install_model(node)
+    session = ["I001"] * 100 + ["I002", "I003"]  # the newest two came after 100 others
+    body = node.get(
+        "/v1/recommend", params={"session_items": ",".join(session), "k": 60}, headers=KEY
+    ).json()
+    ids = {i["item_id"] for i in body["items"]}
+    assert len(ids) == 57 and not ids & {"I001", "I002", "I003"}
+
+
+def test_a_session_of_items_the_model_does_not_know_gets_popularity(node: TestClient) -> None:
+    _install_model(node)
+    node.post("/v1/events", json=tiny_events("eu", users=10, material="gold", seed=2), headers=KEY)
+    params = {"user_id": "nobody", "session_items": "NOPE1,NOPE2", "k": 5}
+    body = node.get("/v1/recommend", params=params, headers=KEY).json()
+    assert body["strategy"] == "popularity" and len(body["items"]) == 5
+
+
+def test_before_the_first_model_filters_are_refused_and_inactive_items_left_out(
+    node: TestClient,
+) -> None:
+    events = tiny_events("eu", users=10, material="gold", seed=2)
+    node.post("/v1/events", json=events, headers=KEY)
+    r = node.get("/v1/recommend", params={"category": "tiara"}, headers=KEY)
+    assert r.status_code == 503 and "filters cannot be applied" in r.json()["detail"]
+    top = node.get("/v1/recommend", params={"k": 3}, headers=KEY).json()["items"][0]["item_id"]
+    # The catalog came, the model not yet: an item the catalog deactivated is not served.
+    items = [CatalogItem.model_validate(d) for d in tiny_catalog(60)]
+    runtime = node.app.state.runtime  # type: ignore[attr-defined]
+    runtime.catalog = CatalogOut(catalog_version=2, items=items, inactive_item_ids=[top])
+    body = node.get("/v1/recommend", params={"k": 50}, headers=KEY).json()
+    assert body["strategy"] == "popularity" and body["items"]
+    assert top not in {i["item_id"] for i in body["items"]}
+
+
+def test_anonymous_calls_are_served_beside_keys_when_allowed(tmp_path: Path) -> None:
+    settings = NodeSettings(
+        id="eu-1",
+        region="EU",
+        database_url=f"sqlite:///{tmp_path / 'node.db'}",
+        api_keys="shop-key",
+        allow_anonymous=True,
+    )
+    with TestClient(create_app(settings, participate=False)) as c:
+        assert c.get("/v1/recommend").status_code == 200
+        assert c.get("/v1/recommend", headers=KEY).status_code == 200
+        assert c.get("/v1/recommend", headers={"X-API-Key": "nope"}).status_code == 401

@@ -33,7 +33,9 @@ class DashboardRound(BaseModel):
     created_at: datetime
     closed_at: datetime | None
     duration_seconds: float | None = Field(description="closed_at - created_at; open: none.")
-    close_reason: str | None = Field(description="target, deadline or superseded.")
+    close_reason: str | None = Field(
+        description="target, deadline, superseded or (secure aggregation) secagg_failed."
+    )
     participants: list[str]
     num_examples: int = Field(description="Training examples behind the round's updates.")
 
