@@ -48,6 +48,10 @@ def _token(creds: HTTPAuthorizationCredentials | None) -> str:
 def _node_for_token(session: Session, token: str) -> Node | None:
     node_id = node_id_of(token)
     node = session.get(Node, node_id) if node_id else None
+    # End the lookup's transaction now (the node stays loaded: no expiry on commit). On
+    # SQLite it began with BEGIN IMMEDIATE, the write lock, and an update upload streams
+    # its body only after this: every other request would wait for a slow uploader.
+    session.commit()
     if node is None or not token_matches(token, node.token_hash):
         return None
     return node

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -240,3 +241,71 @@ def test_concurrent_submissions_from_many_nodes(pg_url: str, tmp_path: Path) -> 
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+def test_a_promote_during_a_round_close_leaves_one_active_version(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The promote waits for the close it raced with and then supersedes its result.
+
+    It once retired only what was active before the close committed: the close's version
+    and the promoted one were both active, and the open round trained on the other one.
+    """
+    coord = _coordinator(pg_url, tmp_path / "coordinator.log", aggregation_delay_seconds="3")
+    try:
+        admin, nodes, weights = _setup(coord.url, 3)
+        client = httpx.Client(base_url=coord.url, timeout=30)
+        for i, headers in enumerate(nodes):
+            assert submit(client, headers, seeded_delta(weights, i)).status_code == 200
+        wait_for(lambda: _latest(admin) == 2, 60, "round 1 to close", [coord])
+        weights_2 = admin.get("/v1/models/2/weights").content
+        round_2 = admin.get("/v1/rounds/current").json()["round_id"]
+        for i, headers in enumerate(nodes):
+            r = submit(
+                client, headers, seeded_delta(weights_2, 10 + i), round_id=round_2, base_version=2
+            )
+            assert r.status_code == 200, r.text
+        wait_for(
+            lambda: coord.tail_log(200).count("delaying commit") >= 2,
+            60,
+            "the closer to be inside round 2's closing transaction",
+            [coord],
+        )
+        assert admin.post("/v1/models/1/promote").status_code == 200
+        statuses = {m["version"]: m["status"] for m in admin.get("/v1/models").json()}
+        assert statuses == {1: "active", 2: "retired", 3: "retired"}, statuses
+        assert _latest(admin) == 1
+        rounds = admin.get("/v1/rounds").json()
+        assert [(r["state"], r["base_version"]) for r in rounds][:2] == [
+            ("open", 1),
+            ("closed", 3),
+        ], rounds
+    finally:
+        coord.stop()
+
+
+def test_the_round_a_promote_opens_gets_a_full_round_period(pg_url: str, tmp_path: Path) -> None:
+    """Not the span of the round it supersedes, which quorum extensions may have grown."""
+    coord = _coordinator(
+        pg_url, tmp_path / "coordinator.log", min_updates="1", round_deadline_seconds="2"
+    )
+    try:
+        admin, nodes, weights = _setup(coord.url, 1)
+        client = httpx.Client(base_url=coord.url, timeout=30)
+        assert submit(client, nodes[0], seeded_delta(weights, 0)).status_code == 200
+        wait_for(lambda: _latest(admin) == 2, 60, "round 1 to close", [coord])
+        wait_for(
+            lambda: coord.tail_log(200).count("round 2 extended") >= 2,
+            60,
+            "round 2 to be extended twice (no updates)",
+            [coord],
+        )
+        assert admin.post("/v1/models/1/promote").status_code == 200
+        current = admin.get("/v1/rounds/current").json()
+        assert current["base_version"] == 1
+        span = datetime.fromisoformat(current["deadline"]) - datetime.fromisoformat(
+            current["created_at"]
+        )
+        assert span.total_seconds() == pytest.approx(2, abs=0.5), current
+    finally:
+        coord.stop()

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from shared.devservers import ServiceProcess
+from shared.serialization import sha256_hex
 from tests.conftest import tiny_catalog
-from tests.sec_support import ADMIN, ADMIN_TOKEN, row_counts
+from tests.sec_support import (
+    ADMIN,
+    ADMIN_TOKEN,
+    row_counts,
+    seeded_delta,
+    start_coordinator,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -104,6 +112,43 @@ def test_chunked_event_batch_over_the_cap_is_refused_while_streaming(tmp_path: P
         assert ok.status_code == 200, ok.text
     finally:
         node.stop()
+
+
+
+def test_a_slow_upload_does_not_hold_up_other_requests(tmp_path: Path) -> None:
+    """On SQLite the node-token check once opened the write transaction that lasted
+    while the update's body streamed in: every other request waited for the uploader
+    (and failed after the 60-s busy timeout)."""
+    db_url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    coord = start_coordinator(db_url, tmp_path / "coordinator.log")
+    try:
+        admin = httpx.Client(base_url=coord.url, headers=ADMIN, timeout=30)
+        admin.put("/v1/catalog", json=tiny_catalog(10)).raise_for_status()
+        token = admin.post("/v1/nodes", json={"node_id": "eu-1", "region": "EU"}).json()["token"]
+        body = seeded_delta(admin.get("/v1/models/1/weights").content, seed=1)
+        head = (
+            "POST /v1/rounds/1/updates?num_examples=5&base_version=1 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{coord.port}\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            f"X-Content-SHA256: {sha256_hex(body)}\r\n"
+            "Content-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", coord.port), timeout=30) as sock:
+            sock.sendall(head.encode() + body[:100])  # ... and the rest later
+            time.sleep(0.5)  # the upload is past its token check
+            started = time.monotonic()
+            registered = admin.post("/v1/nodes", json={"node_id": "us-1", "region": "US"})
+            round_state = admin.get("/v1/rounds/1")
+            waited = time.monotonic() - started
+            sock.sendall(body[100:])
+            answer = sock.recv(65536)
+        assert registered.status_code == 201 and round_state.status_code == 200
+        assert waited < 3, f"other requests waited {waited:.1f} s for the uploader"
+        assert b" 200 " in answer.split(b"\r\n", 1)[0], answer[:300]
+        assert admin.get("/v1/rounds/1").json()["updates_received"] == 1
+    finally:
+        coord.stop()
 
 
 def _endless_chunked_upload(port: int, head: str, chunk: bytes) -> tuple[bytes, int]:

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from coordinator.deps import AdminDep, ReaderDep, SessionDep, VersionPath
+from coordinator.deps import AdminDep, ReaderDep, SessionDep, SettingsDep, VersionPath
 from coordinator.models_registry import service
 from coordinator.nodes.service import touch_node
 from coordinator.rounds.service import promote_version
@@ -103,5 +103,7 @@ def get_weights(
     "The open round is rebased on it (its updates, made against another base, are dropped).",
     responses=error_responses(401, 403, 404, 409, 422),
 )
-def promote(version: VersionPath, _: AdminDep, session: SessionDep) -> ModelVersionOut:
-    return service.to_out(promote_version(session, version))
+def promote(
+    version: VersionPath, _: AdminDep, session: SessionDep, settings: SettingsDep
+) -> ModelVersionOut:
+    return service.to_out(promote_version(session, settings, version))

@@ -468,24 +468,19 @@ def _close_round(
     return v.version
 
 
-def promote_version(session: Session, version: int) -> ModelVersion:
+def promote_version(session: Session, settings: CoordinatorSettings, version: int) -> ModelVersion:
     """Make a version active and rebase the open round on it, in one transaction."""
+    # A close in progress holds the open round's row lock until it commits its new active
+    # version and next round; wait for it, or (PostgreSQL) this promote would retire the
+    # versions active before that commit and leave the close's version active beside ours.
+    session.scalars(select(Round.id).where(Round.state == "open").with_for_update()).all()
     row = promote(session, version)
     r = current_round(session)
     if r is not None and r.base_version != version:
         r.state = "closed"
         r.closed_at = utcnow()
         r.close_reason = "superseded"
-        deadline_s = (_aware(r.deadline) - _aware(r.created_at)).total_seconds()
-        nr = Round(
-            base_version=version,
-            state="open",
-            created_at=utcnow(),
-            deadline=utcnow() + timedelta(seconds=deadline_s),
-            closed_at=None,
-            result_version=None,
-        )
-        session.add(nr)
+        open_round(session, settings, version)  # a full round period, not the old one's
     session.commit()
     return row
 
