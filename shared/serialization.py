@@ -77,6 +77,10 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_MAX_ELEMENTS = 2**40  # no tensor a coordinator or node keeps comes near it
+_MAX_DIMS = 8
+
+
 def state_views(data: bytes | bytearray | memoryview) -> StateDict:
     """Parse safetensors without copying: every tensor is a view into `data`.
 
@@ -99,11 +103,14 @@ def state_views(data: bytes | bytearray | memoryview) -> StateDict:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a valid safetensors payload: bad entry {name!r}") from exc
-        numel = 1
+        numel = span = 1
         for dim in shape:
-            if dim < 0:
-                raise ValueError(f"not a valid safetensors payload: bad shape of {name!r}")
             numel *= dim
+            span *= max(dim, 1)  # what torch sizes even an empty tensor's storage by
+            # A huge size beside a 0 passed the size check and raised TypeError or
+            # RuntimeError (overflow) in torch: a 500 instead of a 422.
+            if dim < 0 or span > _MAX_ELEMENTS or len(shape) > _MAX_DIMS:
+                raise ValueError(f"not a valid safetensors payload: bad shape of {name!r}")
         itemsize = torch.empty((), dtype=dtype).element_size()
         if end - begin != numel * itemsize:
             raise ValueError(f"not a valid safetensors payload: size of {name!r} mismatches")

@@ -38,6 +38,9 @@ def test_parse_entries() -> None:
     [
         ("eu-1:EU", "expected node_id:region:secret"),
         ("eu-1:EU:short", "shorter than 16"),
+        # The token "<id>.<secret>" is split at its last '.': this one could never log in.
+        ("eu-9:EU:my.long.secret.value.123", "other than '.'"),
+        ("eu-9:EU:long secret with blanks", "printable ASCII"),
         (f"eu-1:EU:{SECRET_EU},eu-1:EU:{SECRET_NA}", "listed twice"),
         (f"eu 1:EU:{SECRET_EU}", "node_id"),
     ],

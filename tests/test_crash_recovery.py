@@ -309,3 +309,33 @@ def test_the_round_a_promote_opens_gets_a_full_round_period(pg_url: str, tmp_pat
         assert span.total_seconds() == pytest.approx(2, abs=0.5), current
     finally:
         coord.stop()
+
+
+def test_concurrent_catalog_uploads_all_land(pg_url: str, tmp_path: Path) -> None:
+    """Four admins upload new items at once, three times: every upload is answered 200
+    and every item gets its own row (two uploads once numbered theirs alike: 500s)."""
+    coord = _coordinator(pg_url, tmp_path / "coordinator.log")
+    try:
+        admin = httpx.Client(base_url=coord.url, headers=ADMIN, timeout=60)
+        statuses: list[int] = []
+
+        def upload(tag: str, barrier: threading.Barrier) -> None:
+            items = [{"item_id": f"{tag}-{i:03d}"} for i in range(20)]
+            barrier.wait()
+            statuses.append(admin.put("/v1/catalog", json=items).status_code)
+
+        for batch in range(3):
+            barrier = threading.Barrier(4)
+            threads = [
+                threading.Thread(target=upload, args=(f"B{batch}T{t}", barrier)) for t in range(4)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert statuses == [200] * 12
+        catalog = admin.get("/v1/catalog").json()
+        assert len({item["item_id"] for item in catalog["items"]}) == 240
+        assert [m["version"] for m in admin.get("/v1/models").json()] == [1]
+    finally:
+        coord.stop()

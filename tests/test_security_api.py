@@ -6,8 +6,10 @@ tables exactly as they were.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -162,6 +164,12 @@ def test_a_node_submits_only_as_itself_and_revocation_drops_its_update(
     assert row_counts(db_url)["updates"] == 0
 
 
+def _header_only(shape: list[int]) -> bytes:
+    """A safetensors payload of one empty tensor with the given shape."""
+    header = json.dumps({"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    return struct.pack("<Q", len(header)) + header.encode()
+
+
 def _rejections(weights: bytes) -> list[tuple[str, bytes, dict[str, object], int, str]]:
     """(case, body, submit() overrides, expected status, a word of the detail)."""
     base = bytes_to_state(weights)
@@ -190,6 +198,9 @@ def _rejections(weights: bytes) -> list[tuple[str, bytes, dict[str, object], int
         ("NaN", with_({name: nan}), {}, 422, "NaN"),
         ("Inf", with_({name: inf}), {}, 422, "Inf"),
         ("not safetensors", b"\x00garbage" * 10, {}, 422, "rejected"),
+        # Empty tensors whose other sizes overflow torch's (were 500s).
+        ("huge shape beside 0", _header_only([0, 10**20]), {}, 422, "bad shape"),
+        ("overflowing shape", _header_only([2**40, 2**40, 0]), {}, 422, "bad shape"),
         ("empty body", b"", {}, 422, "rejected"),
         ("checksum mismatch", good, {"sha256": "ab" * 32}, 422, "sha256"),
         ("stale base", good, {"base_version": 2}, 409, "stale"),

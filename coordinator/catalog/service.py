@@ -32,6 +32,18 @@ def catalog_size(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(CatalogItemRow)) or 0)
 
 
+# pg_advisory_xact_lock key of catalog uploads (any constant no other lock uses).
+_CATALOG_LOCK = 0x6665646A  # "fedj"
+
+
+def _one_upload_at_a_time(session: Session) -> None:
+    """Queue concurrent uploads until this transaction ends: each numbers new items from
+    the rows it reads, and two at once picked the same numbers (a 500 on PostgreSQL).
+    SQLite's BEGIN IMMEDIATE already runs one writer at a time."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_CATALOG_LOCK)))
+
+
 def upsert_catalog(
     session: Session, items: Sequence[CatalogItem], *, deactivate_missing: bool
 ) -> CatalogInfo:
@@ -48,6 +60,7 @@ def upsert_catalog(
                 f"duplicate item_id {item.item_id!r} at positions {seen[item.item_id]} and {i}"
             )
         seen[item.item_id] = i
+    _one_upload_at_a_time(session)
     existing = {r.item_id: r for r in session.scalars(select(CatalogItemRow))}
     revision = CatalogRevision(
         created_at=utcnow(), added=0, updated=0, deactivated=0, total_items=0

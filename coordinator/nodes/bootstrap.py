@@ -53,6 +53,14 @@ def parse_bootstrap_nodes(spec: str) -> list[BootstrapNode]:
             raise ValueError(
                 f"bootstrap node {node_id!r}: secret shorter than {MIN_SECRET_LENGTH} characters"
             )
+        if not all("!" <= c <= "~" and c != "." for c in secret):
+            # The token is "<node_id>.<secret>", split at its last '.': a '.' in the secret
+            # registered a node whose token never authenticated. Blanks and non-ASCII
+            # characters cannot travel in an Authorization header.
+            raise ValueError(
+                f"bootstrap node {node_id!r}: the secret may only hold printable ASCII "
+                "characters other than '.'"
+            )
         if node_id in seen:
             raise ValueError(f"bootstrap node {node_id!r} listed twice")
         seen.add(node_id)
