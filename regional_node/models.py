@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, Integer, MetaData, String, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import NAMING_CONVENTION
@@ -53,3 +63,20 @@ class PrivacyLedger(Base):
     # node-side DP-SGD is one per step).
     steps: Mapped[int] = mapped_column(Integer, server_default="1")
     released_at: Mapped[datetime]
+
+
+class ServedSnapshot(Base):
+    """The global version the node last served and the catalog it served it on (one row),
+    so a node restarted while the coordinator is unreachable serves them at once instead
+    of unfiltered popularity. Public data only: the coordinator's weights and catalog."""
+
+    __tablename__ = "served_snapshot"
+
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    config: Mapped[str] = mapped_column(Text)  # ModelConfig as JSON
+    weights: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors, as downloaded
+    catalog: Mapped[bytes] = mapped_column(LargeBinary)  # CatalogOut as JSON
+    catalog_etag: Mapped[str | None] = mapped_column(String(256))
+    saved_at: Mapped[datetime]

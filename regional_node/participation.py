@@ -25,6 +25,7 @@ import httpx
 
 from regional_node.client import CoordinatorClient, CoordinatorError, Weights
 from regional_node.insights import compute_report
+from regional_node.models import ServedSnapshot
 from regional_node.privacy_budget import PrivacyAccountant
 from regional_node.recommender import CatalogIndex, ServingModel, build_serving_model
 from regional_node.secagg_agent import SecAggAborted, SecureAggregationAgent
@@ -141,6 +142,7 @@ class Participant:
         rt = self.runtime
         rt.rounds_joined = await asyncio.to_thread(self.store.joined_rounds)
         rt.last_round_joined = max(rt.rounds_joined) if rt.rounds_joined else None
+        await self.restore_serving()
         await self._refresh_privacy_status()
         self._warm_worker()
         insights = (
@@ -300,6 +302,54 @@ class Participant:
         self.runtime.serving = new_serving  # atomic reference swap
         log.info(
             "serving model version %s", active.version, extra={"model_version": active.version}
+        )
+        snapshot = ServedSnapshot(
+            version=active.version,
+            sha256=weights.sha256,
+            config=ModelConfig.model_validate(active.config).model_dump_json(),
+            weights=weights.data,
+            catalog=catalog.model_dump_json().encode(),
+            catalog_etag=self.runtime.catalog_etag,
+            saved_at=datetime.now(UTC),
+        )
+        try:
+            await asyncio.to_thread(self.store.save_snapshot, snapshot)
+        except Exception:  # serving goes on; only a restart without the coordinator loses
+            log.exception("could not store the served version for restarts")
+
+    async def restore_serving(self) -> None:
+        """Serve the version and catalog the node served before it stopped, until the
+        coordinator answers (a restart during an outage would otherwise serve unfiltered
+        popularity). The round loop then moves on from there as usual."""
+        try:
+            snapshot = await asyncio.to_thread(self.store.load_snapshot)
+            if snapshot is None or self.runtime.serving is not None:
+                return
+            if sha256_hex(snapshot.weights) != snapshot.sha256:
+                log.warning("stored served version %s fails its sha256: not used", snapshot.version)
+                return
+            catalog = CatalogOut.model_validate_json(snapshot.catalog)
+            serving = await self._build_serving(
+                snapshot.version,
+                snapshot.sha256,
+                ModelConfig.model_validate_json(snapshot.config),
+                snapshot.weights,
+                catalog,
+            )
+        except Exception:
+            log.exception("could not restore the served version; waiting for the coordinator")
+            return
+        if self.runtime.serving is not None:  # the coordinator was quicker
+            return
+        self.runtime.catalog, self.runtime.catalog_etag = catalog, snapshot.catalog_etag
+        self.runtime.weights = Weights(snapshot.version, snapshot.sha256, snapshot.weights)
+        self._serving_catalog = catalog
+        self._catalog_index = serving.catalog_index
+        self.runtime.serving = serving
+        log.info(
+            "serving model version %s as stored before the restart",
+            snapshot.version,
+            extra={"model_version": snapshot.version},
         )
 
     async def _build_serving(

@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from regional_node.models import Event, Participation
+from regional_node.models import Event, Participation, ServedSnapshot
 from shared.db import make_engine, make_session_factory, read_only, upgrade_to_head
 from shared.schemas import EventIn
 
@@ -227,3 +227,15 @@ class EventStore:
                         submitted_at=datetime.now(UTC),
                     )
                 )
+
+    # What the node serves, for a restart without the coordinator ---------------------------
+
+    def save_snapshot(self, snapshot: ServedSnapshot) -> None:
+        """Replace the stored snapshot (one row) with this one."""
+        snapshot.slot = 1
+        with self.sessions() as session, session.begin():
+            session.merge(snapshot)
+
+    def load_snapshot(self) -> ServedSnapshot | None:
+        with self.sessions() as session:
+            return session.get(ServedSnapshot, 1)

@@ -46,6 +46,7 @@ def _node(
     token: str,
     tmp_path: Path,
     log_name: str | None = None,
+    port: int | None = None,
     **env: str,
 ) -> ServiceProcess:
     settings = {
@@ -63,6 +64,8 @@ def _node(
     }
     log = tmp_path / f"{log_name or node_id}.log"
     proc = ServiceProcess(name=log.stem, module="regional_node", env=settings, log_path=log)
+    if port is not None:
+        proc.port = port
     proc.start()
     proc.wait_ready()
     return proc
@@ -121,9 +124,11 @@ def test_rollback_and_unreachable_coordinator(pg_url: str, tmp_path: Path) -> No
             )
         # Serving-only nodes (no events: they never train) follow the active version.
         nodes = []
+        tokens = []
         for node_id in ("eu-1", "eu-2"):
             token = admin.post("/v1/nodes", json={"node_id": node_id, "region": "EU"})
-            nodes.append(_node(node_id, coord.url, token.json()["token"], tmp_path))
+            tokens.append(token.json()["token"])
+            nodes.append(_node(node_id, coord.url, tokens[-1], tmp_path))
             procs.append(nodes[-1])
         wait_for(
             lambda: all(_served_version(n) == 3 for n in nodes), 60, "nodes on version 3", procs
@@ -183,6 +188,24 @@ def test_rollback_and_unreachable_coordinator(pg_url: str, tmp_path: Path) -> No
                 headers=KEY,
             )
             assert ok.status_code == 200  # storefront traffic is still accepted
+
+        # A node restarted during the outage serves the version and catalog it served
+        # before (it once had neither: unfiltered popularity, deactivated items and all).
+        nodes[1].stop()
+        nodes[1] = _node(
+            "eu-2", coord.url, tokens[1], tmp_path, log_name="eu-2-restarted", port=nodes[1].port
+        )
+        procs.append(nodes[1])
+        wait_for(lambda: _served_version(nodes[1]) == 2, 30, "the stored version 2", procs)
+        rings = httpx.get(
+            nodes[1].url + "/v1/recommend",
+            params={"session_items": "I001", "category": "ring", "k": 5},
+            headers=KEY,
+        ).json()
+        by_id = {c["item_id"]: c for c in tiny_catalog(30)}
+        assert rings["strategy"] == "model" and rings["items"]
+        assert all(by_id[i["item_id"]]["category"] == "ring" for i in rings["items"])
+        assert _status(nodes[1])["coordinator_reachable"] is not True
 
         coord = start_coordinator(pg_url, tmp_path / "coordinator-2.log", port=coord.port)
         procs.append(coord)
