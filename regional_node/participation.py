@@ -297,12 +297,7 @@ class Participant:
             weights.data,
             catalog,
         )
-        self._serving_catalog = catalog
-        self._catalog_index = new_serving.catalog_index
-        self.runtime.serving = new_serving  # atomic reference swap
-        log.info(
-            "serving model version %s", active.version, extra={"model_version": active.version}
-        )
+        self._swap_in(new_serving, catalog, "")
         snapshot = ServedSnapshot(
             version=active.version,
             sha256=weights.sha256,
@@ -343,13 +338,18 @@ class Participant:
             return
         self.runtime.catalog, self.runtime.catalog_etag = catalog, snapshot.catalog_etag
         self.runtime.weights = Weights(snapshot.version, snapshot.sha256, snapshot.weights)
+        self._swap_in(serving, catalog, " as stored before the restart")
+
+    def _swap_in(self, serving: ServingModel, catalog: CatalogOut, how: str) -> None:
+        """Serve `serving`, built on `catalog`, from the next request on."""
         self._serving_catalog = catalog
         self._catalog_index = serving.catalog_index
-        self.runtime.serving = serving
+        self.runtime.serving = serving  # atomic reference swap
         log.info(
-            "serving model version %s as stored before the restart",
-            snapshot.version,
-            extra={"model_version": snapshot.version},
+            "serving model version %s%s",
+            serving.version,
+            how,
+            extra={"model_version": serving.version},
         )
 
     async def _build_serving(

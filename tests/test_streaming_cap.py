@@ -114,7 +114,6 @@ def test_chunked_event_batch_over_the_cap_is_refused_while_streaming(tmp_path: P
         node.stop()
 
 
-
 def test_a_slow_upload_does_not_hold_up_other_requests(tmp_path: Path) -> None:
     """On SQLite the node-token check once opened the write transaction that lasted
     while the update's body streamed in: every other request waited for the uploader
