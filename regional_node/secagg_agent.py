@@ -39,17 +39,20 @@ def masked_payload(
     """n * delta in fixed point plus this node's pairwise masks with the sealed cohort."""
     delta = bytes_to_state(delta_bytes)
     weighted = {k: v.to(torch.float64) * num_examples for k, v in delta.items()}
-    seeds = {
-        m.node_id: pairwise_seed(
-            private_key,
-            base64.b64decode(m.public_key),
-            round_id=round_id,
-            node_a=node_id,
-            node_b=m.node_id,
-        )
-        for m in state.cohort
-        if m.node_id != node_id
-    }
+    try:
+        seeds = {
+            m.node_id: pairwise_seed(
+                private_key,
+                base64.b64decode(m.public_key),
+                round_id=round_id,
+                node_a=node_id,
+                node_b=m.node_id,
+            )
+            for m in state.cohort
+            if m.node_id != node_id
+        }
+    except ValueError as exc:  # a peer's unusable key (the coordinator refuses them now)
+        raise SecAggAborted(f"cannot agree a seed with the cohort: {exc}") from exc
     return state_to_bytes(mask_update(encode_fixed(weighted), node_id, seeds))
 
 
@@ -113,6 +116,11 @@ class SecureAggregationAgent:
                 or self.node_id in state.revealed_by
                 or self.node_id not in state.submitted
             ):
+                continue
+            if set(state.dropped) & set(state.submitted):
+                # A peer called dropped whose masked update is stored: its seeds with us
+                # would unmask that update. Never reveal them (the round is redone).
+                log.warning("round %s: dropped peers have submitted; no seeds revealed", round_id)
                 continue
             private = self._keys[round_id].private_key
             seeds = {

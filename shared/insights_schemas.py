@@ -24,7 +24,7 @@ INSIGHT_DIMENSIONS: tuple[InsightDimension, ...] = (
 
 
 class InsightCell(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     events: int = Field(ge=0, description="Events in the whole window (noised if configured).")
     share: float = Field(ge=0, le=1, description="events / reported_events of the dimension.")
@@ -37,7 +37,7 @@ class InsightCell(BaseModel):
 
 
 class DimensionInsight(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     reported_events: int = Field(ge=0, description="Sum of the reported cells' events.")
     weekly_reported_events: list[int]
@@ -73,7 +73,9 @@ _EXAMPLE_REPORT: dict[str, Any] = {
 
 
 class RegionReport(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_REPORT]})
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [_EXAMPLE_REPORT]}
+    )
 
     region: str = Field(max_length=128)
     generated_at: datetime

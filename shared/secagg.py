@@ -48,6 +48,17 @@ def generate_keypair() -> tuple[bytes, bytes]:
     return private, public
 
 
+def check_public_key(public_key: bytes) -> None:
+    """ValueError unless `public_key` is an X25519 key every peer can agree a seed with.
+
+    A low-order point (all zeros, for one) makes every exchange with it fail: a member
+    with such a key would stop every honest node from masking, round after round.
+    """
+    if len(public_key) != 32:
+        raise ValueError("public_key must be a raw 32-byte X25519 key")
+    X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public_key))
+
+
 def pairwise_seed(
     private_key: bytes, peer_public_key: bytes, *, round_id: int, node_a: str, node_b: str
 ) -> bytes:

@@ -199,7 +199,24 @@ def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # typ
             "/v1/insights/ea-1", content=b'{"region": "EA"}', headers={**tokens["ea-1"], **ct}
         )
         assert bad.status_code == 422
+        # NaN or Infinity anywhere in a report is a 422 (it was stored, or a 500 on
+        # PostgreSQL's JSON column).
+        for literal in ("NaN", "Infinity"):
+            r = client.post(
+                "/v1/insights/ea-1",
+                content=_with_first_trend(body, literal),
+                headers={**tokens["ea-1"], **ct},
+            )
+            assert r.status_code == 422, r.text
+        # A node cannot label its figures as another region's: they show under its own.
+        r = client.post(
+            "/v1/insights/ea-1",
+            content=report.model_copy(update={"region": "EU"}).model_dump_json(),
+            headers={**tokens["ea-1"], **ct},
+        )
+        assert r.status_code == 204
         got = client.get("/v1/insights", headers=admin).json()
+        assert got["regions"][0]["report"]["region"] == "EA"
         assert [r["node_id"] for r in got["regions"]] == ["ea-1"]
         assert RegionReport.model_validate(got["regions"][0]["report"]) == report
         assert got["highlights"] and {h["region"] for h in got["highlights"]} == {"EA"}
@@ -208,3 +225,11 @@ def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # typ
     public = settings.model_copy(update={"dashboard_public": True})
     with TestClient(create_app(public)) as client:
         assert client.get("/v1/insights").status_code == 200
+
+
+def _with_first_trend(body: str, literal: str) -> str:
+    """The report's JSON with its first numeric trend replaced by a bare `literal`."""
+    head, sep, tail = body.partition('"trend_per_week":')
+    assert sep
+    number = tail.split(",", 1)[0].split("}", 1)[0]
+    return head + sep + literal + tail[len(number) :]

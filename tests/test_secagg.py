@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+import coordinator.rounds.service as rounds_service
 from coordinator.app import create_app
+from coordinator.models import SecAggRound
 from coordinator.settings import CoordinatorSettings
 from regional_node.secagg_agent import masked_payload
 from shared.privacy_schemas import SecAggState
@@ -243,3 +246,67 @@ def test_dropped_node_is_recovered_by_seed_reveals(tmp_path: Path) -> None:
             assert torch.allclose(new[k], expected[k], atol=1e-6), k
         meta = client.get("/v1/models/2", headers=admin).json()
         assert meta["metrics"]["num_updates"] == 2 and meta["metrics"]["num_examples"] == 30
+
+
+def test_an_upload_that_races_the_dropout_decision_is_refused(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c's upload passes its checks, then the round checker declares c dropped, then the
+    upload would be stored. It once was (200): the survivors' revealed seeds with c then
+    unmasked c's own update in the coordinator's database."""
+    checked = rounds_service.check_masked_update
+
+    def slow_check(session, settings, cache, r, node, payload, encoding):  # type: ignore[no-untyped-def]
+        checked(session, settings, cache, r, node, payload, encoding)
+        if node.node_id != "c":
+            return
+        session.commit()  # end this read (SQLite: its write lock) while c's upload "streams"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with session.get_bind().connect() as conn:
+                row = conn.execute(
+                    select(SecAggRound.dropped).where(SecAggRound.round_id == r.id)
+                ).scalar()
+            if row:
+                return
+            time.sleep(0.1)
+        raise AssertionError("c was never declared dropped")
+
+    monkeypatch.setattr(rounds_service, "check_masked_update", slow_check)
+    with _coordinator(db_url, deadline=2.0) as client:
+        tokens, base = _setup(client)
+        deltas = _deltas(base)
+        private = _join(client, tokens)
+        assert _submit(client, "a", tokens["a"], deltas["a"], private["a"]) == 200
+        assert _submit(client, "b", tokens["b"], deltas["b"], private["b"]) == 200
+        assert _submit(client, "c", tokens["c"], deltas["c"], private["c"]) == 409
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        state = SecAggState.model_validate(client.get("/v1/rounds/1/secagg", headers=admin).json())
+        assert state.dropped == ["c"] and state.submitted == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        (bytes(32), "usable X25519"),  # a low-order point: every exchange with it fails
+        (bytes(31), "32-byte"),
+    ],
+    ids=["low-order point", "short"],
+)
+def test_a_key_no_peer_can_agree_a_seed_with_is_refused(
+    tmp_path: Path, key: bytes, says: str
+) -> None:
+    """Once accepted, such a key sealed into the cohort and every honest node failed to
+    mask, round after round."""
+    with pytest.raises(ValueError):
+        pairwise_seed(generate_keypair()[0], bytes(32), round_id=1, node_a="a", node_b="c")
+    with _coordinator(f"sqlite:///{tmp_path / 'c.db'}", deadline=60) as client:
+        tokens, _ = _setup(client)
+        r = client.post(
+            "/v1/rounds/1/secagg/keys",
+            json={"public_key": base64.b64encode(key).decode()},
+            headers={"Authorization": f"Bearer {tokens['c']}"},
+        )
+        assert r.status_code == 422 and says in r.json()["detail"], r.text
+        state = client.get("/v1/rounds/1/secagg", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert state.json()["keys_received"] == 0

@@ -24,7 +24,9 @@ def store_report(session: Session, node: Node, node_id: str, report: RegionRepor
     if node.node_id != node_id:
         raise Forbidden(f"this token belongs to node {node.node_id!r}, not {node_id!r}")
     row = session.get(RegionInsight, node_id)
-    payload = report.model_dump(mode="json")
+    # Shown under the region the node was registered with, whatever the report calls it:
+    # a node cannot publish figures as another region's.
+    payload = report.model_copy(update={"region": node.region}).model_dump(mode="json")
     if row is None:
         session.add(
             RegionInsight(node_id=node_id, region=node.region, received_at=utcnow(), report=payload)

@@ -34,7 +34,7 @@ from coordinator.aggregation import (
     weighted_metrics,
 )
 from coordinator.catalog.service import catalog_size
-from coordinator.models import ModelVersion, Node, Round, Update
+from coordinator.models import ModelVersion, Node, Round, SecAggRound, Update
 from coordinator.models_registry.service import (
     WeightCache,
     active_version,
@@ -253,6 +253,13 @@ def submit_update(
     if locked.state != "open":
         session.rollback()
         raise Conflict(f"round {round_id} closed while the update was uploading")
+    if settings.secure_aggregation:
+        # The round checker may have declared this node dropped while the upload was
+        # validated; it did so holding the round lock we now hold, so this reads it.
+        secure = session.get(SecAggRound, round_id, populate_existing=True)
+        if secure is not None and secure.dropped is not None:
+            session.rollback()
+            raise Conflict(f"round {round_id} closed its submissions (dropout recovery)")
     u = Update(
         round_id=round_id,
         node_id=node.node_id,

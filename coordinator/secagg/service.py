@@ -36,6 +36,7 @@ from shared.schemas import utcnow
 from shared.secagg import (
     MODULUS,
     SECAGG_ENCODING,
+    check_public_key,
     decode_fixed,
     remove_dropout_masks,
     sum_residues,
@@ -133,8 +134,10 @@ def publish_key(
         raw = base64.b64decode(public_key, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise Unprocessable("public_key must be base64") from exc
-    if len(raw) != 32:
-        raise Unprocessable("public_key must be a raw 32-byte X25519 key")
+    try:
+        check_public_key(raw)
+    except ValueError as exc:
+        raise Unprocessable(f"public_key is not a usable X25519 key: {exc}") from None
     r = session.get(Round, round_id, with_for_update=True, populate_existing=True)
     if r is None:
         _open_round(session, round_id)
@@ -183,6 +186,9 @@ def reveal_seeds(
         raise Conflict(f"node {node.node_id!r} is not a surviving member of the cohort")
     if set(seeds) != set(row.dropped):
         raise Unprocessable(f"reveal seeds for exactly the dropped nodes {row.dropped}")
+    stored = sorted(_submitted(session, round_id) & set(row.dropped))
+    if stored:  # their seeds would unmask a stored update: never take them
+        raise Conflict(f"the updates of {stored} are stored; their seeds are not revealed")
     done = _revealed(session, round_id)
     for dropped, seed_hex in sorted(seeds.items()):
         try:
