@@ -126,7 +126,10 @@ def dp_fedavg_update(
     seed: int,
     unit_key: bytes,
 ) -> DPUpdate | None:
-    """The region's DP contribution for one round; None when no unit has an example."""
+    """The region's DP contribution for one round; None when the region has no unit.
+
+    With units, there is always a release, noise alone when the Poisson coins sampled
+    none (or none with an example)."""
     units = assign_units(list(sequences), dp.groups, unit_key)
     num_units = dp.groups if dp.grouped else len(units)
     if num_units == 0:
@@ -172,8 +175,9 @@ def dp_fedavg_update(
             clipped += 1
         for k, v in clip_by_global_norm(delta, dp.clip_norm).items():
             total[k].add_(v.to(torch.float64))
-    if sampled == 0:
-        return None
+    # Released even when no unit was sampled (noise alone): whether an update exists
+    # must not depend on the data, or the release itself would tell (the accountant
+    # covers the noisy sum, not that choice).
     std = noise_stddev(dp.noise_multiplier, dp.clip_norm, grouped=dp.grouped)
     noisy = add_gaussian_noise(total, std, g)
     denominator = dp.sampling_rate * num_units / dp.server_lr
@@ -185,7 +189,7 @@ def dp_fedavg_update(
         delta=mean,
         num_units=num_units,
         sampled_units=sampled,
-        clipped_fraction=clipped / sampled,
+        clipped_fraction=clipped / sampled if sampled else 0.0,
         noise_stddev=std,
     )
 

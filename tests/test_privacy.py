@@ -442,3 +442,15 @@ def test_a_round_that_wants_the_node_stops_its_fine_tune(tmp_path: Path) -> None
     finally:
         asyncio.run(participant.aclose())
         store.dispose()
+
+
+def test_a_round_that_samples_no_unit_still_releases_noise() -> None:
+    """Releasing nothing when no sampled unit had an example made the existence of an
+    update depend on the data, outside what the accountant charges for."""
+    config, features, base, seqs, train = _setup()
+    dp = DPConfig(clip_norm=0.05, noise_multiplier=1.0, sampling_rate=1e-9)
+    out = dp_fedavg_update(config, base, features, seqs, train, dp, seed=1, unit_key=b"k")
+    assert out is not None and out.sampled_units == 0 and out.clipped_fraction == 0.0
+    noise = torch.cat([v.flatten() for v in out.delta.values()])
+    # Pure noise: N(0, (sigma C)^2) / (q units), no signal.
+    assert float(noise.std()) == pytest.approx(0.05 / (1e-9 * 6), rel=0.05)
