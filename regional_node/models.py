@@ -80,3 +80,14 @@ class ServedSnapshot(Base):
     catalog: Mapped[bytes] = mapped_column(LargeBinary)  # CatalogOut as JSON
     catalog_etag: Mapped[str | None] = mapped_column(String(256))
     saved_at: Mapped[datetime]
+
+
+class NodeSecret(Base):
+    """Random secrets the node makes for itself and never sends anywhere (for example the
+    key of its insights noise: `regional_node/insights.py`)."""
+
+    __tablename__ = "node_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]

@@ -765,6 +765,7 @@ class Participant:
             weeks=s.insights_weeks,
             min_users=s.insights_min_users,
             noise_scale=s.insights_noise_scale,
+            noise_secret=self.store.secret("insights-noise"),
         )
 
     async def run_insights_forever(self) -> None:

@@ -200,7 +200,10 @@ class NodeSettings(BaseSettings):
         default=8, ge=1, le=104, description="Weeks of trend in a regional insights report."
     )
     insights_noise_scale: float = Field(
-        default=0.0, ge=0, description="Laplace noise scale on insight counts (0 = none)."
+        default=2.0,
+        ge=0,
+        description="Laplace noise scale on insight counts (0 = none): keeps a suppressed "
+        "cell from being recovered as a difference of published counts.",
     )
     insights_interval_seconds: float = Field(
         default=300.0, gt=0, description="Seconds between regional insights pushes."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -11,7 +12,7 @@ from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from regional_node.models import Event, Participation, ServedSnapshot
+from regional_node.models import Event, NodeSecret, Participation, ServedSnapshot
 from shared.db import make_engine, make_session_factory, read_only, upgrade_to_head
 from shared.schemas import EventIn
 
@@ -239,3 +240,12 @@ class EventStore:
     def load_snapshot(self) -> ServedSnapshot | None:
         with self.sessions() as session:
             return session.get(ServedSnapshot, 1)
+
+    def secret(self, name: str) -> bytes:
+        """The node's secret `name`: 32 random bytes made on first use, then kept."""
+        with self.sessions() as session, session.begin():
+            row = session.get(NodeSecret, name)
+            if row is None:
+                row = NodeSecret(name=name, value=os.urandom(32), created_at=datetime.now(UTC))
+                session.add(row)
+            return bytes(row.value)

@@ -17,6 +17,7 @@ from shared.data import event_record_to_event_in, read_catalog_csv, read_events_
 from shared.features import price_band, price_band_label
 from shared.insights_schemas import RegionReport
 from shared.market import generate_market
+from shared.schemas import CatalogItem
 
 ADMIN = "insights-admin"
 WEEKS = 4
@@ -146,8 +147,6 @@ def test_week_start_and_slope() -> None:
 
 
 def test_noise_changes_counts_but_not_the_shape(market, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import random
-
     catalog, events = market
     rows = [
         (e.user_id, e.item_id, e.event_type, e.timestamp.timestamp())
@@ -162,7 +161,7 @@ def test_noise_changes_counts_but_not_the_shape(market, tmp_path: Path) -> None:
         weeks=WEEKS,
         min_users=MIN_USERS,
         noise_scale=5.0,
-        rng=random.Random(0),
+        noise_secret=b"node secret",
     )
     assert plain is not None and noisy is not None
     p = plain.kinds["view"]["material"].values
@@ -170,6 +169,81 @@ def test_noise_changes_counts_but_not_the_shape(market, tmp_path: Path) -> None:
     assert set(p) == set(q)
     assert any(p[v].events != q[v].events for v in p)
     assert all(abs(p[v].events - q[v].events) < 100 for v in p)
+
+
+def _noisy(rows, secret: bytes, scale: float = 2.0):  # type: ignore[no-untyped-def]
+    report = compute_report(
+        rows,
+        _TINY_CATALOG,
+        region="EU",
+        weeks=2,
+        min_users=20,
+        noise_scale=scale,
+        noise_secret=secret,
+    )
+    assert report is not None
+    return report.kinds["view"]
+
+
+_TINY_CATALOG = [
+    CatalogItem(item_id="ring-gold", category="ring", material="gold"),
+    CatalogItem(item_id="ring-silver", category="ring", material="silver"),
+    CatalogItem(item_id="brooch-gold", category="brooch", material="gold"),
+]
+_MONDAY = datetime(2026, 10, 5, 12, tzinfo=UTC).timestamp()
+_WEEK = 7 * 86400
+
+
+def _one_shopper_in_a_small_cell():  # type: ignore[no-untyped-def]
+    """30 and 25 shoppers view gold and silver rings in both weeks; one shopper views a
+    gold brooch 7 times: a 'brooch' category cell of one user (suppressed), whose events
+    still count under 'gold' in the material dimension."""
+    rows = []
+    for u in range(30):
+        rows += [(f"g{u}", "ring-gold", "view", _MONDAY + d) for d in (0, _WEEK)]
+    for u in range(25):
+        rows += [(f"s{u}", "ring-silver", "view", _MONDAY + d) for d in (0, _WEEK)]
+    rows += [("target", "brooch-gold", "view", _MONDAY + _WEEK + 60 * i) for i in range(7)]
+    return rows
+
+
+def test_a_suppressed_cell_is_not_recovered_by_subtraction() -> None:
+    """Without noise the material total minus the category total is the one shopper's 7
+    brooch views exactly. With the node's default noise the same subtraction is off by
+    several counts, in a different direction under each node's secret."""
+    rows = _one_shopper_in_a_small_cell()
+    exact = _noisy(rows, b"x", scale=0.0)
+    assert "brooch" not in exact["category"].values
+    assert exact["material"].reported_events - exact["category"].reported_events == 7
+    guesses = []
+    for i in range(200):
+        view = _noisy(rows, f"node {i}".encode())
+        assert "brooch" not in view["category"].values
+        guesses.append(view["material"].reported_events - view["category"].reported_events)
+    assert sum(g == 7 for g in guesses) < 0.2 * len(guesses)
+    spread = (sum((g - 7) ** 2 for g in guesses) / len(guesses)) ** 0.5
+    assert spread > 3, spread
+
+
+def test_the_same_cells_get_the_same_noise_in_every_report() -> None:
+    """Fresh noise per report could be averaged away over the reports a node pushes every
+    few minutes; cell-key noise is a function of the cell's events and the node's secret."""
+    rows = _one_shopper_in_a_small_cell()
+    first = _noisy(rows, b"node secret")
+    assert _noisy(list(reversed(rows)), b"node secret") == first
+    assert _noisy(rows, b"another node") != first
+    # One more silver view in week 1 redraws the silver cells' noise only.
+    extra = ("s0", "ring-silver", "view", _MONDAY + _WEEK + 5)
+    silver_moved = 0
+    for i in range(20):
+        secret = f"node {i}".encode()
+        before, after = _noisy(rows, secret), _noisy([*rows, extra], secret)
+        gold = [r["material"].values["gold"] for r in (before, after)]
+        assert gold[0].events == gold[1].events  # same cell, same noise
+        silver = [r["material"].values["silver"] for r in (before, after)]
+        # (Noise of scale 2 often rounds to the same count: the cell as a whole moves.)
+        silver_moved += silver[0] != silver[1]
+    assert silver_moved >= 10
 
 
 def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
