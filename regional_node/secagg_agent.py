@@ -53,7 +53,11 @@ def masked_payload(
         }
     except ValueError as exc:  # a peer's unusable key (the coordinator refuses them now)
         raise SecAggAborted(f"cannot agree a seed with the cohort: {exc}") from exc
-    return state_to_bytes(mask_update(encode_fixed(weighted), node_id, seeds))
+    try:
+        encoded = encode_fixed(weighted, summands=len(state.cohort))
+    except ValueError as exc:  # num_examples x delta too large for the cohort's sum
+        raise SecAggAborted(f"update too large for secure aggregation: {exc}") from exc
+    return state_to_bytes(mask_update(encoded, node_id, seeds))
 
 
 class SecureAggregationAgent:

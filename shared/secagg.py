@@ -83,10 +83,20 @@ def mask_from_seed(seed: bytes, shapes: Mapping[str, tuple[int, ...]]) -> IntSta
 
 
 def encode_fixed(
-    state: Mapping[str, torch.Tensor], scale_bits: int = DEFAULT_SCALE_BITS
+    state: Mapping[str, torch.Tensor],
+    scale_bits: int = DEFAULT_SCALE_BITS,
+    *,
+    summands: int = 1,
 ) -> IntState:
-    """round(x * 2**scale_bits) as a residue mod 2**62 (negatives wrap around)."""
-    limit = float(1 << (MODULUS_BITS - 2))
+    """round(x * 2**scale_bits) as a residue mod 2**62 (negatives wrap around).
+
+    `summands`: how many such encodings will be added (the cohort's size). Each must
+    stay within 2**61 / summands, or their sum would wrap around past ±2**61 and decode
+    to a wrong value with no error.
+    """
+    if summands < 1:
+        raise ValueError("summands must be at least 1")
+    limit = float(1 << (MODULUS_BITS - 1)) / summands
     out: IntState = {}
     for name, t in state.items():
         scaled = torch.round(t.to(torch.float64) * float(1 << scale_bits))

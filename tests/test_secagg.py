@@ -45,6 +45,18 @@ def test_fixed_point_round_trip_within_resolution() -> None:
         encode_fixed({"w": torch.tensor([2.0**40])})
 
 
+def test_values_whose_sum_would_wrap_around_are_refused() -> None:
+    """Three nodes at 5e10 per coordinate: each fits alone, their sum (1.5e11) does not,
+    and once decoded as -1.25e11 with no error."""
+    big = {"w": torch.tensor([5e10], dtype=torch.float64)}
+    wrapped = decode_fixed(sum_residues([encode_fixed(big)] * 3))["w"]
+    assert float(wrapped[0]) < 0  # what an unchecked sum gives
+    with pytest.raises(ValueError, match="fixed-point range"):
+        encode_fixed(big, summands=3)
+    fits = decode_fixed(sum_residues([encode_fixed(big, summands=2)] * 2))["w"]
+    assert float(fits[0]) == pytest.approx(1e11)
+
+
 def test_pairwise_seeds_agree_and_masks_cancel_in_the_sum() -> None:
     nodes = ["a", "b", "c"]
     keys = {n: generate_keypair() for n in nodes}
