@@ -8,6 +8,7 @@ import uvicorn
 
 from coordinator.app import create_app
 from coordinator.settings import CoordinatorSettings
+from shared.errors import settings_or_exit
 from shared.logging_setup import configure_logging
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         help="apply migrations (and COORDINATOR_BOOTSTRAP_NODES), then exit",
     )
     args = parser.parse_args(argv)
-    settings = CoordinatorSettings()
+    settings = settings_or_exit(CoordinatorSettings, "coordinator")
     configure_logging(json_logs=settings.log_json)
     if args.migrate_only:
         from coordinator.db import Database

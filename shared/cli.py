@@ -11,7 +11,9 @@ fedjewel node [serve|import-events ...]         (settings: NODE_* variables)
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -77,8 +79,8 @@ def cmd_generate_market(args: argparse.Namespace) -> int:
                 items=args.items,
                 design_weight=args.design_weight,
             )
-    except ValueError as exc:
-        console.print(f"[red]{exc}")
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]cannot generate the market into {args.out}: {exc}")
         return 2
     elapsed = time.perf_counter() - start
     table = Table(title=f"market in {summary.out_dir} ({elapsed:.1f} s)")
@@ -163,6 +165,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from shared.simulate import ALL_METHODS, SimulationConfig, load_dataset, run_simulation
 
     rounds = args.rounds if args.rounds is not None else SimulationConfig().rounds
+    problem = _simulate_argument_problem(args, rounds)
+    if problem:
+        console.print(f"[red]{problem}")
+        return 2
     if args.attack:
         # Poisoning experiment: one hostile region, clean vs attacked, per strategy.
         from shared import poisoning
@@ -223,16 +229,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overrides["personal_lr"] = args.personal_lr
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in ALL_METHODS]
+    if not methods:
+        console.print(f"[red]--methods names none; choose from {', '.join(ALL_METHODS)}")
+        return 2
     if unknown:
         console.print(f"[red]unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
         return 2
-    config = SimulationConfig(
-        rounds=rounds,
-        local_epochs=args.local_epochs,
-        seed=args.seed,
-        methods=methods,
-        **overrides,
-    )
+    try:
+        config = SimulationConfig(
+            rounds=rounds,
+            local_epochs=args.local_epochs,
+            seed=args.seed,
+            methods=methods,
+            **overrides,
+        )
+    except ValueError as exc:  # pydantic's ValidationError is one
+        console.print(f"[red]invalid simulation settings: {exc}")
+        return 2
     start = time.perf_counter()
     data_dir = Path(args.data)
     from shared.data import DataFormatError
@@ -240,8 +253,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         with console.status(f"loading {data_dir} ..."):
             data = load_dataset(data_dir)
-    except (DataFormatError, FileNotFoundError) as exc:
+    except (DataFormatError, OSError, UnicodeDecodeError) as exc:
         console.print(f"[red]cannot load {data_dir}: {exc}")
+        return 2
+    if not data.held_out:
+        console.print(f"[red]{data_dir} has no user with a held-out event to evaluate")
         return 2
     console.print(
         f"{len(data.train)} users ({len(data.held_out)} evaluated), {data.num_items} items "
@@ -263,9 +279,48 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         payload = report.as_json()
         payload["config"]["seconds"] = {m: round(s, 2) for m, s in report.seconds.items()}
         payload["config"]["wall_seconds"] = round(elapsed, 2)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        write_atomically(Path(args.json), json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {args.json}")
     return 0
+
+
+def _simulate_argument_problem(args: argparse.Namespace, rounds: int) -> str | None:
+    """What is wrong with simulate's arguments, checked before any work (or None)."""
+    for flag, value, least in (
+        ("--rounds", rounds, 1),
+        ("--local-epochs", args.local_epochs, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--threads", args.threads, 1),
+        ("--num-negatives", args.num_negatives, 1),
+        ("--embedding-dim", args.embedding_dim, 4),
+    ):
+        if value is not None and value < least:
+            return f"{flag} must be at least {least}, not {value}"
+    if args.lr is not None and not args.lr > 0:
+        return f"--lr must be positive, not {args.lr}"
+    if args.dp_epsilon:
+        for text in args.dp_epsilon.split(","):
+            try:
+                eps = float(text)
+            except ValueError:
+                return f"--dp-epsilon takes numbers or inf, e.g. 1,4,8,inf, not {text!r}"
+            if not eps > 0:
+                return f"--dp-epsilon values must be positive, not {text!r}"
+    if args.json:
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            return f"--json: cannot write into {folder} (checked before the run)"
+    return None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- import
@@ -273,7 +328,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _detect_kind(path: Path) -> str | None:
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        header = {h.strip().lower() for h in fh.readline().split(",")}
+        header = {h.strip().lower() for h in next(csv.reader(fh), [])}
     if {"user_id", "event_type"} <= header:
         return "events"
     if "item_id" in header:
@@ -340,7 +395,11 @@ def import_events(path: Path, database_url: str | None, region: str | None) -> i
         overrides["database_url"] = database_url
     if region:
         overrides["region"] = region
-    settings = NodeSettings(**overrides)
+    try:
+        settings = NodeSettings(**overrides)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        console.print(f"[red]invalid node settings: {exc}")
+        return 2
     return node_import(str(path), settings)
 
 
@@ -349,7 +408,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not path.is_file():
         console.print(f"[red]no such file: {path}")
         return 2
-    kind = args.kind or _detect_kind(path)
+    try:
+        kind = args.kind or _detect_kind(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        console.print(f"[red]{path}: cannot read it as a UTF-8 CSV file: {exc}")
+        return 2
     if kind is None:
         console.print(
             f"[red]{path}: cannot tell a catalog from an events file by its header; "
@@ -516,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="import catalog.csv into a coordinator or events.csv into a node's store",
         description="A catalog goes to a running coordinator (PUT /v1/catalog, needs --url and "
         "--admin-token); events go into a regional node's database (NODE_DATABASE_URL or "
-        "--database-url; rows of other regions are skipped). A file with any bad row is "
+        "--database-url; rows of other regions are skipped, and a file with none of this "
+        "region is refused). A file with any bad row is "
         "rejected whole, with line numbers; re-importing the same events adds nothing.",
     )
     imp.add_argument("file", help="catalog.csv or events.csv")
@@ -550,7 +614,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(service(argparse.Namespace(rest=argv[1:])))
     parser = build_parser()
     args = parser.parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted")
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":

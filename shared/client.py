@@ -63,6 +63,8 @@ def recommend_params(
     params: dict[str, str | int | float] = {"k": k}
     if user_id is not None:
         params["user_id"] = user_id
+    if isinstance(session_items, str):  # one id, or the comma-separated form of the API
+        session_items = [s for s in session_items.split(",") if s.strip()]
     if session_items:
         params["session_items"] = ",".join(session_items)
     if country is not None:

@@ -627,7 +627,7 @@ class Demo:
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # also: the workdir is not a directory
             (self.workdir / PIDS_FILE).unlink()
 
     def print_where(self, result: DemoResult) -> None:
@@ -651,6 +651,19 @@ class Demo:
                 "Stop everything with [bold]make demo-stop[/].",
             ]
         self.console.print("\n".join(lines))
+
+
+def _config_problem(config: DemoConfig) -> str | None:
+    """What makes this demo impossible to run (or None)."""
+    if config.rounds < 1 or config.local_epochs < 1:
+        return "--rounds and --local-epochs must be at least 1"
+    if not config.learning_rate > 0:
+        return "--learning-rate must be positive"
+    if config.users < 100:
+        return "--users must be at least 100 (three regions, each with enough shoppers to train)"
+    if config.workdir.exists() and not config.workdir.is_dir():
+        return f"--workdir {config.workdir} exists and is not a directory"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -687,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.learning_rate is not None:
         overrides["learning_rate"] = args.learning_rate
     config = DemoConfig(**{**config.__dict__, **overrides})
+    problem = _config_problem(config)
+    if problem:
+        parser.error(problem)  # one line and exit status 2, before anything starts
     demo = Demo(config, console)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:

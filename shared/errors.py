@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+SettingsT = TypeVar("SettingsT")
 
 
 class ApiError(Exception):
@@ -95,3 +101,15 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
         503: "A dependency (the database, the coordinator) is not available.",
     }
     return {code: {"model": ErrorBody, "description": text.get(code, "Error.")} for code in codes}
+
+
+def settings_or_exit(make: Callable[[], SettingsT], service: str) -> SettingsT:
+    """A service's settings from the environment, or exit with one line saying what is
+    wrong (not a pydantic traceback)."""
+    try:
+        return make()
+    except ValidationError as exc:
+        msgs = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        sys.exit(f"{service}: invalid configuration: {msgs}")

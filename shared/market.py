@@ -19,6 +19,7 @@ click -> add_to_cart -> purchase with probabilities rising with taste match.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -835,8 +836,17 @@ def generate_market(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     catalog_path, events_path = out_dir / "catalog.csv", out_dir / "events.csv"
-    write_catalog_csv(catalog_path, catalog.items)
-    write_events_csv(events_path, records, include_region=True)
+    # Both files are written beside the old ones first and swapped in together at the
+    # end: an interrupted run leaves the old pair (never a new catalog with old events).
+    staged = [out_dir / f".{p.name}.{os.getpid()}.new" for p in (catalog_path, events_path)]
+    try:
+        write_catalog_csv(staged[0], catalog.items)
+        write_events_csv(staged[1], records, include_region=True)
+        os.replace(staged[0], catalog_path)
+        os.replace(staged[1], events_path)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
 
     events_of_user = np.bincount(ev_user, minlength=users)
     ev_region = people.region[ev_user]

@@ -178,3 +178,111 @@ def test_simulate_runs_the_poisoning_and_dp_experiments(tmp_path: Path, capsys) 
     assert "optimizer adam (lr 0.01, tau 1e-08)" in out and "dpsgd (1 steps a round)" in out
     rows = [line for line in out.splitlines() if line.startswith(("| 8 ", "| inf "))]
     assert len(rows) == 2
+
+
+def test_events_of_no_row_of_this_region_are_refused_and_case_does_not_matter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node whose region matches no row once imported nothing and exited 0."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    good = tmp_path / "events.csv"
+    good.write_text(GOOD_EVENTS)
+    assert _run(["import", str(good), "--database-url", url, "--region", "XX"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 4 rows is of this node's region 'XX'" in err and "EU, NA" in err
+    assert _store_count(url) == 0
+    assert _run(["import", str(good), "--database-url", url, "--region", "eu"]) == 0
+    assert "imported 3 new events" in capsys.readouterr().out
+
+
+def test_unreadable_inputs_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    utf16 = tmp_path / "events.csv"
+    utf16.write_text(GOOD_EVENTS, encoding="utf-16")
+    assert _run(["import", str(utf16), "--database-url", f"sqlite:///{tmp_path / 'n.db'}"]) == 2
+    assert "cannot read it as a UTF-8 CSV file" in _err(capsys)
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('"item_id","title"\nJ1,Ring\n')
+    assert _run(["import", str(quoted)]) == 2  # recognised as a catalog: needs --url
+    assert "--url and --admin-token" in _err(capsys)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert _run(["generate-market", "--out", str(a_file), "--users", "50"]) == 2
+    assert "cannot generate the market" in _err(capsys)
+
+
+def test_the_node_binds_the_port_given_before_or_after_serve() -> None:
+    from regional_node.__main__ import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--port", "18420", "serve"]).port == 18420
+    assert parser.parse_args(["--host", "0.0.0.0", "serve"]).host == "0.0.0.0"
+    assert parser.parse_args(["serve", "--port", "18421"]).port == 18421
+    assert parser.parse_args([]).port == 8100
+
+
+def test_a_bad_setting_stops_a_service_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator.__main__ import main as coordinator_main
+
+    monkeypatch.setenv("COORDINATOR_MIN_UPDATES", "abc")
+    with pytest.raises(SystemExit) as info:
+        coordinator_main([])
+    assert str(info.value.code).startswith("coordinator: invalid configuration: min_updates:")
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--local-epochs", "0"], "--local-epochs must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--threads", "-1"], "--threads must be at least 1"),
+        (["--embedding-dim", "0"], "--embedding-dim must be at least 4"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--methods", ","], "--methods names none"),
+        (["--dp-epsilon", "abc"], "--dp-epsilon takes numbers"),
+        (["--json", "/nonexistent-dir/x.json"], "checked before the run"),
+    ],
+)
+def test_simulate_refuses_arguments_that_make_no_sense_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], says: str
+) -> None:
+    """These once ran and reported results (--rounds 0), or ended in a traceback, or (a
+    bad --json path) failed only after the whole run."""
+    from shared.market import generate_market
+
+    generate_market(tmp_path, seed=2, regions=3, users=60, items=30)
+    assert _run(["simulate", "--data", str(tmp_path), "--methods", "popularity", *extra]) == 2
+    err = _err(capsys)
+    assert says in err and "Traceback" not in err
+
+
+def test_the_client_takes_one_session_item_as_a_string() -> None:
+    from shared.client import recommend_params
+
+    params = recommend_params(user_id=None, k=3, session_items="J00017", country=None, filters=None)
+    assert params["session_items"] == "J00017"  # not "J,0,0,0,1,7"
+
+
+def test_the_demo_refuses_settings_it_cannot_run_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.demo import main as demo_main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for argv, says in (
+        (["--users", "1"], "--users must be at least 100"),
+        (["--rounds", "0"], "--rounds and --local-epochs"),
+        (["--workdir", str(a_file)], "is not a directory"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            demo_main([*argv, "--no-keep"])
+        assert info.value.code == 2
+        assert says in capsys.readouterr().err
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the command wrote to stderr, with the console's line wrapping undone."""
+    return " ".join(capsys.readouterr().err.split())

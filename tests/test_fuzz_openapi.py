@@ -28,7 +28,10 @@ from schemathesis.specs.openapi.checks import (
 from coordinator.app import create_app
 from coordinator.settings import CoordinatorSettings
 from regional_node.app import create_app as create_node_app
+from regional_node.recommender import build_serving_model
 from regional_node.settings import NodeSettings
+from shared.model import ModelConfig, init_state
+from shared.schemas import CatalogItem, CatalogOut
 from tests.conftest import tiny_catalog, tiny_events
 from tests.sec_support import ADMIN, ADMIN_TOKEN
 
@@ -84,6 +87,13 @@ def node_started() -> Iterator[None]:
     with TestClient(NODE_APP) as client:
         events = tiny_events("eu", users=5, material="gold", seed=0)
         client.post("/v1/events", json=events, headers=NODE_KEY).raise_for_status()
+        # A node serving a model: filters and the model path are fuzzed too. (Before its
+        # first model a filtered request is a documented 503, tests/test_api_node.py.)
+        items = [CatalogItem.model_validate(d) for d in tiny_catalog(10)]
+        config = ModelConfig(num_items=len(items), embedding_dim=4)
+        runtime = NODE_APP.state.runtime
+        runtime.catalog = CatalogOut(catalog_version=1, items=items)
+        runtime.serving = build_serving_model(1, "0" * 64, config, init_state(config), items)
         yield
 
 
