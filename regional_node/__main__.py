@@ -44,6 +44,7 @@ def import_events(path: str, settings: NodeSettings) -> int:
             f"(this node is {settings.region!r})",
             file=sys.stderr,
         )
+    print(f"storing {len(mine)} events of {settings.region!r} ...", file=sys.stderr, flush=True)
     try:
         store = EventStore(settings.database_url)
         store.migrate()
