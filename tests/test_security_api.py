@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -406,3 +407,36 @@ def test_coordinator_verifies_stored_weights_when_loading(sqlite_url: str) -> No
                 load_state(session, 1)
     finally:
         db.dispose()
+
+
+def test_an_aggregate_that_overflows_makes_no_version_and_the_round_is_redone(
+    sqlite_url: str,
+) -> None:
+    """Each update is finite, but n_k x delta_k summed in float32 is not: that version was
+    made active (and, scoring every item Inf, reported HR@10 = 1)."""
+    settings = CoordinatorSettings(
+        database_url=sqlite_url,
+        admin_token=ADMIN_TOKEN,
+        min_updates=1,
+        round_check_seconds=0.05,
+        embedding_dim=4,
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.put("/v1/catalog", json=tiny_catalog(20), headers=ADMIN).status_code == 200
+        node = _register(client, "eu-1")
+        huge = state_to_bytes(
+            {k: torch.full_like(v, 1e31) for k, v in bytes_to_state(_weights(client)).items()}
+        )
+        r = submit(client, node, huge, num_examples=100_000_000)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 20
+        while client.get("/v1/rounds/1").json()["state"] == "open":
+            assert time.monotonic() < deadline, "round 1 never closed"
+            time.sleep(0.05)
+        assert [m["version"] for m in client.get("/v1/models").json()] == [1]
+        current = client.get("/v1/rounds/current").json()
+        assert current["round_id"] == 2 and current["base_version"] == 1
+        summary = client.get("/v1/dashboard/summary", headers=ADMIN).json()
+        assert [r["close_reason"] for r in summary["rounds"] if r["round_id"] == 1] == [
+            "not_finite"
+        ]

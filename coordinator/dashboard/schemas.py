@@ -34,7 +34,8 @@ class DashboardRound(BaseModel):
     closed_at: datetime | None
     duration_seconds: float | None = Field(description="closed_at - created_at; open: none.")
     close_reason: str | None = Field(
-        description="target, deadline, superseded or (secure aggregation) secagg_failed."
+        description="target, deadline, superseded, not_finite (no version: the aggregate "
+        "overflowed; the round is redone) or (secure aggregation) secagg_failed."
     )
     participants: list[str]
     num_examples: int = Field(description="Training examples behind the round's updates.")

@@ -26,6 +26,7 @@ from coordinator.aggregation import (
     AggregationStrategy,
     UpdateMismatchError,
     WeightedMeanAccumulator,
+    all_finite,
     apply_delta,
     apply_delta_in_place,
     check_compatible,
@@ -379,13 +380,42 @@ def read_update_payload(
     return view
 
 
+def _finite(state: dict[str, Tensor]) -> bool:
+    return all(all_finite(t) for t in state.values() if t.is_floating_point())
+
+
+def _end_without_version(
+    session: Session, settings: CoordinatorSettings, r: Round, now: datetime, count: int
+) -> None:
+    """Close the round with no result and redo it on its base version.
+
+    Finite updates can still sum past float32 (n_k x delta_k with huge claimed counts).
+    Such a version would be served everywhere and score every held-out item as a hit;
+    refusing it at every retry would leave the round stuck.
+    """
+    r.state = "closed"
+    r.closed_at = now
+    r.close_reason = "not_finite"
+    open_round(session, settings, r.base_version)
+    log.error(
+        "round %s: the aggregate of %d updates is not finite; no version made, redoing the "
+        "round on version %s",
+        r.id,
+        count,
+        r.base_version,
+        extra={"round_id": r.id},
+    )
+
+
 def _close_round(
     session: Session,
     settings: CoordinatorSettings,
     cache: WeightCache,
     r: Round,
     now: datetime,
-) -> int:
+) -> int | None:
+    """Aggregate the round into a new active version (its number), or end the round
+    without one when the aggregate is not finite (None)."""
     base_state, config = load_state(session, r.base_version, cache)
     rows = session.execute(
         select(
@@ -415,8 +445,12 @@ def _close_round(
             del delta, payload
         del buffer
         total_examples, count = acc.total_examples, acc.count
+        mean = acc.take_result()
+        if not _finite(mean):
+            _end_without_version(session, settings, r, now, count)
+            return None
         # The mean becomes the new state in place: no second model-sized buffer.
-        new_state = apply_delta_in_place(acc.take_result(), base_state)
+        new_state = apply_delta_in_place(mean, base_state)
     else:
         strategy = strategy_from_settings(settings)
 
@@ -442,6 +476,9 @@ def _close_round(
     adam = None
     if settings.server_optimizer == "adam":
         new_state, adam = server_step(session, settings, r.base_version, base_state, new_state)
+    if not _finite(new_state):
+        _end_without_version(session, settings, r, now, count)
+        return None
     new_state, new_config = grow_state(new_state, config, catalog_size(session))
     metrics: dict[str, float] = weighted_metrics((m or {}, int(n)) for _, _, n, m, _, _ in rows)
     # A privacy loss is as large as the worst node's, not an average.
