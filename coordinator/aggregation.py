@@ -249,17 +249,22 @@ def clip_update(update: Mapping[str, torch.Tensor], max_norm: float) -> StateDic
 def aggregate_clipped(
     updates: Sequence[WeightedUpdate], *, max_norm: float | None = None
 ) -> StateDict:
-    """Norm clipping, then the sample-weighted mean.
+    """Norm clipping, then the sample-weighted mean with each weight capped at the
+    round's median count.
 
     `max_norm=None` clips to the median update norm of the round, so no update
-    can weigh in with more than a typical update's length (scale attacks).
+    can weigh in with more than a typical update's length (scale attacks). The
+    cap does the same for the weights: a sample count is a claim a hostile node
+    controls, and one claiming 1e8 examples made the mean its own update. Both
+    medians are the lower middle value, so with two nodes the smaller one counts.
     """
     items = _checked(updates)
     if max_norm is None:
-        max_norm = float(statistics.median(update_norm(u) for u, _ in items))
+        max_norm = float(statistics.median_low(update_norm(u) for u, _ in items))
     elif max_norm <= 0:
         raise ValueError("max_norm must be positive")
-    return aggregate_weighted_mean((clip_update(u, max_norm), n) for u, n in items)
+    cap = statistics.median_low(n for _, n in items)
+    return aggregate_weighted_mean((clip_update(u, max_norm), min(n, cap)) for u, n in items)
 
 
 def _stacked(items: Sequence[WeightedUpdate], name: str) -> torch.Tensor:

@@ -53,12 +53,26 @@ def test_clipped_bounds_a_scaled_update() -> None:
     honest = [(upd([1, 0], 0), 1), (upd([0, 1], 0), 1)]
     attacker = (upd([100, 0], 0), 2)
     out = aggregate_clipped([*honest, attacker], max_norm=1.0)
-    # The attacker is cut to [1, 0]: (1*[1,0] + 1*[0,1] + 2*[1,0]) / 4
-    assert torch.equal(out["w"], torch.tensor([0.75, 0.25]))
+    # The attacker is cut to [1, 0] and its weight to the median count (1):
+    # (1*[1,0] + 1*[0,1] + 1*[1,0]) / 3
+    assert torch.allclose(out["w"], torch.tensor([2 / 3, 1 / 3]))
     # Default bound: the median norm (here 1.0), same answer.
     assert torch.equal(aggregate_clipped([*honest, attacker])["w"], out["w"])
     with pytest.raises(ValueError):
         aggregate_clipped(honest, max_norm=0.0)
+
+
+def test_clipped_caps_a_claimed_sample_count_and_works_with_two_nodes() -> None:
+    """A sign-flipped update of honest length claiming 1e8 examples once turned the
+    mean into its own (-1 where the honest mean is +1); with two nodes the median
+    norm was their average, so a scaled update was barely clipped."""
+    honest = [(upd([1, 0], 0), 100), (upd([1, 0], 0), 120), (upd([1, 0], 0), 90)]
+    flipped = (upd([-1, 0], 0), 100_000_000)
+    out = aggregate_clipped([*honest, flipped])["w"]
+    # Weights 100, 100 (capped at the lower median, 100), 90, 100: (290 - 100) / 390.
+    assert torch.allclose(out, torch.tensor([190 / 390, 0.0]))
+    two = aggregate_clipped([(upd([1, 0], 0), 10), (upd([1000, 0], 0), 10)])["w"]
+    assert torch.allclose(two, torch.tensor([1.0, 0.0]))  # clipped to the smaller norm
 
 
 def test_trim_count() -> None:
