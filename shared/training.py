@@ -331,8 +331,14 @@ def _ranks_from_scores(
         row = scores[i].clone()
         if seq.items:
             row[torch.tensor(seq.items, dtype=torch.long)] = float("-inf")
-        target = held_out[user]
-        out[user] = int((row > row[target]).sum())
+        score = row[held_out[user]]
+        if not bool(torch.isfinite(score)):
+            out[user] = row.numel()  # a NaN or infinite score is never a hit
+            continue
+        # Ties count against the held-out item, and a NaN elsewhere ranks above it: a
+        # constant (or diverged) scorer must not look perfect.
+        row = torch.nan_to_num(row, nan=float("inf"))
+        out[user] = int((row >= score).sum()) - 1
     return out
 
 

@@ -42,3 +42,30 @@ def test_summary_is_the_mean_over_users() -> None:
 
 def test_summary_of_nobody_is_zero_with_zero_users() -> None:
     assert summarize_ranks([], k=10) == {"hr@10": 0.0, "ndcg@10": 0.0, "users": 0}
+
+
+@pytest.mark.parametrize(
+    ("scores", "rank"),
+    [
+        ([0.5, 0.5, 0.5, 0.5, 0.5], 3),  # a tie with every other item counts against it
+        ([0.9, 0.5, 0.5, 0.1, 0.1], 1),  # row 0 is excluded; one tie
+        ([0.1, 0.5, 0.9, 0.5, 0.1], 2),  # one strictly higher, one tied
+        ([0.1, 0.5, 0.2, 0.1, 0.1], 0),
+        ([0.1, float("nan"), 0.9, 0.1, 0.1], 5),  # NaN held-out score: never a hit
+        ([0.1, 0.5, float("nan"), 0.1, 0.1], 1),  # NaN elsewhere ranks above it
+        ([0.1, float("inf"), 0.2, 0.1, 0.1], 5),
+    ],
+)
+def test_held_out_rank_counts_ties_and_nan_against_the_item(scores: list[float], rank: int) -> None:
+    """The held-out item is row 1; row 0 is the user's training item (excluded). A
+    constant or diverged scorer once ranked every held-out item first: HR@10 = 1."""
+    import torch
+
+    from shared.training import UserSequence, rank_with_scores
+
+    ranks = rank_with_scores(
+        lambda users: torch.tensor([scores] * len(users)),
+        {"u": UserSequence([0], [1], 0)},
+        {"u": 1},
+    )
+    assert ranks == {"u": rank}
