@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,15 +32,18 @@ from tests.sec_support import ADMIN, ADMIN_TOKEN, bearer, row_counts, seeded_del
 MAX_UPDATE_BYTES = 256 * 1024
 
 
-def _coordinator(db_url: str) -> Iterator[tuple[TestClient, str]]:
+def _coordinator(db_url: str, **overrides: Any) -> Iterator[tuple[TestClient, str]]:
     settings = CoordinatorSettings(
-        database_url=db_url,
-        admin_token=ADMIN_TOKEN,
-        min_updates=3,
-        round_check_seconds=0.05,
-        embedding_dim=4,
-        max_update_bytes=MAX_UPDATE_BYTES,
-        max_num_examples=1000,
+        **{
+            "database_url": db_url,
+            "admin_token": ADMIN_TOKEN,
+            "min_updates": 3,
+            "round_check_seconds": 0.05,
+            "embedding_dim": 4,
+            "max_update_bytes": MAX_UPDATE_BYTES,
+            "max_num_examples": 1000,
+            **overrides,
+        }
     )
     with TestClient(create_app(settings)) as client:
         assert client.put("/v1/catalog", json=tiny_catalog(20), headers=ADMIN).status_code == 200
@@ -414,15 +418,7 @@ def test_an_aggregate_that_overflows_makes_no_version_and_the_round_is_redone(
 ) -> None:
     """Each update is finite, but n_k x delta_k summed in float32 is not: that version was
     made active (and, scoring every item Inf, reported HR@10 = 1)."""
-    settings = CoordinatorSettings(
-        database_url=sqlite_url,
-        admin_token=ADMIN_TOKEN,
-        min_updates=1,
-        round_check_seconds=0.05,
-        embedding_dim=4,
-    )
-    with TestClient(create_app(settings)) as client:
-        assert client.put("/v1/catalog", json=tiny_catalog(20), headers=ADMIN).status_code == 200
+    for client, _ in _coordinator(sqlite_url, min_updates=1, max_num_examples=100_000_000):
         node = _register(client, "eu-1")
         huge = state_to_bytes(
             {k: torch.full_like(v, 1e31) for k, v in bytes_to_state(_weights(client)).items()}
