@@ -60,7 +60,9 @@ class CoordinatorSettings(BaseSettings):
         default=1e-8, gt=0, le=1, description="adam: tau, added to sqrt(v) (Reddi et al.)."
     )
     clip_norm: float | None = Field(
-        default=None, gt=0, description="clipped: L2 bound per update (unset: the round's median)."
+        default=None,
+        gt=0,
+        description="clipped: L2 bound per update (unset: the round's lower median norm).",
     )
     trim_fraction: float = Field(
         default=0.2, ge=0, lt=0.5, description="trimmed_mean: share dropped at each end."
