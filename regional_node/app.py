@@ -23,12 +23,12 @@ from regional_node.store import EventStore
 from shared.db import database_ready
 from shared.errors import Unprocessable, error_responses, install_error_handlers
 from shared.schemas import (
-    COUNTRY_PATTERN,
     IDENTIFIER_PATTERN,
     EventIn,
     EventsAccepted,
     NodeStatus,
     RecommendResponse,
+    normalize_country,
 )
 from shared.streaming import BodySizeLimit
 
@@ -117,7 +117,8 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         user_id: Annotated[str | None, Query(max_length=128, pattern=IDENTIFIER_PATTERN)] = None,
         k: Annotated[int, Query(ge=1, le=200)] = 10,
         country: Annotated[
-            str | None, Query(max_length=8, pattern=COUNTRY_PATTERN.replace("A-Z", "A-Za-z"))
+            str | None,
+            Query(max_length=32, description="Country code, normalised as events' are."),
         ] = None,
         session_items: Annotated[
             str | None,
@@ -135,13 +136,17 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         # above documents it.
         if min_price is not None and max_price is not None and min_price > max_price:
             raise Unprocessable(f"min_price {min_price} is above max_price {max_price}")
+        try:
+            country = normalize_country(country) if country is not None else None
+        except ValueError as exc:
+            raise Unprocessable(str(exc)) from None
         session = [s.strip() for s in (session_items or "").split(",") if s.strip()]
         body = service.recommend_for(
             store,
             runtime,
             user_id=user_id,
             k=k,
-            country=country.upper() if country else None,
+            country=country,
             session_items=session[-100:],  # the newest
             filters=Filters(
                 category=_stripped(category),

@@ -32,7 +32,7 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from shared.schemas import EVENT_TYPES, CatalogItem, EventIn
+from shared.schemas import EVENT_TYPES, CatalogItem, EventIn, normalize_country
 
 CATALOG_COLUMNS: tuple[str, ...] = (
     "item_id",
@@ -60,7 +60,6 @@ MAX_ERRORS_IN_MESSAGE = 20
 # not later when a row becomes an EventIn.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$")
 _ID_MAX_LEN = 128
-_COUNTRY_MAX_LEN = 8
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
 _EVENT_TYPE_SET = frozenset(EVENT_TYPES)
 _EVENT_TYPES_TEXT = ", ".join(EVENT_TYPES)
@@ -133,7 +132,10 @@ def parse_timestamp(value: str) -> datetime:
         raise ValueError(f"timestamp {value!r} is neither ISO 8601 nor Unix seconds") from exc
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
+        raise ValueError(f"timestamp {value!r} is out of range in UTC") from None
 
 
 def format_timestamp(value: datetime) -> str:
@@ -369,11 +371,12 @@ def read_events_csv(
             timestamp = parse_timestamp(row[i_ts])
         except ValueError as exc:
             errors.append(RowError(line, str(exc)))
-        country = (row[i_country].strip().upper() or None) if i_country is not None else None
-        if country is not None and len(country) > _COUNTRY_MAX_LEN:
-            errors.append(
-                RowError(line, f"country {country!r} is longer than {_COUNTRY_MAX_LEN} characters")
-            )
+        country = None
+        if i_country is not None:
+            try:
+                country = normalize_country(row[i_country])
+            except ValueError as exc:
+                errors.append(RowError(line, str(exc)))
         region = (row[i_region].strip() or None) if i_region is not None else None
         if region is not None:
             problem = _id_problem("region", region)

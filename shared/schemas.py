@@ -8,6 +8,7 @@ never leaves its region.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -22,8 +23,28 @@ EventType = Literal["view", "click", "add_to_cart", "purchase"]
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$"
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
 
-# A country code as events carry it (upper-cased first): letters, digits, '-'.
+# A country code as events carry it (normalised first): letters, digits, '-'.
 COUNTRY_PATTERN = r"^[A-Z0-9][A-Z0-9\-]*$"
+_COUNTRY_RE = re.compile(COUNTRY_PATTERN)
+COUNTRY_MAX_LENGTH = 8
+
+
+def normalize_country(value: str) -> str | None:
+    """A country as storefronts write it -> the stored code, or None when blank.
+
+    Upper-cased, dots dropped, blanks and '_' as '-' ("u.k." -> "UK", "gb eng" ->
+    "GB-ENG"). ValueError when what is left is not letters, digits and '-' (a NUL
+    character, say, which PostgreSQL text cannot hold) or is longer than 8.
+    """
+    code = "-".join(value.upper().replace(".", "").replace("_", " ").split()).strip("-")
+    if not code:
+        return None
+    if len(code) > COUNTRY_MAX_LENGTH or not _COUNTRY_RE.match(code):
+        raise ValueError(
+            f"country {value!r} is not a code of letters, digits and '-' of at most "
+            f"{COUNTRY_MAX_LENGTH} characters"
+        )
+    return code
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -116,7 +137,12 @@ class EventIn(BaseModel):
     item_id: Identifier
     event_type: EventType
     timestamp: datetime
-    country: str | None = Field(default=None, max_length=8, pattern=COUNTRY_PATTERN)
+    country: str | None = Field(
+        default=None,
+        max_length=COUNTRY_MAX_LENGTH,
+        pattern=COUNTRY_PATTERN,
+        description="ISO-style country code; 'u.k.' is stored as 'UK', 'gb eng' as 'GB-ENG'.",
+    )
 
     @field_validator("timestamp")
     @classmethod
@@ -131,10 +157,7 @@ class EventIn(BaseModel):
     @field_validator("country", mode="before")
     @classmethod
     def _country(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.strip().upper()
-            return value or None
-        return value
+        return normalize_country(value) if isinstance(value, str) else value
 
 
 class NodeRegistration(BaseModel):

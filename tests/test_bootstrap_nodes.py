@@ -30,6 +30,9 @@ def test_parse_entries() -> None:
     ]
     # The secret may itself contain ':'.
     assert parse_bootstrap_nodes("eu-1:EU:a:b:c:d:e:f:g:h:i")[0].secret == "a:b:c:d:e:f:g:h:i"
+    # ... and inner blanks: a passphrase travels whole in "Authorization: Bearer <token>".
+    phrase = "correct horse battery staple"
+    assert parse_bootstrap_nodes(f"eu-1:EU:{phrase}")[0].secret == phrase
     assert BootstrapNode("eu-1", "EU", SECRET_EU).token == f"eu-1.{SECRET_EU}"
 
 
@@ -40,7 +43,7 @@ def test_parse_entries() -> None:
         ("eu-1:EU:short", "shorter than 16"),
         # The token "<id>.<secret>" is split at its last '.': this one could never log in.
         ("eu-9:EU:my.long.secret.value.123", "other than '.'"),
-        ("eu-9:EU:long secret with blanks", "printable ASCII"),
+        ("eu-9:EU:s\u00e9cret-s\u00e9cret-s\u00e9cret", "printable ASCII"),
         (f"eu-1:EU:{SECRET_EU},eu-1:EU:{SECRET_NA}", "listed twice"),
         (f"eu 1:EU:{SECRET_EU}", "node_id"),
     ],
@@ -82,7 +85,7 @@ def test_a_bootstrap_token_authenticates_the_node(sqlite_url: str) -> None:
     settings = CoordinatorSettings(
         database_url=sqlite_url,
         admin_token="admin-token",
-        bootstrap_nodes=f"eu-1:EU:{SECRET_EU}",
+        bootstrap_nodes=f"eu-1:EU:{SECRET_EU},na-1:NA:correct horse battery staple",
         embedding_dim=8,
     )
     with TestClient(create_app(settings)) as client:
@@ -92,5 +95,8 @@ def test_a_bootstrap_token_authenticates_the_node(sqlite_url: str) -> None:
         bad = {"Authorization": "Bearer eu-1.not-the-secret-at-all"}
         assert client.get("/v1/models/1/weights", headers=good).status_code == 200
         assert client.get("/v1/models/1/weights", headers=bad).status_code == 401
+        phrase = {"Authorization": "Bearer na-1.correct horse battery staple"}
+        assert client.get("/v1/models/1/weights", headers=phrase).status_code == 200
         nodes = client.get("/v1/nodes", headers=admin).json()
-        assert [(n["node_id"], n["region"]) for n in nodes] == [("eu-1", "EU")]
+        registered = sorted((n["node_id"], n["region"]) for n in nodes)
+        assert registered == [("eu-1", "EU"), ("na-1", "NA")]

@@ -286,3 +286,21 @@ def test_the_demo_refuses_settings_it_cannot_run_before_starting_anything(
 def _err(capsys: pytest.CaptureFixture[str]) -> str:
     """What the command wrote to stderr, with the console's line wrapping undone."""
     return " ".join(capsys.readouterr().err.split())
+
+
+def test_a_country_or_timestamp_no_event_can_hold_is_a_line_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    rows = tmp_path / "events.csv"
+    rows.write_text(
+        "user_id,item_id,event_type,timestamp,country\n"
+        "u1,J1,view,2026-10-01T10:00:00Z,u.k.\n"  # stored as UK
+        "u2,J1,view,2026-10-01T10:00:00Z,TOOLONGCODE\n"
+        "u3,J1,view,0001-01-01T00:00:00+01:00,DE\n"
+    )
+    assert _run(["import", str(rows), "--database-url", url, "--region", "EU"]) == 2
+    err = _err(capsys)
+    assert "line 3" in err and "not a code" in err
+    assert "line 4" in err and "out of range" in err and "Traceback" not in err
+    assert _store_count(url) == 0

@@ -53,10 +53,10 @@ def parse_bootstrap_nodes(spec: str) -> list[BootstrapNode]:
             raise ValueError(
                 f"bootstrap node {node_id!r}: secret shorter than {MIN_SECRET_LENGTH} characters"
             )
-        if not all("!" <= c <= "~" and c != "." for c in secret):
+        if not all(" " <= c <= "~" and c != "." for c in secret):
             # The token is "<node_id>.<secret>", split at its last '.': a '.' in the secret
-            # registered a node whose token never authenticated. Blanks and non-ASCII
-            # characters cannot travel in an Authorization header.
+            # registered a node whose token never authenticated. Control and non-ASCII
+            # characters cannot travel in an Authorization header (inner blanks can).
             raise ValueError(
                 f"bootstrap node {node_id!r}: the secret may only hold printable ASCII "
                 "characters other than '.'"
