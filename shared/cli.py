@@ -279,7 +279,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         payload = report.as_json()
         payload["config"]["seconds"] = {m: round(s, 2) for m, s in report.seconds.items()}
         payload["config"]["wall_seconds"] = round(elapsed, 2)
-        write_atomically(Path(args.json), json.dumps(payload, indent=2) + "\n")
+        from shared.data import atomic_text_file
+
+        with atomic_text_file(args.json) as fh:
+            fh.write(json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {args.json}")
     return 0
 
@@ -311,16 +314,6 @@ def _simulate_argument_problem(args: argparse.Namespace, rounds: int) -> str | N
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             return f"--json: cannot write into {folder} (checked before the run)"
     return None
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` whole or not at all (a temporary file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- import

@@ -25,6 +25,7 @@ import math
 import os
 import re
 from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -408,19 +409,27 @@ def event_record_to_event_in(e: EventRecord) -> EventIn:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: str | Path, header: tuple[str, ...], rows: Iterable[list[str]]) -> None:
-    """Write via a temp file + rename so readers never see a half-written CSV."""
+@contextmanager
+def atomic_text_file(path: str | Path) -> Iterator[TextIO]:
+    """A UTF-8 text file that appears at `path` whole or not at all: written to a temp
+    file beside it and renamed over it when the block ends without an error."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows(rows)
+            yield fh
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_atomic(path: str | Path, header: tuple[str, ...], rows: Iterable[list[str]]) -> None:
+    """Write via a temp file + rename so readers never see a half-written CSV."""
+    with atomic_text_file(path) as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def _format_price(price: float | None) -> str:
