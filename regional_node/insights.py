@@ -105,11 +105,7 @@ def compute_report(
     """
     attrs = {item.item_id: item_attributes(item) for item in catalog}
     secret = noise_secret if noise_secret is not None else os.urandom(32)
-    rows = [
-        (u, attrs[i], k, t, event_key(secret, u, i, k, t) if noise_scale > 0 else 0)
-        for u, i, k, t in events
-        if k in INSIGHT_KINDS and i in attrs
-    ]
+    rows = [(u, i, k, t) for u, i, k, t in events if k in INSIGHT_KINDS and i in attrs]
     if not rows:
         return None
     as_of = datetime.fromtimestamp(max(row[3] for row in rows), UTC)
@@ -122,11 +118,13 @@ def compute_report(
     users: dict[tuple[str, str, str], list[set[str]]] = {}
     cell_keys: dict[tuple[str, str, str], list[int]] = {}
     window_users: dict[tuple[str, str, str], set[str]] = {}
-    for user, a, kind, t, key in rows:
+    for user, item, kind, t in rows:
         ts = datetime.fromtimestamp(t, UTC)
         if ts < first:
             continue
         w = (week_start(ts) - first).days // 7
+        a = attrs[item]
+        key = event_key(secret, user, item, kind, t) if noise_scale > 0 else 0
         for dim in INSIGHT_DIMENSIONS:
             here = (kind, dim, a[dim])
             if here not in counts:

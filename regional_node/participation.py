@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import multiprocessing
@@ -765,8 +766,14 @@ class Participant:
             weeks=s.insights_weeks,
             min_users=s.insights_min_users,
             noise_scale=s.insights_noise_scale,
-            noise_secret=self.store.secret("insights-noise"),
+            noise_secret=self._insights_secret,
         )
+
+    @functools.cached_property
+    def _insights_secret(self) -> bytes:
+        """The key of the insights noise: made once, kept in the node's database, read
+        once per process (not a database transaction per report)."""
+        return self.store.secret("insights-noise")
 
     async def run_insights_forever(self) -> None:
         """Push the regional report every NODE_INSIGHTS_INTERVAL_SECONDS, and after a round
