@@ -149,9 +149,9 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
             country=country,
             session_items=session[-100:],  # the newest
             filters=Filters(
-                category=_stripped(category),
-                material=_stripped(material),
-                gemstone=_stripped(gemstone),
+                category=category,
+                material=material,
+                gemstone=gemstone,
                 max_price=max_price,
                 min_price=min_price,
             ),
@@ -186,8 +186,3 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         return {"status": "ready"}
 
     return app
-
-
-def _stripped(value: str | None) -> str | None:
-    """A filter value as the catalog's are compared: surrounding blanks dropped."""
-    return (value.strip() or None) if value is not None else None

@@ -26,7 +26,7 @@ from regional_node.ann import (
 )
 from shared.features import ItemFeatures, build_item_features, country_bucket
 from shared.model import EVENT_TYPE_IDS, HybridTwoTower, ModelConfig
-from shared.schemas import CatalogItem
+from shared.schemas import CatalogItem, attribute_value
 from shared.serialization import StateDict
 
 
@@ -201,11 +201,19 @@ class FilterPlan:
 
 @dataclass(frozen=True)
 class Filters:
+    """Attribute values are compared as the catalog stores them (`attribute_value`)."""
+
     category: str | None = None
     material: str | None = None
     gemstone: str | None = None
     max_price: float | None = None
     min_price: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("category", "material", "gemstone"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, attribute_value(value))
 
 
 def candidate_mask(serving: ServingModel, filters: Filters, exclude: Sequence[str]) -> torch.Tensor:
@@ -213,7 +221,7 @@ def candidate_mask(serving: ServingModel, filters: Filters, exclude: Sequence[st
     for name in ("category", "material", "gemstone"):
         value = getattr(filters, name)
         if value:
-            value_mask = serving.masks[name].get(value.lower())
+            value_mask = serving.masks[name].get(value)
             if value_mask is None:
                 return torch.zeros_like(mask)
             mask &= value_mask

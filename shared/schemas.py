@@ -29,6 +29,12 @@ _COUNTRY_RE = re.compile(COUNTRY_PATTERN)
 COUNTRY_MAX_LENGTH = 8
 
 
+def attribute_value(value: str) -> str | None:
+    """A category, material or gemstone as the catalog stores it and filters compare it:
+    surrounding blanks dropped, lower case; blank is missing (None)."""
+    return value.strip().lower() or None
+
+
 def normalize_country(value: str) -> str | None:
     """A country as storefronts write it -> the stored code, or None when blank.
 
@@ -91,7 +97,7 @@ class CatalogItem(BaseModel):
     )
     price_usd: float | None = Field(default=None, ge=0, le=10_000_000)
 
-    @field_validator("category", "material", "gemstone", "title", mode="before")
+    @field_validator("title", mode="before")
     @classmethod
     def _blank_is_missing(cls, value: object) -> object:
         if isinstance(value, str):
@@ -99,10 +105,10 @@ class CatalogItem(BaseModel):
             return value or None
         return value
 
-    @field_validator("category", "material", "gemstone")
+    @field_validator("category", "material", "gemstone", mode="before")
     @classmethod
-    def _lower(cls, value: str | None) -> str | None:
-        return value.lower() if value else value
+    def _attribute(cls, value: object) -> object:
+        return attribute_value(value) if isinstance(value, str) else value
 
     @field_validator("style_tags")
     @classmethod
