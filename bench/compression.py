@@ -61,8 +61,8 @@ from shared.training import (
     TrainConfig,
     UserSequence,
     build_sequences,
-    fine_tuned_state,
     make_examples,
+    rank_fine_tuned_regions,
     rank_held_out,
     split_leave_last_out,
     train_local,
@@ -175,17 +175,23 @@ def simulate(
     model.load_state_dict(state)
     ranks = rank_held_out(model, fed.features, fed.train, fed.held_out)
     summary = summarize_ranks(ranks.values(), k=10)
-    served: dict[str, int] = {}
-    tuned = HybridTwoTower(fed.config)
-    for i, (region, (train, held)) in enumerate(fed.region_users.items()):
-        cfg = TrainConfig(
-            epochs=personal_epochs, lr=personal_lr, batch_size=256, seed=seed + 999 - i
-        )
-        fine_tuned_state(
-            tuned, state, fed.features, fed.regions[region], cfg, DEFAULT_PERSONAL_GLOBAL_SHARE
-        )
-        tuned.eval()
-        served.update(rank_held_out(tuned, fed.features, train, held))
+    served = rank_fine_tuned_regions(
+        state,
+        HybridTwoTower(fed.config),
+        fed.features,
+        (
+            (
+                fed.regions[region],
+                train,
+                held,
+                TrainConfig(
+                    epochs=personal_epochs, lr=personal_lr, batch_size=256, seed=seed + 999 - i
+                ),
+            )
+            for i, (region, (train, held)) in enumerate(fed.region_users.items())
+        ),
+        DEFAULT_PERSONAL_GLOBAL_SHARE,
+    )
     return {
         "hr@10": float(summary["hr@10"]),
         "served_hr@10": float(summarize_ranks(served.values(), k=10)["hr@10"]),

@@ -46,8 +46,8 @@ from shared.training import (
     TrainConfig,
     UserSequence,
     build_sequences,
-    fine_tuned_state,
     make_examples,
+    rank_fine_tuned_regions,
     rank_held_out,
     split_leave_last_out,
     train_local,
@@ -219,15 +219,20 @@ def evaluate_served(
 ) -> dict[str, float]:
     """Each region fine-tunes the global weights on its own data, blends them like a node
     (`global_share` of the global weights) and ranks its own users."""
-    config, features, train, held = market.config, market.features, market.train, market.held
-    ranks: list[int] = []
-    for i, region in enumerate(sorted(train)):
-        model = HybridTwoTower(config)
-        examples = make_examples(train[region].values(), config.max_history)
-        tuned = dataclasses.replace(local, seed=seed + i)
-        fine_tuned_state(model, state, features, examples, tuned, global_share)
-        ranks.extend(rank_held_out(model, features, train[region], held[region]).values())
-    return summarize_ranks(ranks, k=10)
+    config, train, held = market.config, market.train, market.held
+    regions = (
+        (
+            make_examples(train[region].values(), config.max_history),
+            train[region],
+            held[region],
+            dataclasses.replace(local, seed=seed + i),
+        )
+        for i, region in enumerate(sorted(train))
+    )
+    ranks = rank_fine_tuned_regions(
+        state, HybridTwoTower(config), market.features, regions, global_share
+    )
+    return summarize_ranks(ranks.values(), k=10)
 
 
 def score_state(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,8 @@ from shared.training import (
     TrainConfig,
     UserSequence,
     build_sequences,
-    fine_tuned_state,
     make_examples,
+    rank_fine_tuned_regions,
     rank_held_out,
     rank_with_scores,
     split_leave_last_out,
@@ -473,23 +473,24 @@ def rank_fine_tuned(
     NODE_PERSONALIZE_LEARNING_RATE)."""
     global_state = {k: v.detach().clone() for k, v in run.global_model.state_dict().items()}
     model = HybridTwoTower(run.global_model.config)
-    ranks: dict[str, int] = {}
-    for i, region in enumerate(data.regions):
-        train, held = _subset(data, data.users_of(region))
-        tune = replace(
-            config.train_config(
-                epochs,
-                config.seed * 1000 + 999 - i,  # apart from the rounds' seeds
-            ),
-            lr=config.personal_lr,
-        )
-        examples = make_examples(train.values(), model.config.max_history)
-        fine_tuned_state(
-            model, global_state, data.features, examples, tune, config.personal_global_share
-        )
-        model.eval()
-        ranks.update(rank_held_out(model, data.features, train, held))
-    return ranks
+
+    def regions() -> Iterator[
+        tuple[Examples, dict[str, UserSequence], dict[str, int], TrainConfig]
+    ]:
+        for i, region in enumerate(data.regions):
+            train, held = _subset(data, data.users_of(region))
+            tune = replace(
+                config.train_config(
+                    epochs,
+                    config.seed * 1000 + 999 - i,  # apart from the rounds' seeds
+                ),
+                lr=config.personal_lr,
+            )
+            yield make_examples(train.values(), model.config.max_history), train, held, tune
+
+    return rank_fine_tuned_regions(
+        global_state, model, data.features, regions(), config.personal_global_share
+    )
 
 
 class _FederatedRanker:

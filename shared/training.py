@@ -264,6 +264,26 @@ def fine_tuned_state(
     return served
 
 
+def rank_fine_tuned_regions(
+    state: dict[str, torch.Tensor],
+    model: HybridTwoTower,
+    features: ItemFeatures,
+    regions: Iterable[tuple[Examples, dict[str, UserSequence], dict[str, int], TrainConfig]],
+    base_share: float,
+) -> dict[str, int]:
+    """Each region's users ranked by what its node serves: the global `state` fine-tuned on
+    the region's (examples, with its own config) and blended (`fine_tuned_state`).
+
+    `regions`: (training examples, users' training sequences, held-out rows, fine-tune
+    config) per region; `model` (of the state's config) is reused for each.
+    """
+    ranks: dict[str, int] = {}
+    for examples, train, held, tune in regions:
+        fine_tuned_state(model, state, features, examples, tune, base_share)
+        ranks.update(rank_held_out(model, features, train, held))
+    return ranks
+
+
 def _negative_pool(examples: Examples, num_rows: int, source: str) -> torch.Tensor | None:
     """Rows negatives are drawn from; None means the whole catalog."""
     if source == "catalog":
