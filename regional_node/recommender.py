@@ -28,6 +28,7 @@ from shared.features import ItemFeatures, build_item_features, country_bucket
 from shared.model import EVENT_TYPE_IDS, HybridTwoTower, ModelConfig
 from shared.schemas import CatalogItem, attribute_value
 from shared.serialization import StateDict
+from shared.training import UserSequence
 
 
 @dataclass(frozen=True)
@@ -292,8 +293,14 @@ def recommend(
     scores every item.
     """
     cfg = serving.model.config
-    known = [(serving.row_of[i], EVENT_TYPE_IDS[t]) for i, t in history if i in serving.row_of]
-    known = known[-cfg.max_history :]
+    # The history as training sees it: distinct items in first-contact order, each
+    # with its strongest event type (a raw event list repeats items).
+    seq = UserSequence()
+    for position, (item_id, event_type) in enumerate(history):
+        row = serving.row_of.get(item_id)
+        if row is not None:
+            seq.add(row, EVENT_TYPE_IDS[event_type], position)
+    known = list(zip(seq.items, seq.types, strict=True))[-cfg.max_history :]
     user = user_vector(serving, known, country_bucket(country, cfg.country_buckets))  # (d,)
     plan = filter_plan(serving, filters)
     rows = [serving.row_of[i] for i in exclude if i in serving.row_of]

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from regional_node.models import Event, NodeSecret, Participation, ServedSnapshot
 from shared.db import make_engine, make_session_factory, read_only, upgrade_to_head
+from shared.model import EVENT_TYPE_IDS
 from shared.schemas import EventIn
 
 # How much each event type says about interest, for regional popularity.
@@ -27,17 +28,27 @@ _RECENT_EVENTS = (
     .order_by(Event.ts.desc(), Event.id.desc())
     .limit(bindparam("limit"))
 )
-# /v1/recommend's one query: the user's newest events (part 0, newest first) and every
-# item the user bought (part 1). One round trip, and no timestamp parsing (ts only sorts).
+# /v1/recommend's one query. Part 0: the history training sees (shared.training): the
+# user's newest `limit` distinct items by first contact, each with its strongest event
+# type (the newest raw events would repeat one item and drop the ones before it).
+# Part 1: every item the user bought. Part 2: the newest event's country. One round
+# trip, and no timestamp parsing (ts only sorts).
+_TYPE_STRENGTH = " ".join(f"WHEN '{name}' THEN {i}" for name, i in EVENT_TYPE_IDS.items())
 _RECOMMEND_CONTEXT = text(
-    "SELECT 0 AS part, item_id, event_type, country, ts, id FROM ("
-    "SELECT item_id, event_type, country, ts, id FROM events WHERE user_id = :user_id "
-    "ORDER BY ts DESC, id DESC LIMIT :limit) AS recent "
+    "SELECT 0 AS part, item_id, strength, NULL AS country, first_ts AS ts, first_id AS id "
+    "FROM (SELECT item_id, MAX(CASE event_type " + _TYPE_STRENGTH + " ELSE 1 END) AS strength, "
+    "MIN(ts) AS first_ts, MIN(id) AS first_id FROM events WHERE user_id = :user_id "
+    "GROUP BY item_id ORDER BY first_ts DESC, first_id DESC LIMIT :limit) AS recent "
     "UNION ALL "
-    "SELECT DISTINCT 1, item_id, event_type, NULL, NULL, NULL FROM events "
-    "WHERE user_id = :user_id AND event_type = 'purchase' "
+    "SELECT 1, item_id, 0, NULL, MAX(ts), MAX(id) FROM events "
+    "WHERE user_id = :user_id AND event_type = 'purchase' GROUP BY item_id "
+    "UNION ALL "
+    "SELECT 2, NULL, 0, country, ts, id FROM (SELECT country, ts, id FROM events "
+    "WHERE user_id = :user_id AND country IS NOT NULL "
+    "ORDER BY ts DESC, id DESC LIMIT 1) AS newest "
     "ORDER BY part, ts DESC, id DESC"
 )
+_TYPE_NAMES = {i: name for name, i in EVENT_TYPE_IDS.items()}
 _PURCHASED = (
     select(Event.item_id)
     .where(Event.user_id == bindparam("user_id"), Event.event_type == "purchase")
@@ -128,19 +139,20 @@ class EventStore:
     def recommend_context(
         self, user_id: str, limit: int
     ) -> tuple[list[tuple[str, str]], set[str], str | None]:
-        """(newest `limit` events as (item_id, event_type), oldest first; purchased items;
-        the country of the newest event that has one): one query, for /v1/recommend."""
+        """(the newest `limit` distinct items as (item_id, strongest event type), in
+        first-contact order, oldest first; purchased items; the country of the newest
+        event that has one): one query, for /v1/recommend."""
         with self.reader.connect() as conn:
             rows = conn.execute(_RECOMMEND_CONTEXT, {"user_id": user_id, "limit": limit}).all()
         history: list[tuple[str, str]] = []
         purchased: set[str] = set()
         country: str | None = None
-        for part, item_id, event_type, event_country, _ts, _id in rows:
-            if part:
+        for part, item_id, strength, event_country, _ts, _id in rows:
+            if part == 0:
+                history.append((item_id, _TYPE_NAMES[strength]))
+            elif part == 1:
                 purchased.add(item_id)
-                continue
-            history.append((item_id, event_type))
-            if country is None and event_country:
+            else:
                 country = event_country
         history.reverse()
         return history, purchased, country

@@ -110,7 +110,7 @@ def pack_users(
             lo = max(0, t - max_history)
             k = t - lo
             history[i, j, max_history - k :] = torch.arange(lo, t)
-            types[i, j, max_history - k :] = torch.tensor(s.types[lo:t])
+            types[i, j, max_history - k :] = torch.tensor(s.types_window(lo, t))
             target[i, j] = t
     return UserBatch([u for u, _ in kept], seq, history, types, target, country, count)
 

@@ -5,7 +5,10 @@ benchmarks all call these, so what is evaluated is exactly what is deployed.
 
 A user's *interaction sequence* is the list of distinct items the user touched,
 in order of first contact, each with the strongest event type seen for it.
-Training predicts each next new item from the items before it.
+Training predicts each next new item from the items before it, each of them with
+the strongest type seen *before* that next item was first touched: a purchase made
+later is not known yet (and serving builds its history by the same rule,
+`UserSequence.add`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,55 @@ class UserSequence:
     items: list[int] = field(default_factory=list)  # catalog rows, first-contact order
     types: list[int] = field(default_factory=list)  # strongest event type id per item
     country: int = 0  # country bucket of the latest event
+    # Per position: (time, type id) of the item's first contact, then of each later
+    # event that raised its strongest type. Empty for a sequence made without times
+    # (then `types` is all that is known, at every position).
+    type_log: list[list[tuple[float, int]]] = field(default_factory=list)
+    _position: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def add(self, item: int, type_id: int, ts: float) -> None:
+        """One event, in time order: a new item is appended, a known one may get a
+        stronger type. The one rule for training sequences and serving histories."""
+        if len(self._position) != len(self.items):  # made from lists, not by add()
+            self._position = {row: i for i, row in enumerate(self.items)}
+            if len(self.type_log) != len(self.items):  # its types known from the start
+                self.type_log = [[(-math.inf, t)] for t in self.types]
+        pos = self._position.get(item)
+        if pos is None:
+            self._position[item] = len(self.items)
+            self.items.append(item)
+            self.types.append(type_id)
+            self.type_log.append([(ts, type_id)])
+        elif type_id > self.types[pos]:
+            self.types[pos] = type_id
+            self.type_log[pos].append((ts, type_id))
+
+    def types_window(self, lo: int, t: int) -> list[int]:
+        """Types of items[lo:t] as they stood when items[t] was first touched (events
+        at that same instant or later not counted)."""
+        if not self.type_log or t >= len(self.items):
+            return self.types[lo:t]
+        cutoff = self.type_log[t][0][0]
+        out: list[int] = []
+        for log in self.type_log[lo:t]:
+            type_id = log[0][1]
+            for ts, upgraded in log[1:]:
+                if ts >= cutoff:
+                    break
+                type_id = upgraded
+            out.append(type_id)
+        return out
+
+    def before(self, t: int) -> UserSequence:
+        """items[:t] with only what was known when items[t] was first touched."""
+        if not self.type_log:
+            return UserSequence(self.items[:t], self.types[:t], self.country)
+        cutoff = self.type_log[t][0][0]
+        log = [
+            [e for i, e in enumerate(entries) if i == 0 or e[0] < cutoff]
+            for entries in self.type_log[:t]
+        ]
+        return UserSequence(self.items[:t], [entries[-1][1] for entries in log], self.country, log)
 
 
 def build_sequences(
@@ -37,20 +89,11 @@ def build_sequences(
     """Events are (user_key, item_row, event_type, unix_time, country), in any order."""
     rows = sorted(events, key=lambda e: (e[0], e[3]))
     out: dict[str, UserSequence] = {}
-    position: dict[str, dict[int, int]] = {}
-    for user, item, etype, _ts, country in rows:
+    for user, item, etype, ts, country in rows:
         seq = out.get(user)
         if seq is None:
             seq = out[user] = UserSequence()
-            position[user] = {}
-        type_id = EVENT_TYPE_IDS[etype]
-        pos = position[user].get(item)
-        if pos is None:
-            position[user][item] = len(seq.items)
-            seq.items.append(item)
-            seq.types.append(type_id)
-        elif type_id > seq.types[pos]:
-            seq.types[pos] = type_id
+        seq.add(item, EVENT_TYPE_IDS[etype], ts)
         if country:
             seq.country = country_bucket(country, country_buckets)
     return out
@@ -92,7 +135,7 @@ def make_examples(sequences: Iterable[UserSequence], max_history: int) -> Exampl
     for seq in sequences:
         for t in range(1, len(seq.items)):
             lo = max(0, t - max_history)
-            histories.append((seq.items[lo:t], seq.types[lo:t]))
+            histories.append((seq.items[lo:t], seq.types_window(lo, t)))
             countries.append(seq.country)
             targets.append(seq.items[t])
     hist, types = _pack(histories, max_history)
@@ -112,7 +155,7 @@ def split_leave_last_out(
     held_out: dict[str, int] = {}
     for user, seq in sequences.items():
         if len(seq.items) >= 2:
-            train[user] = UserSequence(seq.items[:-1], seq.types[:-1], seq.country)
+            train[user] = seq.before(len(seq.items) - 1)
             held_out[user] = seq.items[-1]
         else:
             train[user] = seq

@@ -254,3 +254,40 @@ def test_storefront_spellings_of_a_country_are_stored_as_codes(node: TestClient)
     store = node.app.state.store  # type: ignore[attr-defined]
     stored = {store.recommend_context(f"u{i}", 5)[2] for i in range(4)}
     assert stored == {"UK", "GB-ENG", "DE"}
+
+
+def test_recommend_context_is_distinct_items_in_first_contact_order(
+    node_on_db: TestClient,
+) -> None:
+    # The history serving pools is the one training sees: the newest `limit` distinct
+    # items by first contact, each with its strongest type. Until 2026-11-27 it was the
+    # newest raw events, so 40 views of one item pushed every other item out.
+    def event(item: str, etype: str, t: int, country: str | None = None) -> dict[str, object]:
+        return {
+            "user_id": "h",
+            "item_id": item,
+            "event_type": etype,
+            "timestamp": t,
+            "country": country,
+        }
+
+    events = [
+        event("I001", "view", 1, "FR"),
+        event("I002", "view", 2),
+        event("I001", "purchase", 3),
+    ]
+    events += [event("I003", "view", 10 + i) for i in range(40)]
+    events += [event("I002", "add_to_cart", 60, "DE"), event("I004", "view", 61)]
+    r = node_on_db.post("/v1/events", json=events, headers=KEY)
+    assert r.status_code == 200 and r.json()["inserted"] == len(events), r.text
+    store = node_on_db.app.state.store  # type: ignore[attr-defined]
+    history, purchased, country = store.recommend_context("h", 30)
+    assert history == [
+        ("I001", "purchase"),
+        ("I002", "add_to_cart"),
+        ("I003", "view"),
+        ("I004", "view"),
+    ]
+    assert (purchased, country) == ({"I001"}, "DE")
+    assert store.recommend_context("h", 2)[0] == [("I003", "view"), ("I004", "view")]
+    assert store.recommend_context("nobody", 30) == ([], set(), None)
