@@ -19,6 +19,7 @@ import pickle
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -69,6 +70,9 @@ class NodeRuntime:
     next_retry_seconds: float | None = None
     rounds_joined: set[int] = field(default_factory=set)
     last_round_joined: int | None = None
+    # Open rounds this node left without an update (nothing to train on, left out of
+    # the secure-aggregation cohort): not retried, and not counted as joined.
+    rounds_skipped: set[int] = field(default_factory=set)
     dp_epsilon: float | None = None
     dp_releases: int = 0
     dp_steps: int = 0
@@ -214,8 +218,13 @@ class Participant:
         return None
 
     def _wants(self, rnd: RoundOut | None) -> bool:
-        joined = self.runtime.rounds_joined
-        return rnd is not None and rnd.state == "open" and rnd.round_id not in joined
+        rt = self.runtime
+        return (
+            rnd is not None
+            and rnd.state == "open"
+            and rnd.round_id not in rt.rounds_joined
+            and rnd.round_id not in rt.rounds_skipped
+        )
 
     async def step(self, fresh: RoundOut | None = None) -> None:
         """One pass: sync the catalog; train if a round needs us, while the serving model
@@ -243,7 +252,7 @@ class Participant:
         # its own process), and swapped in when ready.
         serving = asyncio.create_task(self.sync_serving())
         try:
-            await self.train_and_submit(rnd.round_id, rnd.base_version, encoding)
+            await self.train_and_submit(rnd.round_id, rnd.base_version, encoding, rnd.deadline)
         except asyncio.CancelledError:
             serving.cancel()
             raise
@@ -259,6 +268,12 @@ class Participant:
         pending, self._personal_pending = self._personal_pending, None
         if pending is not None:
             await self._serve_personalized(*pending)
+
+    def _skip_round(self, round_id: int, why: str) -> None:
+        log.info("skipping round %s: %s", round_id, why)
+        self.runtime.rounds_skipped.add(round_id)
+        if self.secagg is not None:
+            self.secagg.forget(round_id)
 
     def _mark_joined(self, round_id: int) -> None:
         self.runtime.rounds_joined.add(round_id)
@@ -387,6 +402,13 @@ class Participant:
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor(), timed_train_job, job)
+        except BrokenProcessPool:
+            # The worker died (killed for memory, a crash): the pool never recovers, so
+            # the next try starts a fresh worker instead of failing for good.
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
             self.runtime.training = False
 
@@ -421,7 +443,11 @@ class Participant:
         return blob
 
     async def train_and_submit(
-        self, round_id: int, base_version: int, encoding: str = "dense"
+        self,
+        round_id: int,
+        base_version: int,
+        encoding: str = "dense",
+        round_deadline: datetime | None = None,
     ) -> None:
         catalog = self.runtime.catalog
         if catalog is None:
@@ -449,7 +475,18 @@ class Participant:
         if not await self._within_budget(round_id):
             return
         if self.secagg is not None:
-            await self.secagg.join(round_id)  # before training, so the cohort can seal
+            # A key in the cohort promises an update: never publish one without examples.
+            if not await asyncio.to_thread(self.store.has_training_examples):
+                self._skip_round(round_id, "no training examples yet")
+                return
+            try:
+                await self.secagg.join(round_id)  # before training, so the cohort can seal
+            except CoordinatorError as exc:
+                if exc.status_code != 409:
+                    raise
+                # Sealed without this node, or closed: the round goes on without it.
+                self._skip_round(round_id, exc.detail)
+                return
         log.info(
             "training round %s on version %s",
             round_id,
@@ -460,10 +497,22 @@ class Participant:
         outcome, worker_seconds = await self._run_training(job)
         job_seconds = time.perf_counter() - started
         if outcome is None:
-            log.info("no training examples yet; skipping round %s", round_id)
+            self._skip_round(round_id, "no training examples yet")
             return
         metrics = dict(outcome.metrics)
+        payload, sha, encoding = outcome.delta, outcome.sha256, outcome.encoding
+        if self.secagg is not None:
+            try:
+                payload = await self.secagg.mask(
+                    round_id, outcome.delta, outcome.num_examples, round_deadline
+                )
+            except SecAggAborted as exc:
+                self._skip_round(round_id, str(exc))
+                return
+            sha, encoding = sha256_hex(payload), SECAGG_ENCODING
         if self.accountant is not None:
+            # Written before anything leaves the node, and only for what will be sent: a
+            # masking that gave up released nothing and spends nothing.
             await asyncio.to_thread(
                 self.accountant.record,
                 round_id,
@@ -474,16 +523,6 @@ class Participant:
             await self._refresh_privacy_status()
             assert self.runtime.dp_epsilon is not None
             metrics["dp_epsilon"] = self.runtime.dp_epsilon
-        payload, sha, encoding = outcome.delta, outcome.sha256, outcome.encoding
-        if self.secagg is not None:
-            try:
-                payload = await self.secagg.mask(round_id, outcome.delta, outcome.num_examples)
-            except SecAggAborted as exc:
-                log.warning("skipping round %s: %s", round_id, exc)
-                self.secagg.forget(round_id)
-                self._mark_joined(round_id)
-                return
-            sha, encoding = sha256_hex(payload), SECAGG_ENCODING
         try:
             receipt = await self.client.submit_update(
                 round_id,

@@ -7,6 +7,7 @@ import base64
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import torch
 
@@ -79,11 +80,24 @@ class SecureAggregationAgent:
             self._keys[round_id] = keys
         await self.client.publish_secagg_key(round_id, keys.public_key_b64)
 
-    async def mask(self, round_id: int, delta_bytes: bytes, num_examples: int) -> bytes:
+    async def mask(
+        self,
+        round_id: int,
+        delta_bytes: bytes,
+        num_examples: int,
+        round_deadline: datetime | None = None,
+    ) -> bytes:
+        """Wait for the cohort to seal, then mask. The coordinator seals at TARGET_UPDATES
+        keys or at the round's deadline, so the wait lasts `wait_seconds` past that
+        deadline (a node that gave up earlier would sit in the cohort without an update,
+        and with one node down every round would be redone)."""
         keys = self._keys.get(round_id)
         if keys is None:
             raise SecAggAborted(f"no key for round {round_id}")
-        deadline = time.monotonic() + self.wait_seconds
+        wait = self.wait_seconds
+        if round_deadline is not None:
+            wait += max(0.0, (round_deadline - datetime.now(UTC)).total_seconds())
+        deadline = time.monotonic() + wait
         while True:
             state = await self.client.secagg_state(round_id)
             if state.round_state != "open":

@@ -100,7 +100,9 @@ class NodeSettings(BaseSettings):
         "many items the request's filters allow; those are scored exactly.",
     )
     holdout_eval: bool = Field(
-        default=True, description="Hold out each user's last item to report held-out HR@10."
+        default=True,
+        description="Hold out each user's last item to report held-out HR@10 (only when "
+        "at least NODE_MIN_USERS_FOR_METRICS users are held out; else train on every item).",
     )
     min_users_for_metrics: int = Field(
         default=20, ge=1, description="Metrics over fewer users are not sent to the coordinator."
@@ -190,7 +192,10 @@ class NodeSettings(BaseSettings):
     )
     secure_aggregation: bool = Field(default=False, description="Pairwise-mask every update.")
     secagg_wait_seconds: float = Field(
-        default=120.0, gt=0, description="How long to wait for the secure-aggregation cohort."
+        default=120.0,
+        gt=0,
+        description="How long past the round's deadline to wait for the secure-aggregation "
+        "cohort to seal.",
     )
     insights_enabled: bool = Field(default=True, description="Push regional aggregates.")
     insights_min_users: int = Field(

@@ -49,6 +49,11 @@ _RECOMMEND_CONTEXT = text(
     "ORDER BY part, ts DESC, id DESC"
 )
 _TYPE_NAMES = {i: name for name, i in EVENT_TYPE_IDS.items()}
+# Some user touched two distinct items: there is a next-item example to train on.
+_HAS_EXAMPLE = text(
+    "SELECT 1 FROM events a WHERE EXISTS (SELECT 1 FROM events b "
+    "WHERE b.user_id = a.user_id AND b.item_id <> a.item_id) LIMIT 1"
+)
 _PURCHASED = (
     select(Event.item_id)
     .where(Event.user_id == bindparam("user_id"), Event.event_type == "purchase")
@@ -156,6 +161,11 @@ class EventStore:
                 country = event_country
         history.reverse()
         return history, purchased, country
+
+    def has_training_examples(self) -> bool:
+        """Whether some user touched two distinct items (one next-item example at least)."""
+        with self.reader.connect() as conn:
+            return conn.execute(_HAS_EXAMPLE).first() is not None
 
     def purchased_items(self, user_id: str) -> set[str]:
         with self.sessions() as session:

@@ -136,7 +136,11 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     train_seqs = sequences
     if job.holdout_eval:
         train_seqs, held_out = split_leave_last_out(sequences)
-        if len(held_out) >= job.min_users_for_metrics:
+        if len(held_out) < job.min_users_for_metrics:
+            # Too few users for a metric that may be sent: train on every item instead
+            # of withholding each user's last one for nothing.
+            train_seqs = sequences
+        else:
             # How well the *global* model (before local training) predicts this region.
             ranks = rank_held_out(model, features, train_seqs, held_out)
             summary = summarize_ranks(ranks.values(), k=10)

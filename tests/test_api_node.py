@@ -260,7 +260,7 @@ def test_recommend_context_is_distinct_items_in_first_contact_order(
     node_on_db: TestClient,
 ) -> None:
     # The history serving pools is the one training sees: the newest `limit` distinct
-    # items by first contact, each with its strongest type. Until 2026-11-27 it was the
+    # items by first contact, each with its strongest type. Until 2026-11-26 it was the
     # newest raw events, so 40 views of one item pushed every other item out.
     def event(item: str, etype: str, t: int, country: str | None = None) -> dict[str, object]:
         return {

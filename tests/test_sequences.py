@@ -30,7 +30,7 @@ def test_sequence_keeps_first_contact_order_and_strongest_type() -> None:
 
 def test_held_out_item_sees_only_what_happened_before_it() -> None:
     # A purchase after the held-out item was first touched is not known yet (it was
-    # counted until 2026-11-27: the evaluation leaked the future into the history).
+    # counted until 2026-11-26: the evaluation leaked the future into the history).
     later = build_sequences(_events(5.0), country_buckets=8)
     train, held_out = split_leave_last_out(later)
     assert held_out == {"u": 9}
@@ -63,7 +63,7 @@ def test_sequences_made_from_lists_still_take_events() -> None:
 @torch.no_grad()
 def test_serving_builds_the_history_training_sees() -> None:
     # Repeated raw events are one entry at first contact with the strongest type; until
-    # 2026-11-27 serving pooled the raw events, repeats and all.
+    # 2026-11-26 serving pooled the raw events, repeats and all.
     s = _serving()
     raw = [("I001", "view"), ("I002", "view"), ("I001", "purchase"), ("I002", "click")]
     raw += [("I001", "view")] * 10

@@ -1,0 +1,153 @@
+"""The node's round loop against situations a live coordinator rarely produces on cue
+(tests/fake_coordinator.py): each of these once left a node stuck, retrying, or
+spending privacy budget on nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+from regional_node.client import CoordinatorError
+from regional_node.trainer import TrainJob, run_train_job
+from shared.training import TrainConfig
+from tests.conftest import tiny_catalog, tiny_events
+from tests.fake_coordinator import CONFIG, WEIGHTS, open_round, participant, secagg_state
+
+EVENTS = tiny_events("eu", users=10, material="gold", seed=1, n_items=30)
+
+
+def _two_items_each(users: int) -> list[dict[str, object]]:
+    return [
+        {"user_id": f"u{u}", "item_id": item, "event_type": "view", "timestamp": 1000 + h}
+        for u in range(users)
+        for h, item in enumerate(["I001", f"I00{u + 2}"])
+    ]
+
+
+def test_a_killed_training_worker_is_replaced(tmp_path: Path) -> None:
+    # The worker pool never recovers from a dead worker: every later round failed with
+    # BrokenProcessPool until the node restarted.
+    p, fake, store = participant(tmp_path, EVENTS)
+
+    async def main() -> list[str]:
+        await p.step()
+        assert 1 in p.runtime.rounds_joined
+        assert p._pool is not None
+        for pid in list(p._pool._processes):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)  # the OOM killer, say
+        await asyncio.sleep(0.5)
+        fake.round = open_round(2)
+        errors = []
+        for _ in range(3):  # the round loop's retries
+            try:
+                await p.step()
+                break
+            except Exception as exc:
+                errors.append(type(exc).__name__)
+        await p.aclose()
+        return errors
+
+    errors = asyncio.run(main())
+    store.dispose()
+    assert errors in ([], ["BrokenProcessPool"])
+    assert 2 in p.runtime.rounds_joined and fake.calls.count("submit_update") == 2
+
+
+def test_a_cohort_sealed_without_the_node_skips_the_round_quietly(tmp_path: Path) -> None:
+    # A 409 on the key was raised out of the step: the round loop backed off and retried
+    # the same round, publishing again each time.
+    p, fake, store = participant(tmp_path, EVENTS, secure_aggregation=True)
+    fake.publish_error = CoordinatorError(409, "the cohort of round 1 is sealed without 'node-1'")
+
+    async def main() -> None:
+        for _ in range(3):
+            await p.step()
+        await p.aclose()
+
+    asyncio.run(main())
+    store.dispose()
+    assert fake.calls.count("publish_secagg_key") == 1
+    assert "submit_update" not in fake.calls
+    assert p.runtime.rounds_skipped == {1} and p.runtime.last_round_joined is None
+
+
+def test_a_node_with_nothing_to_train_publishes_no_key(tmp_path: Path) -> None:
+    # A key in the cohort promises an update; a node without examples published one
+    # every poll and never submitted, so every round waited for its dropout.
+    one_user = _two_items_each(1)[:1]
+    p, fake, store = participant(tmp_path, one_user, secure_aggregation=True)
+
+    async def main() -> None:
+        for _ in range(3):
+            await p.step()
+        await p.aclose()
+
+    asyncio.run(main())
+    store.dispose()
+    assert "publish_secagg_key" not in fake.calls and "submit_update" not in fake.calls
+    assert p.runtime.rounds_skipped == {1}
+
+
+def test_a_masking_that_gives_up_spends_no_privacy_budget(tmp_path: Path) -> None:
+    # The ledger row was written before masking: a cohort that never sealed cost
+    # epsilon 4.75 of the 8 budget for an update that was never sent.
+    p, fake, store = participant(
+        tmp_path, EVENTS, secure_aggregation=True, dp_enabled=True, secagg_wait_seconds=0.2
+    )
+    fake.round = open_round(deadline_in=-1)  # past: only the 0.2 s wait is left
+
+    async def main() -> None:
+        await p.step()
+        await p.aclose()
+
+    asyncio.run(main())
+    assert p.accountant is not None
+    assert p.accountant.releases() == [] and "submit_update" not in fake.calls
+    assert p.runtime.rounds_skipped == {1}
+    store.dispose()
+
+
+def test_the_node_waits_for_the_cohort_until_the_round_deadline(tmp_path: Path) -> None:
+    # The coordinator seals a short cohort at the round's deadline; the node gave up
+    # after NODE_SECAGG_WAIT_SECONDS whatever the deadline, so with one node down and
+    # a deadline longer than that wait, every round was redone.
+    p, fake, store = participant(
+        tmp_path, EVENTS, secure_aggregation=True, dp_enabled=True, secagg_wait_seconds=0.2
+    )
+    fake.round = open_round(deadline_in=1.5)
+    sealed_at = time.monotonic() + 1.5
+    fake.secagg = lambda: fake.sealed_cohort() if time.monotonic() > sealed_at else secagg_state()
+
+    async def main() -> None:
+        await p.step()
+        await p.aclose()
+
+    asyncio.run(main())
+    assert p.accountant is not None
+    assert fake.calls.count("submit_update") == 1 and len(p.accountant.releases()) == 1
+    assert p.runtime.rounds_joined == {1} and p.runtime.dp_epsilon is not None
+    store.dispose()
+
+
+def test_too_few_users_for_a_metric_keep_their_last_items_for_training(tmp_path: Path) -> None:
+    # The held-out items were withheld even when too few users were held out for the
+    # metric to be sent: three users with two items each trained on nothing.
+    _, _, store = participant(tmp_path, _two_items_each(3))
+    job = TrainJob(
+        database_url=f"sqlite:///{tmp_path / 'node.db'}",
+        catalog=tiny_catalog(30),
+        base_weights=WEIGHTS,
+        model_config=CONFIG.model_dump(),
+        train_config=TrainConfig(epochs=1),
+        holdout_eval=True,
+        min_users_for_metrics=20,
+    )
+    few = run_train_job(job)
+    assert few is not None and few.num_examples == 3 and "hr@10" not in few.metrics
+    many = run_train_job(dataclasses.replace(job, min_users_for_metrics=3))
+    assert many is None  # held out for a metric: nothing left to train on
+    store.dispose()
