@@ -184,7 +184,7 @@ def search_recall(
                 purchased: set[str] = set()
                 country = q.get("country")
                 if "user_id" in q:
-                    history, purchased, last = store.recommend_context(q["user_id"], 30)
+                    history, purchased, last = store.recommend_context(q["user_id"])
                     country = country or last
                 history += [(i, "view") for i in session]
                 filters = Filters(

@@ -275,6 +275,21 @@ def blocked_mask(serving: ServingModel, filters: Filters) -> torch.Tensor:
     return filter_plan(serving, filters).blocked
 
 
+def history_rows(
+    serving: ServingModel, history: Sequence[tuple[str, str]]
+) -> list[tuple[int, int]]:
+    """(row, event type id) of the newest `max_history` items the model knows, as
+    training sees a history: the catalog's items only, distinct, in first-contact
+    order, each with its strongest event type (`UserSequence.add`). `history` is raw
+    events, oldest first, repeats included."""
+    seq = UserSequence()
+    for position, (item_id, event_type) in enumerate(history):
+        row = serving.row_of.get(item_id)
+        if row is not None:
+            seq.add(row, EVENT_TYPE_IDS[event_type], position)
+    return list(zip(seq.items, seq.types, strict=True))[-serving.model.config.max_history :]
+
+
 @torch.no_grad()
 def recommend(
     serving: ServingModel,
@@ -293,14 +308,7 @@ def recommend(
     scores every item.
     """
     cfg = serving.model.config
-    # The history as training sees it: distinct items in first-contact order, each
-    # with its strongest event type (a raw event list repeats items).
-    seq = UserSequence()
-    for position, (item_id, event_type) in enumerate(history):
-        row = serving.row_of.get(item_id)
-        if row is not None:
-            seq.add(row, EVENT_TYPE_IDS[event_type], position)
-    known = list(zip(seq.items, seq.types, strict=True))[-cfg.max_history :]
+    known = history_rows(serving, history)
     user = user_vector(serving, known, country_bucket(country, cfg.country_buckets))  # (d,)
     plan = filter_plan(serving, filters)
     rows = [serving.row_of[i] for i in exclude if i in serving.row_of]

@@ -51,8 +51,7 @@ def recommend_for(
     history: list[tuple[str, str]] = []
     purchased: set[str] = set()
     if user_id is not None:
-        max_history = serving.model.config.max_history if serving else 50
-        history, purchased, last_country = store.recommend_context(user_id, max_history)
+        history, purchased, last_country = store.recommend_context(user_id)
         if country is None:
             country = last_country
     history += [(item, "view") for item in session_items]

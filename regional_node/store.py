@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from regional_node.models import Event, NodeSecret, Participation, ServedSnapshot
 from shared.db import make_engine, make_session_factory, read_only, upgrade_to_head
-from shared.model import EVENT_TYPE_IDS
 from shared.schemas import EventIn
 
 # How much each event type says about interest, for regional popularity.
@@ -28,27 +27,26 @@ _RECENT_EVENTS = (
     .order_by(Event.ts.desc(), Event.id.desc())
     .limit(bindparam("limit"))
 )
-# /v1/recommend's one query. Part 0: the history training sees (shared.training): the
-# user's newest `limit` distinct items by first contact, each with its strongest event
-# type (the newest raw events would repeat one item and drop the ones before it).
-# Part 1: every item the user bought. Part 2: the newest event's country. One round
-# trip, and no timestamp parsing (ts only sorts).
-_TYPE_STRENGTH = " ".join(f"WHEN '{name}' THEN {i}" for name, i in EVENT_TYPE_IDS.items())
+# /v1/recommend's one query. Part 0: the user's newest `limit` events, newest first
+# (`recommend` turns them into the history training sees: distinct items by first
+# contact, each with its strongest type, `shared.training.UserSequence.add`; ties in
+# time go by id, as in training). Part 1: every item the user bought. Part 2: the
+# newest event's country. One round trip, and no timestamp parsing (ts only sorts).
 _RECOMMEND_CONTEXT = text(
-    "SELECT 0 AS part, item_id, strength, NULL AS country, first_ts AS ts, first_id AS id "
-    "FROM (SELECT item_id, MAX(CASE event_type " + _TYPE_STRENGTH + " ELSE 1 END) AS strength, "
-    "MIN(ts) AS first_ts, MIN(id) AS first_id FROM events WHERE user_id = :user_id "
-    "GROUP BY item_id ORDER BY first_ts DESC, first_id DESC LIMIT :limit) AS recent "
+    "SELECT 0 AS part, item_id, event_type, ts, id FROM (SELECT item_id, event_type, ts, id "
+    "FROM events WHERE user_id = :user_id ORDER BY ts DESC, id DESC LIMIT :limit) AS recent "
     "UNION ALL "
-    "SELECT 1, item_id, 0, NULL, MAX(ts), MAX(id) FROM events "
+    "SELECT 1, item_id, 'purchase', MAX(ts), MAX(id) FROM events "
     "WHERE user_id = :user_id AND event_type = 'purchase' GROUP BY item_id "
     "UNION ALL "
-    "SELECT 2, NULL, 0, country, ts, id FROM (SELECT country, ts, id FROM events "
+    "SELECT 2, country, '', ts, id FROM (SELECT country, ts, id FROM events "
     "WHERE user_id = :user_id AND country IS NOT NULL "
     "ORDER BY ts DESC, id DESC LIMIT 1) AS newest "
     "ORDER BY part, ts DESC, id DESC"
 )
-_TYPE_NAMES = {i: name for name, i in EVENT_TYPE_IDS.items()}
+# How many of a user's newest events /v1/recommend reads: the history is built from
+# them (all of a user's events up to this many, the same history training sees).
+RECOMMEND_HISTORY_EVENTS = 1000
 # Some user touched two distinct items: there is a next-item example to train on.
 _HAS_EXAMPLE = text(
     "SELECT 1 FROM events a WHERE EXISTS (SELECT 1 FROM events b "
@@ -142,23 +140,22 @@ class EventStore:
         return [(r[0], r[1], _aware(r[2]), r[3]) for r in reversed(rows)], purchased
 
     def recommend_context(
-        self, user_id: str, limit: int
+        self, user_id: str, limit: int = RECOMMEND_HISTORY_EVENTS
     ) -> tuple[list[tuple[str, str]], set[str], str | None]:
-        """(the newest `limit` distinct items as (item_id, strongest event type), in
-        first-contact order, oldest first; purchased items; the country of the newest
-        event that has one): one query, for /v1/recommend."""
+        """(newest `limit` events as (item_id, event_type), oldest first; purchased items;
+        the country of the newest event that has one): one query, for /v1/recommend."""
         with self.reader.connect() as conn:
             rows = conn.execute(_RECOMMEND_CONTEXT, {"user_id": user_id, "limit": limit}).all()
         history: list[tuple[str, str]] = []
         purchased: set[str] = set()
         country: str | None = None
-        for part, item_id, strength, event_country, _ts, _id in rows:
+        for part, value, event_type, _ts, _id in rows:
             if part == 0:
-                history.append((item_id, _TYPE_NAMES[strength]))
+                history.append((value, event_type))
             elif part == 1:
-                purchased.add(item_id)
+                purchased.add(value)
             else:
-                country = event_country
+                country = value
         history.reverse()
         return history, purchased, country
 

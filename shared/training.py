@@ -30,55 +30,103 @@ class UserSequence:
     items: list[int] = field(default_factory=list)  # catalog rows, first-contact order
     types: list[int] = field(default_factory=list)  # strongest event type id per item
     country: int = 0  # country bucket of the latest event
-    # Per position: (time, type id) of the item's first contact, then of each later
-    # event that raised its strongest type. Empty for a sequence made without times
-    # (then `types` is all that is known, at every position).
-    type_log: list[list[tuple[float, int]]] = field(default_factory=list)
+    # When each item was first touched; empty for a sequence made without times (then
+    # `types` and `country` are all that is known, at every position).
+    first_seen: list[float] = field(default_factory=list, compare=False)
+    # Position -> (time, type id) of the item's first contact and of each later event
+    # that raised its strongest type; only items whose type rose are here.
+    upgrades: dict[int, list[tuple[float, int]]] = field(default_factory=dict, compare=False)
+    # (time, bucket) each time the user's country changed; empty: `country` throughout.
+    countries: list[tuple[float, int]] = field(default_factory=list, compare=False)
     _position: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def add(self, item: int, type_id: int, ts: float) -> None:
+    def add(self, item: int, type_id: int, ts: float, country: int | None = None) -> None:
         """One event, in time order: a new item is appended, a known one may get a
         stronger type. The one rule for training sequences and serving histories."""
-        if len(self._position) != len(self.items):  # made from lists, not by add()
+        had_items = bool(self.items)
+        if len(self._position) != len(self.items):  # made from lists, or compacted
             self._position = {row: i for i, row in enumerate(self.items)}
-            if len(self.type_log) != len(self.items):  # its types known from the start
-                self.type_log = [[(-math.inf, t)] for t in self.types]
+            if len(self.first_seen) != len(self.items):  # its types known from the start
+                self.first_seen = [-math.inf] * len(self.items)
         pos = self._position.get(item)
         if pos is None:
             self._position[item] = len(self.items)
             self.items.append(item)
             self.types.append(type_id)
-            self.type_log.append([(ts, type_id)])
+            self.first_seen.append(ts)
         elif type_id > self.types[pos]:
+            log = self.upgrades.get(pos)
+            if log is None:
+                log = self.upgrades[pos] = [(self.first_seen[pos], self.types[pos])]
+            log.append((ts, type_id))
             self.types[pos] = type_id
-            self.type_log[pos].append((ts, type_id))
+        if country is not None and country != self.country:
+            if not self.countries and had_items:  # the country before this one
+                self.countries.append((-math.inf, self.country))
+            self.countries.append((ts, country))
+            self.country = country
+
+    def compact(self) -> None:
+        """Drop the item -> position index `add` keeps (rebuilt if `add` is called again)."""
+        self._position = {}
+
+    def _cutoff(self, t: int) -> float | None:
+        """When items[t] was first touched; None when unknown (no times, or no items[t])."""
+        if t >= len(self.items) or len(self.first_seen) != len(self.items):
+            return None
+        return self.first_seen[t]
 
     def types_window(self, lo: int, t: int) -> list[int]:
         """Types of items[lo:t] as they stood when items[t] was first touched (events
         at that same instant or later not counted)."""
-        if not self.type_log or t >= len(self.items):
-            return self.types[lo:t]
-        cutoff = self.type_log[t][0][0]
-        out: list[int] = []
-        for log in self.type_log[lo:t]:
-            type_id = log[0][1]
-            for ts, upgraded in log[1:]:
-                if ts >= cutoff:
-                    break
-                type_id = upgraded
-            out.append(type_id)
+        out = self.types[lo:t]
+        cutoff = self._cutoff(t)
+        if cutoff is None or not self.upgrades:
+            return out
+        for pos, log in self.upgrades.items():
+            if lo <= pos < t:
+                out[pos - lo] = _type_before(log, cutoff)
         return out
+
+    def country_at(self, t: int) -> int:
+        """The country bucket of the user's newest event before items[t] was first touched."""
+        cutoff = self._cutoff(t)
+        if cutoff is None or not self.countries:
+            return self.country
+        bucket = self.countries[0][1]
+        for ts, changed in self.countries:
+            if ts >= cutoff:
+                break
+            bucket = changed
+        return bucket
 
     def before(self, t: int) -> UserSequence:
         """items[:t] with only what was known when items[t] was first touched."""
-        if not self.type_log:
+        cutoff = self._cutoff(t)
+        if cutoff is None:
             return UserSequence(self.items[:t], self.types[:t], self.country)
-        cutoff = self.type_log[t][0][0]
-        log = [
-            [e for i, e in enumerate(entries) if i == 0 or e[0] < cutoff]
-            for entries in self.type_log[:t]
-        ]
-        return UserSequence(self.items[:t], [entries[-1][1] for entries in log], self.country, log)
+        upgrades = {}
+        for pos, log in self.upgrades.items():
+            kept = [e for i, e in enumerate(log) if i == 0 or e[0] < cutoff]
+            if pos < t and len(kept) > 1:
+                upgrades[pos] = kept
+        return UserSequence(
+            self.items[:t],
+            self.types_window(0, t),
+            self.country_at(t),
+            self.first_seen[:t],
+            upgrades,
+            [c for i, c in enumerate(self.countries) if i == 0 or c[0] < cutoff],
+        )
+
+
+def _type_before(log: list[tuple[float, int]], cutoff: float) -> int:
+    type_id = log[0][1]
+    for ts, upgraded in log[1:]:
+        if ts >= cutoff:
+            break
+        type_id = upgraded
+    return type_id
 
 
 def build_sequences(
@@ -93,9 +141,10 @@ def build_sequences(
         seq = out.get(user)
         if seq is None:
             seq = out[user] = UserSequence()
-        seq.add(item, EVENT_TYPE_IDS[etype], ts)
-        if country:
-            seq.country = country_bucket(country, country_buckets)
+        bucket = country_bucket(country, country_buckets) if country else None
+        seq.add(item, EVENT_TYPE_IDS[etype], ts, bucket)
+    for seq in out.values():
+        seq.compact()
     return out
 
 
@@ -136,7 +185,7 @@ def make_examples(sequences: Iterable[UserSequence], max_history: int) -> Exampl
         for t in range(1, len(seq.items)):
             lo = max(0, t - max_history)
             histories.append((seq.items[lo:t], seq.types_window(lo, t)))
-            countries.append(seq.country)
+            countries.append(seq.country_at(t))
             targets.append(seq.items[t])
     hist, types = _pack(histories, max_history)
     return Examples(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from regional_node.recommender import Filters, recommend, user_vector
+from regional_node.recommender import Filters, history_rows, recommend, user_vector
+from regional_node.store import EventStore
 from shared.features import country_bucket
 from shared.model import EVENT_TYPE_IDS
+from shared.schemas import EventIn
 from shared.training import UserSequence, build_sequences, make_examples, split_leave_last_out
 from tests.test_recommender_perf import _serving
 
@@ -77,3 +81,46 @@ def test_serving_builds_the_history_training_sees() -> None:
     scores[[s.row_of["I004"], s.row_of["I007"]]] = float("-inf")  # excluded, inactive
     top = torch.topk(scores, 5).indices.tolist()
     assert [i for i, _ in recommend(s, raw, *args)] == [s.item_ids[r] for r in top]
+
+
+def test_the_node_serves_from_the_history_its_trainer_builds(tmp_path: Path) -> None:
+    # Through the node's own store: a late-arriving event (stored after a later one),
+    # equal timestamps, repeats, and items the catalog does not hold (which must not
+    # take history slots: the model's window is max_history = 5 here).
+    s = _serving()
+    store = EventStore(f"sqlite:///{tmp_path / 'node.db'}")
+    store.migrate()
+    stored = [("I003", "view", 200), ("I002", "view", 100), ("I003", "view", 100)]
+    stored += [("I001", "add_to_cart", 150), ("I002", "purchase", 250), ("I005", "view", 300)]
+    stored += [("I006", "view", 301), ("I008", "click", 302)]
+    stored += [(f"X{i:03d}", "view", 400 + i) for i in range(40)]  # not in the catalog
+    store.add_events(
+        [
+            EventIn(user_id="u", item_id=i, event_type=t, timestamp=ts)  # type: ignore[arg-type]
+            for i, t, ts in stored
+        ]
+    )
+    trained = build_sequences(
+        ((u, s.row_of[i], t, ts, c) for u, i, t, ts, c in store.iter_events() if i in s.row_of),
+        country_buckets=8,
+    )["u"]
+    served = history_rows(s, store.recommend_context("u")[0])
+    assert served == list(zip(trained.items, trained.types, strict=True))[-5:]
+    assert [s.item_ids[r] for r, _ in served] == ["I003", "I001", "I005", "I006", "I008"]
+    store.dispose()
+
+
+def test_the_country_is_the_one_of_its_time() -> None:
+    # Like the types: the country of an example is the newest one before its target
+    # was first touched (it was the user's latest country, later moves included).
+    rows = [("u", 1, "view", 1.0, "FR"), ("u", 2, "view", 2.0, None), ("u", 3, "view", 3.0, "DE")]
+    rows.append(("u", 4, "view", 4.0, None))
+    seqs = build_sequences(rows, country_buckets=64)
+    fr, de = (country_bucket(c, 64) for c in ("FR", "DE"))
+    assert fr != de and seqs["u"].country == de
+    assert make_examples(seqs.values(), max_history=4).country.tolist() == [fr, fr, de]
+    train, _ = split_leave_last_out(seqs)
+    assert train["u"].country == de
+    three = build_sequences(rows[:3], country_buckets=64)
+    train, held_out = split_leave_last_out(three)
+    assert held_out == {"u": 3} and train["u"].country == fr
