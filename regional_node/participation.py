@@ -693,8 +693,12 @@ class Participant:
     async def _round_wanting_this_node(self) -> RoundOut:
         """The round loop's own poll (`wait_for_next_round`), until a round is open that
         this node has not joined. Leaves `_round_seen` alone, so the round loop's next
-        poll finds the round at once."""
+        poll finds the round at once. Seed reveals are answered meanwhile: a DP node
+        fine-tunes while its secure round is still open, and a dropped peer's round
+        waits for this node's reveal."""
         while True:
+            if self.secagg is not None:
+                await self.secagg.answer_reveals()
             rnd = await self.wait_for_next_round(self.settings.poll_seconds)
             if rnd is not None and self._wants(rnd):
                 return rnd

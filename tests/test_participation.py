@@ -5,6 +5,7 @@ spending privacy budget on nothing."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
 import signal
@@ -13,9 +14,16 @@ from pathlib import Path
 
 from regional_node.client import CoordinatorError
 from regional_node.trainer import TrainJob, run_train_job
+from shared.privacy_schemas import CohortMember, SecAggState
+from shared.secagg import generate_keypair
 from shared.training import TrainConfig
 from tests.conftest import tiny_catalog, tiny_events
 from tests.fake_coordinator import CONFIG, WEIGHTS, open_round, participant, secagg_state
+
+
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
 
 EVENTS = tiny_events("eu", users=10, material="gold", seed=1, n_items=30)
 
@@ -151,3 +159,33 @@ def test_too_few_users_for_a_metric_keep_their_last_items_for_training(tmp_path:
     many = run_train_job(dataclasses.replace(job, min_users_for_metrics=3))
     assert many is None  # held out for a metric: nothing left to train on
     store.dispose()
+
+
+def test_seed_reveals_are_answered_while_the_node_fine_tunes(tmp_path: Path) -> None:
+    # A DP node fine-tunes (NODE_DP_PERSONALIZE_EPOCHS) while its secure round is still
+    # open; reveals were answered only between steps, so a dropped peer's round waited
+    # for the whole fine-tune, and was redone when that outlasted its recovery period.
+    p, fake, store = participant(tmp_path, EVENTS, secure_aggregation=True, dp_enabled=True)
+    _, peer_key = generate_keypair()
+    fake.round = open_round(deadline_in=0.5)
+
+    def state() -> SecAggState:  # sealed with a peer, which drops once node-1 submitted
+        peer = CohortMember(node_id="node-2", public_key=b64(peer_key))
+        cohort = [*fake.sealed_cohort().cohort, peer]
+        if "submit_update" not in fake.calls:
+            return secagg_state(sealed=True, cohort=cohort)
+        return secagg_state(sealed=True, cohort=cohort, submitted=["node-1"], dropped=["node-2"])
+
+    fake.secagg = state
+
+    async def main() -> None:
+        await p.step()  # trains, masks, submits round 1
+        assert fake.calls.count("submit_update") == 1 and "reveal" not in fake.calls
+        watch = asyncio.create_task(p._round_wanting_this_node())  # the fine-tune's watch
+        await asyncio.sleep(0.3)
+        watch.cancel()
+        await p.aclose()
+
+    asyncio.run(main())
+    store.dispose()
+    assert "reveal" in fake.calls
