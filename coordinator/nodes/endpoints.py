@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from coordinator.deps import AdminDep, SessionDep
+from coordinator.deps import AdminDep, SessionDep, SettingsDep
 from coordinator.nodes import service
 from shared.errors import error_responses
 from shared.schemas import NodeCredentials, NodeInfo, NodeRegistration
@@ -36,8 +36,9 @@ def list_nodes(_: AdminDep, session: SessionDep) -> list[NodeInfo]:
     "/{node_id}/revoke",
     summary="Revoke a node",
     description="Admin only. A revoked node's token is refused from then on, and its "
-    "update to the open round, if any, is dropped.",
+    "update to the open round, if any, is dropped (with secure aggregation, a round "
+    "whose sealed cohort holds the node is redone: its masks cannot be removed without it).",
     responses=error_responses(401, 403, 404, 422),
 )
-def revoke_node(node_id: str, _: AdminDep, session: SessionDep) -> NodeInfo:
-    return service.revoke_node(session, node_id)
+def revoke_node(node_id: str, _: AdminDep, session: SessionDep, settings: SettingsDep) -> NodeInfo:
+    return service.revoke_node(session, settings, node_id)

@@ -7,7 +7,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator.models import Node, Round, Update
+from coordinator.secagg.service import forget_revoked_node
 from coordinator.security import hash_token, new_node_token
+from coordinator.settings import CoordinatorSettings
 from shared.errors import Conflict, NotFound
 from shared.schemas import NodeCredentials, NodeInfo, NodeRegistration, utcnow
 
@@ -50,17 +52,22 @@ def list_nodes(session: Session) -> list[NodeInfo]:
     return [node_info(n) for n in session.scalars(select(Node).order_by(Node.node_id))]
 
 
-def revoke_node(session: Session, node_id: str) -> NodeInfo:
+def revoke_node(session: Session, settings: CoordinatorSettings, node_id: str) -> NodeInfo:
     node = session.get(Node, node_id)
     if node is None:
         raise NotFound(f"no node {node_id!r}")
     if node.revoked_at is None:
+        # Under the open round's row lock, which uploads and closes hold while they store
+        # or aggregate: a revoke never lands in the middle of either.
+        r = session.scalars(select(Round).where(Round.state == "open").with_for_update()).first()
         node.revoked_at = utcnow()
-        # A revoked node may be compromised: its update to the open round no longer counts.
-        open_rounds = select(Round.id).where(Round.state == "open")
-        session.execute(
-            delete(Update).where(Update.node_id == node_id, Update.round_id.in_(open_rounds))
-        )
+        if r is not None:
+            # A revoked node may be compromised: its update to the open round no longer counts.
+            session.execute(
+                delete(Update).where(Update.node_id == node_id, Update.round_id == r.id)
+            )
+            if settings.secure_aggregation:
+                forget_revoked_node(session, settings, r, node_id, utcnow())
         session.commit()
     return node_info(node)
 

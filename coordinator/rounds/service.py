@@ -47,7 +47,7 @@ from coordinator.secagg.service import check_masked_update, secure_mean_delta, s
 from coordinator.server_optimizer import save_adam, server_step
 from coordinator.settings import CoordinatorSettings
 from shared.compression import SPARSE_ENCODINGS, SUPPORTED_ENCODINGS, decode_update
-from shared.errors import Conflict, NotFound, Unprocessable
+from shared.errors import Conflict, Forbidden, NotFound, Unprocessable
 from shared.model import ModelConfig, grow_state, init_state
 from shared.schemas import RoundOut, UpdateReceipt, utcnow
 from shared.secagg import SECAGG_ENCODING
@@ -254,6 +254,11 @@ def submit_update(
     if locked.state != "open":
         session.rollback()
         raise Conflict(f"round {round_id} closed while the update was uploading")
+    # Revoked while the body streamed in (a revoke takes this lock too, so this reads it).
+    current = session.get(Node, node.node_id, populate_existing=True)
+    if current is None or current.revoked_at is not None:
+        session.rollback()
+        raise Forbidden(f"node {node.node_id!r} was revoked")
     if settings.secure_aggregation:
         # The round checker may have declared this node dropped while the upload was
         # validated; it did so holding the round lock we now hold, so this reads it.

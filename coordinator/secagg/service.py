@@ -23,7 +23,7 @@ import logging
 from datetime import datetime, timedelta
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -179,6 +179,8 @@ def reveal_seeds(
 ) -> SecAggState:
     """A survivor reveals its pairwise seeds with exactly the dropped nodes."""
     _require_enabled(settings)
+    if _open_round(session, round_id).state != "open":  # redone: seeds would serve nothing
+        raise Conflict(f"round {round_id} is closed; no seeds are taken for it")
     row = session.get(SecAggRound, round_id)
     if row is None or row.cohort is None or not row.dropped:
         raise Conflict(f"round {round_id} is not recovering from a dropout")
@@ -290,6 +292,21 @@ def _redo(session: Session, settings: CoordinatorSettings, r: Round, now: dateti
     log.warning("secure round %s failed; redoing it on version %s", r.id, r.base_version)
 
 
+def forget_revoked_node(
+    session: Session, settings: CoordinatorSettings, r: Round, node_id: str, now: datetime
+) -> None:
+    """A node revoked while round `r` (locked, open) runs: before the seal its key is
+    dropped; once it is in the sealed cohort its masks are in every peer's update and
+    cannot be taken out without it, so the round is redone."""
+    row = session.get(SecAggRound, r.id)
+    if row is None or row.cohort is None:
+        session.execute(
+            delete(SecAggKey).where(SecAggKey.round_id == r.id, SecAggKey.node_id == node_id)
+        )
+    elif node_id in row.cohort:
+        _redo(session, settings, r, now)
+
+
 def step_secure_round(
     session: Session,
     settings: CoordinatorSettings,
@@ -331,6 +348,12 @@ def step_secure_round(
             log.warning("round %s: nodes %s dropped; asking for seed reveals", r.id, row.dropped)
         else:
             _redo(session, settings, r, now)
+        session.commit()
+        return None
+    if len(submitted) < settings.min_updates or submitted | set(row.dropped) != cohort:
+        # Masks of a member that is neither a survivor nor dropped (its update removed,
+        # say) would stay in the sum: only a redo is safe.
+        _redo(session, settings, r, now)
         session.commit()
         return None
     needed = {(s, d) for s in submitted for d in row.dropped}

@@ -1,0 +1,99 @@
+"""Revoking a node while a round runs: its update never counts, and never half-counts."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import torch
+from fastapi.testclient import TestClient
+
+from coordinator.app import create_app
+from coordinator.db import Database
+from coordinator.nodes.service import revoke_node
+from coordinator.settings import CoordinatorSettings
+from shared.privacy_schemas import SecAggState
+from shared.secagg import pairwise_seed
+from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
+from tests.conftest import tiny_catalog
+from tests.test_secagg import ADMIN as SECAGG_ADMIN
+from tests.test_secagg import _coordinator, _deltas, _join, _setup, _submit
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def test_a_node_revoked_while_its_update_streams_in_is_refused(db_url: str) -> None:
+    # The token was checked before the body streamed and never again: the revoked
+    # node's update was stored and aggregated into the next version.
+    settings = CoordinatorSettings(
+        database_url=db_url,
+        admin_token="admin-secret",
+        min_updates=1,
+        round_check_seconds=0.05,
+        embedding_dim=8,
+    )
+    with TestClient(create_app(settings)) as c:
+        c.put("/v1/catalog", json=tiny_catalog(20), headers=ADMIN)
+        node = c.post("/v1/nodes", json={"node_id": "evil", "region": "EU"}, headers=ADMIN)
+        auth = {"Authorization": f"Bearer {node.json()['token']}"}
+        base = bytes_to_state(c.get("/v1/models/1/weights", headers=auth).content)
+        body = state_to_bytes({k: torch.full_like(v, 0.5) for k, v in base.items()})
+
+        def slow_body():  # type: ignore[no-untyped-def]
+            yield body[:1000]
+            db = Database(db_url)  # the admin revokes while the upload streams
+            with db.sessions() as session:
+                assert revoke_node(session, settings, "evil").revoked
+            db.dispose()
+            yield body[1000:]
+
+        r = c.post(
+            "/v1/rounds/1/updates",
+            params={"num_examples": 5, "base_version": 1},
+            content=slow_body(),
+            headers={**auth, "X-Content-SHA256": sha256_hex(body)},
+        )
+        assert r.status_code == 403 and "revoked" in r.json()["detail"], r.text
+        time.sleep(0.3)
+        rnd = c.get("/v1/rounds/1").json()
+        assert (rnd["state"], rnd["participants"]) == ("open", [])
+
+
+def test_revoking_a_survivor_during_secure_recovery_redoes_the_round(tmp_path: object) -> None:
+    # Cohort a, b, c; c drops, a and b submitted; b is revoked and its masked update
+    # deleted, but its masks stayed in a's: the round closed on a alone (below
+    # MIN_UPDATES 2) into an active version wrong by about 1e10.
+    url = f"sqlite:///{tmp_path}/c.db"
+    with _coordinator(url, deadline=2.0) as client:
+        tokens, base = _setup(client)
+        deltas = _deltas(base)
+        private = _join(client, tokens)
+        assert _submit(client, "a", tokens["a"], deltas["a"], private["a"]) == 200
+        assert _submit(client, "b", tokens["b"], deltas["b"], private["b"]) == 200
+        admin = {"Authorization": f"Bearer {SECAGG_ADMIN}"}
+        deadline = time.monotonic() + 20
+        while True:
+            state = SecAggState.model_validate(
+                client.get("/v1/rounds/1/secagg", headers=admin).json()
+            )
+            if state.dropped or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert state.dropped == ["c"]
+        assert client.post("/v1/nodes/b/revoke", headers=admin).status_code == 200
+        rnd = client.get("/v1/rounds/1").json()
+        assert (rnd["state"], rnd["result_version"]) == ("closed", None)  # redone
+        cohort = {m.node_id: m.public_key for m in state.cohort}
+        seed = pairwise_seed(
+            private["a"], base64.b64decode(cohort["c"]), round_id=1, node_a="a", node_b="c"
+        )
+        r = client.post(
+            "/v1/rounds/1/secagg/reveals",
+            json={"seeds": {"c": seed.hex()}},
+            headers={"Authorization": f"Bearer {tokens['a']}"},
+        )
+        assert r.status_code == 409, r.text
+        current = client.get("/v1/rounds/current").json()
+        assert current["round_id"] == 2 and current["base_version"] == 1
+        versions = client.get("/v1/models", headers=admin).json()
+        assert [v["version"] for v in versions] == [1]
