@@ -207,7 +207,8 @@ def weighted_metrics(metrics: Iterable[tuple[Mapping[str, float], int]]) -> dict
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + float(value) * n
             weights[name] = weights.get(name, 0) + n
-    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+    means = {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+    return {name: v for name, v in means.items() if math.isfinite(v)}  # JSON holds no inf
 
 
 # Robust aggregation ------------------------------------------------------------------------

@@ -174,3 +174,10 @@ def test_secure_aggregation_refuses_rules_that_need_single_updates() -> None:
     assert CoordinatorSettings(
         secure_aggregation=True, aggregation="fedavg_rows"
     ).secure_aggregation
+
+
+def test_weighted_metrics_never_returns_a_non_finite_mean() -> None:
+    from coordinator.aggregation import weighted_metrics
+
+    got = weighted_metrics([({"loss": 1e308, "hr@10": 0.2}, 5), ({"hr@10": 0.4}, 5)])
+    assert got == {"hr@10": pytest.approx(0.3)}  # 1e308 x 5 overflowed: dropped, not inf

@@ -215,6 +215,11 @@ def _rejections(weights: bytes) -> list[tuple[str, bytes, dict[str, object], int
         ("too large", b"x" * (MAX_UPDATE_BYTES + 1), {}, 413, "limit"),
         ("bad metrics header", good, {"metrics": "{not json"}, 422, "X-Update-Metrics"),
         ("NaN metric", good, {"metrics": '{"loss": NaN}'}, 422, "finite"),
+        # Finite, but its example-weighted sum is inf, which PostgreSQL's JSON cannot
+        # hold: every close of the round failed, for ever (until 2026-11-27).
+        ("huge metric", good, {"metrics": '{"loss": 1e308}'}, 422, "magnitude"),
+        # float() of it raised OverflowError: a 500.
+        ("400-digit metric", good, {"metrics": '{"loss": 1' + "0" * 400 + "}"}, 422, "magnitude"),
         ("bad encoding", good, {"encoding": "zstd"}, 422, "encoding"),
         ("payload not in its encoding", good, {"encoding": "topk"}, 422, "missing parameter"),
     ]

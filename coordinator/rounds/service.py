@@ -134,24 +134,27 @@ def list_rounds(session: Session, limit: int = 100) -> list[Round]:
     return list(session.scalars(select(Round).order_by(Round.id.desc()).limit(limit)))
 
 
+MAX_METRIC = 1e12  # |value| of one reported metric
+
+
 def parse_metrics_header(raw: str | None) -> dict[str, float]:
     if not raw:
         return {}
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise Unprocessable(f"X-Update-Metrics is not valid JSON: {exc.msg}") from exc
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4,300 digits
+        raise Unprocessable(f"X-Update-Metrics is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or len(data) > 64:
         raise Unprocessable("X-Update-Metrics must be a JSON object of at most 64 numbers")
     out: dict[str, float] = {}
     for k, v in data.items():
-        if (
-            not isinstance(v, int | float)
-            or isinstance(v, bool)
-            or v != v
-            or abs(v) == float("inf")
-        ):
-            raise Unprocessable(f"X-Update-Metrics[{k!r}] must be a finite number")
+        # Bounded, so that the example-weighted sums at the close stay finite (an inf
+        # cannot be stored as PostgreSQL JSON: every close of the round failed).
+        if not isinstance(v, int | float) or isinstance(v, bool) or not abs(v) <= MAX_METRIC:
+            raise Unprocessable(
+                f"X-Update-Metrics[{k!r}] must be a finite number of magnitude at most "
+                f"{MAX_METRIC:g}"
+            )
         out[str(k)[:64]] = float(v)
     return out
 
