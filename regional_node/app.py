@@ -84,7 +84,7 @@ def create_app(settings: NodeSettings | None = None, *, participate: bool = True
         description="A JSON batch of events. Events already stored (same user, item, type "
         "and timestamp) are ignored, so retries are safe. The batch is stored all or nothing. "
         "Item ids not in the catalog are reported back.",
-        responses=error_responses(400, 401, 413, 422),
+        responses=error_responses(400, 401, 413, 422, 503),
     )
     def post_events(
         events: Annotated[list[EventIn], Body()],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -12,8 +13,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 
 SettingsT = TypeVar("SettingsT")
+log = logging.getLogger("fedjewel.errors")
 
 
 class ApiError(Exception):
@@ -72,8 +75,20 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
 
+    async def database_down(_request: Request, exc: Exception) -> JSONResponse:
+        # The database refused or dropped the connection, or a lock could not be had
+        # (a deadlock, SQLite's busy timeout): a 503 the caller may retry, not a 500.
+        assert isinstance(exc, OperationalError)
+        log.warning("database unavailable: %s", str(exc).splitlines()[0])
+        return JSONResponse(
+            {"detail": f"the database is not available ({type(exc.orig).__name__}); retry"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
     app.add_exception_handler(ApiError, handle)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(OperationalError, database_down)
 
 
 def _json_safe(value: object) -> object:

@@ -13,7 +13,7 @@ from regional_node.recommender import build_serving_model
 from regional_node.settings import NodeSettings
 from shared.model import ModelConfig, init_state
 from shared.schemas import CatalogItem, CatalogOut
-from tests.conftest import tiny_catalog, tiny_events
+from tests.conftest import _pg_admin, tiny_catalog, tiny_events
 
 KEY = {"X-API-Key": "shop-key"}
 
@@ -293,3 +293,32 @@ def test_a_shopper_with_history_is_served_by_the_model_on_both_databases(
     assert body.status_code == 200, body.text
     assert body.json()["strategy"] == "model"
     assert not {i["item_id"] for i in body.json()["items"]} & {"I001"}  # bought
+
+
+def test_a_database_outage_is_a_503_the_storefront_may_retry(pg_url: str) -> None:
+    # Connection errors reached the storefront as a 500 from /v1/recommend and
+    # /v1/events while /readyz said 503 (docs/operations.md promises 503).
+    settings = NodeSettings(id="eu-1", region="EU", database_url=pg_url, api_keys="shop-key")
+    name = pg_url.rsplit("/", 1)[1]
+    events = tiny_events("eu", users=2, material="gold", seed=1)
+    with TestClient(create_app(settings, participate=False), raise_server_exceptions=False) as c:
+        assert c.post("/v1/events", json=events, headers=KEY).status_code == 200
+        with _pg_admin() as conn:
+            conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            conn.execute(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            )
+        try:
+            recommend = c.get("/v1/recommend", params={"user_id": "eu-user-0"}, headers=KEY)
+            ingest = c.post("/v1/events", json=events[:1], headers=KEY)
+            for r in (recommend, ingest):
+                assert r.status_code == 503, r.text
+                assert "database is not available" in r.json()["detail"]
+                assert r.headers["retry-after"] == "1"
+            assert c.get("/readyz").status_code == 503
+        finally:
+            with _pg_admin() as conn:
+                conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        assert (
+            c.get("/v1/recommend", params={"user_id": "eu-user-0"}, headers=KEY).status_code == 200
+        )

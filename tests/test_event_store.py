@@ -1,0 +1,44 @@
+"""The node's event store under concurrent writers (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from regional_node.store import EventStore
+from shared.schemas import EventIn
+
+
+def _event(i: int) -> EventIn:
+    return EventIn(
+        user_id=f"u{i}",
+        item_id="I001",
+        event_type="view",
+        timestamp=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i),
+    )
+
+
+def test_overlapping_batches_in_other_orders_do_not_deadlock(pg_url: str) -> None:
+    # A retry or a second sender with the same events in another order: each batch
+    # locked its rows in arrival order, and the two deadlocked (a 500 to a storefront).
+    store = EventStore(pg_url)
+    store.migrate()
+    results: list[int] = []
+    errors: list[str] = []
+
+    def send(events: list[EventIn]) -> None:
+        try:
+            results.append(store.add_events(events))
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    for attempt in range(2):
+        batch = [_event(i + 10_000 * attempt) for i in range(6000)]
+        threads = [threading.Thread(target=send, args=(b,)) for b in (batch, batch[::-1])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    store.dispose()
+    assert errors == []
+    assert sorted(results) == [0, 0, 6000, 6000]  # each event stored once
