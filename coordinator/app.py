@@ -20,7 +20,7 @@ from coordinator.nodes.bootstrap import bootstrap_from_settings
 from coordinator.nodes.endpoints import router as nodes_router
 from coordinator.operator_tools import install_operator_tools
 from coordinator.rounds.endpoints import router as rounds_router
-from coordinator.rounds.service import try_close_current_round
+from coordinator.rounds.service import resume_rounds, try_close_current_round
 from coordinator.rounds.waiting import RoundSignal
 from coordinator.secagg.endpoints import router as secagg_router
 from coordinator.settings import CoordinatorSettings
@@ -60,6 +60,11 @@ async def _round_closer(app: FastAPI) -> None:
             app.state.round_signal.notify()  # long-polling nodes learn of the new round now
 
 
+def _resume_rounds(db: Database, settings: CoordinatorSettings) -> None:
+    with db.sessions() as session:
+        resume_rounds(session, settings)
+
+
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     settings = settings or CoordinatorSettings()
 
@@ -70,6 +75,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         if settings.migrate_on_start:
             await asyncio.to_thread(db.migrate)
         await asyncio.to_thread(bootstrap_from_settings, db, settings.bootstrap_nodes)
+        await asyncio.to_thread(_resume_rounds, db, settings)
         app.state.db = db
         app.state.round_wakeup = asyncio.Event()
         app.state.round_signal = RoundSignal()

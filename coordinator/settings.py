@@ -34,7 +34,8 @@ class CoordinatorSettings(BaseSettings):
     max_rounds: int | None = Field(
         default=None,
         ge=1,
-        description="Open no round after this many (demos, experiments); unset = run forever.",
+        description="Open no round after this many (demos, experiments); unset = run forever. "
+        "Raised or unset later, training resumes on the active version at the next start.",
     )
     round_check_seconds: float = Field(default=0.5, gt=0)
     max_update_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)

@@ -237,3 +237,44 @@ def test_update_validation(client: TestClient) -> None:
     assert r.status_code == 422
     # None of the rejected submissions was stored.
     assert client.get("/v1/rounds/current").json()["updates_received"] == 0
+
+
+def test_rounds_resume_when_max_rounds_is_raised(sqlite_url: str) -> None:
+    # Nothing opened a round once COORDINATOR_MAX_ROUNDS was reached: raising or
+    # unsetting it and restarting left the federation idle for ever.
+    def app(max_rounds: int | None) -> TestClient:
+        settings = CoordinatorSettings(
+            database_url=sqlite_url,
+            admin_token="admin-secret",
+            min_updates=1,
+            round_check_seconds=0.05,
+            embedding_dim=8,
+            max_rounds=max_rounds,
+        )
+        return TestClient(create_app(settings))
+
+    admin = {"Authorization": "Bearer admin-secret"}
+    with app(1) as c:
+        c.put("/v1/catalog", json=tiny_catalog(20), headers=admin)
+        token = c.post("/v1/nodes", json={"node_id": "a", "region": "EU"}, headers=admin)
+        auth = {"Authorization": f"Bearer {token.json()['token']}"}
+        base = bytes_to_state(c.get("/v1/models/1/weights", headers=auth).content)
+        body = state_to_bytes({k: torch.zeros_like(v) for k, v in base.items()})
+        r = c.post(
+            "/v1/rounds/1/updates",
+            params={"num_examples": 5, "base_version": 1},
+            content=body,
+            headers={**auth, "X-Content-SHA256": sha256_hex(body)},
+        )
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 10
+        while c.get("/v1/rounds/1").json()["state"] == "open" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get("/v1/rounds/current").status_code == 404  # the limit: no round 2
+    with app(1) as c:  # the same limit after a restart: still none
+        assert c.get("/v1/rounds/current").status_code == 404
+        assert c.post("/v1/models/1/promote", headers=admin).status_code == 200
+        assert c.get("/v1/rounds/current").status_code == 404
+    with app(None) as c:  # unset: training resumes on the active version
+        current = c.get("/v1/rounds/current")
+        assert current.status_code == 200 and current.json()["base_version"] == 1

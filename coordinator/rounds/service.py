@@ -508,7 +508,7 @@ def _close_round(
     r.closed_at = now
     r.result_version = v.version
     r.close_reason = "target" if count >= settings.effective_target_updates else "deadline"
-    if settings.max_rounds is None or _closed_rounds(session) < settings.max_rounds:
+    if _rounds_left(session, settings):
         open_round(session, settings, v.version)
     log.info(
         "round %s closed with %d updates -> version %s",
@@ -518,6 +518,27 @@ def _close_round(
         extra={"round_id": r.id},
     )
     return v.version
+
+
+def _rounds_left(session: Session, settings: CoordinatorSettings) -> bool:
+    return settings.max_rounds is None or _closed_rounds(session) < settings.max_rounds
+
+
+def resume_rounds(session: Session, settings: CoordinatorSettings) -> Round | None:
+    """Open a round on the active version when none is open and COORDINATOR_MAX_ROUNDS
+    allows one more: at start-up, after the limit was raised or unset (until 2026-11-27
+    a federation that had reached it never trained again)."""
+    if current_round(session) is not None or not _rounds_left(session, settings):
+        session.rollback()
+        return None
+    v = active_version(session)
+    if v is None:  # no catalog yet: the first upload opens round 1
+        session.rollback()
+        return None
+    r = open_round(session, settings, v.version)
+    session.commit()
+    log.info("no round was open; opened round %s on version %s", r.id, v.version)
+    return r
 
 
 def promote_version(session: Session, settings: CoordinatorSettings, version: int) -> ModelVersion:
@@ -533,6 +554,8 @@ def promote_version(session: Session, settings: CoordinatorSettings, version: in
         r.closed_at = utcnow()
         r.close_reason = "superseded"
         open_round(session, settings, version)  # a full round period, not the old one's
+    elif r is None and _rounds_left(session, settings):
+        open_round(session, settings, version)
     session.commit()
     return row
 
@@ -542,6 +565,7 @@ __all__ = [
     "bootstrap_model_if_needed",
     "current_round",
     "promote_version",
+    "resume_rounds",
     "submit_update",
     "try_close_current_round",
 ]
