@@ -17,7 +17,7 @@ def import_events(path: str, settings: NodeSettings) -> int:
     from shared.data import DataFormatError, event_record_to_event_in, read_events_csv
 
     try:
-        records = read_events_csv(path)
+        records = read_events_csv(path, refuse_future=True)
     except DataFormatError as exc:
         print(f"rejected {path}: nothing imported\n{exc}", file=sys.stderr)
         return 2

@@ -33,7 +33,13 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from shared.schemas import EVENT_TYPES, CatalogItem, EventIn, normalize_country
+from shared.schemas import (
+    EVENT_TYPES,
+    CatalogItem,
+    EventIn,
+    future_timestamp_problem,
+    normalize_country,
+)
 
 CATALOG_COLUMNS: tuple[str, ...] = (
     "item_id",
@@ -323,13 +329,19 @@ def read_catalog_csv(source: Source) -> list[CatalogItem]:
 
 
 def read_events_csv(
-    source: Source, *, known_item_ids: Collection[str] | None = None
+    source: Source,
+    *,
+    known_item_ids: Collection[str] | None = None,
+    refuse_future: bool = False,
 ) -> list[EventRecord]:
     """Parse an events file; raise DataFormatError listing every bad row.
 
-    With `known_item_ids`, an item id outside it is an error. Exact duplicate
-    events (same user, item, type and instant) are returned once, first wins.
+    With `known_item_ids`, an item id outside it is an error; with `refuse_future`, a
+    time more than a day past this machine's clock is (what a node stores,
+    `shared.schemas.MAX_EVENT_FUTURE`). Exact duplicate events (same user, item,
+    type and instant) are returned once, first wins.
     """
+    now = datetime.now(UTC)
     name = _source_name(source)
     known: Collection[str] | None = known_item_ids
     if known is not None and not isinstance(known, set | frozenset | dict):
@@ -372,6 +384,10 @@ def read_events_csv(
             timestamp = parse_timestamp(row[i_ts])
         except ValueError as exc:
             errors.append(RowError(line, str(exc)))
+        if timestamp is not None and refuse_future:
+            problem = future_timestamp_problem(timestamp, now)
+            if problem:
+                errors.append(RowError(line, problem))
         country = None
         if i_country is not None:
             try:

@@ -9,7 +9,7 @@ never leaves its region.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -121,6 +121,23 @@ class CatalogItem(BaseModel):
         return seen
 
 
+# How far past the receiving node's clock an event may be dated: a storefront clock a
+# little ahead is accepted; one event dated years ahead would move the regional
+# insights' window past every real event.
+MAX_EVENT_FUTURE = timedelta(days=1)
+
+
+def future_timestamp_problem(value: datetime, now: datetime | None = None) -> str | None:
+    """Why an event time cannot be stored (too far in the future), or None."""
+    limit = (now or datetime.now(UTC)) + MAX_EVENT_FUTURE
+    if value > limit:
+        return (
+            f"timestamp {value.isoformat()} is in the future (more than a day after "
+            f"{limit - MAX_EVENT_FUTURE:%Y-%m-%dT%H:%M:%SZ}, the node's clock)"
+        )
+    return None
+
+
 class EventIn(BaseModel):
     """One behaviour event, as a storefront backend posts it to its regional node."""
 
@@ -142,7 +159,9 @@ class EventIn(BaseModel):
     user_id: Identifier
     item_id: Identifier
     event_type: EventType
-    timestamp: datetime
+    timestamp: datetime = Field(
+        description="ISO 8601 (naive = UTC) or Unix seconds; at most a day past the node's clock."
+    )
     country: str | None = Field(
         default=None,
         max_length=COUNTRY_MAX_LENGTH,
@@ -154,11 +173,15 @@ class EventIn(BaseModel):
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
+            value = value.replace(tzinfo=UTC)
         try:
-            return value.astimezone(UTC)
+            value = value.astimezone(UTC)
         except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
             raise ValueError("timestamp out of range in UTC") from None
+        problem = future_timestamp_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("country", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ u1,J1,view,2026-10-01T10:00:00Z,DE,EU
 u2,J2,like,2026-10-01T10:00:00Z,DE,EU
 u3,J3,view,yesterday,DE,EU
 u4,J4,view,2026-10-01T10:00:00Z,DE,EU
+u5,J5,view,2099-01-01T00:00:00Z,DE,EU
 """
 
 
@@ -56,6 +57,7 @@ def test_events_with_bad_rows_load_nothing_and_name_the_lines(
     assert "nothing imported" in err
     assert "line 3" in err and "like" in err
     assert "line 4" in err and "yesterday" in err
+    assert "line 6" in err and "in the future" in err  # a node refuses far-future times
     assert "line 2:" not in err and "line 5:" not in err
     assert _store_count(url) == 0
 
