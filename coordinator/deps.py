@@ -102,3 +102,17 @@ ReaderDep = Annotated[Node | None, Depends(require_reader)]
 MAX_DB_ID = 2**31 - 1
 RoundIdPath = Annotated[int, Path(ge=1, le=MAX_DB_ID, description="A round id.")]
 VersionPath = Annotated[int, Path(ge=1, le=MAX_DB_ID, description="A model version number.")]
+
+
+def etag_matches(if_none_match: str | None, etag: str, *also: str) -> bool:
+    """Whether an If-None-Match header matches the current ETag (RFC 9110 13.1.2: a
+    comma-separated list, weak comparison, `*` matches anything). `also`: other
+    spellings accepted for the same representation."""
+    if if_none_match is None:
+        return False
+    wanted = {etag, *also}
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") in wanted:
+            return True
+    return False

@@ -48,11 +48,12 @@ def build_ivf(
     """k-means (Lloyd) on a sample of the item vectors, then every item to its nearest
     centroid. Deterministic for a seed. Empty clusters are dropped."""
     n = item_vecs.shape[0]
-    c = max(1, min(num_clusters, n))
     g = torch.Generator().manual_seed(seed)
     train = item_vecs
     if n > sample:
         train = item_vecs[torch.randperm(n, generator=g)[:sample]]
+    # No more clusters than training vectors: each starts at one of them.
+    c = max(1, min(num_clusters, train.shape[0]))
     centroids = train[torch.randperm(train.shape[0], generator=g)[:c]].clone()
     for _ in range(iterations):
         assign = _nearest(train, centroids)

@@ -80,6 +80,21 @@ class NodeRuntime:
     insights_pushed_at: datetime | None = None
     update_residual: bytes | None = None  # error feedback of lossy update encodings
     personalize_tried: tuple[int, str | None] | None = None  # (version, catalog etag)
+    # (catalog, its active item ids in catalog order, the same as a set): for answers
+    # before the first model.
+    _active_ids: tuple[CatalogOut, list[str], frozenset[str]] | None = None
+
+    def active_catalog_ids(self) -> tuple[list[str], frozenset[str]] | None:
+        """The catalog's active item ids (list and set; computed once per catalog), or
+        None before the node has a catalog."""
+        catalog, cached = self.catalog, self._active_ids
+        if catalog is None:
+            return None
+        if cached is None or cached[0] is not catalog:
+            inactive = set(catalog.inactive_item_ids)
+            ids = [i.item_id for i in catalog.items if i.item_id not in inactive]
+            cached = self._active_ids = (catalog, ids, frozenset(ids))
+        return cached[1], cached[2]
 
 
 def backoff_seconds(failures: int, base: float, cap: float, rng: random.Random) -> float:

@@ -67,10 +67,12 @@ def recommend_for(
     # No history yet (or none the model knows): regional popularity, still honouring
     # filters and exclusions.
     excluded = set(exclude)
-    allowed = None
+    allowed: set[str] | frozenset[str] | None = None
+    fill: Sequence[str] = ()  # catalog order, to fill up to k when popularity runs short
     if serving is not None:
         mask = candidate_mask(serving, filters, exclude)
         allowed = {serving.item_ids[i] for i in mask.nonzero().flatten().tolist()}
+        fill = serving.item_ids
     elif filters != Filters():
         # Before the first model (a node started while the coordinator is unreachable)
         # the node knows no item's attributes: filtered answers would be unfiltered.
@@ -78,8 +80,10 @@ def recommend_for(
             "no model and catalog loaded yet, so filters cannot be applied; retry once the "
             "node has reached the coordinator (GET /v1/status: model_version)"
         )
-    elif runtime.catalog is not None:
-        excluded.update(runtime.catalog.inactive_item_ids)
+    elif (active := runtime.active_catalog_ids()) is not None:
+        # A catalog but no model yet: only its active items (events may name items it
+        # does not hold; until 2026-11-27 those were served too).
+        fill, allowed = active
     ranked = store.popularity()
     picks: list[dict[str, Any]] = []
     for item_id, score in ranked:
@@ -88,11 +92,11 @@ def recommend_for(
         picks.append({"item_id": item_id, "score": score})
         if len(picks) == k:
             break
-    if len(picks) < k and allowed is not None and serving is not None:
+    if len(picks) < k and allowed is not None:
         # A new region with little data: fill with catalog items the filters allow.
         chosen = {p["item_id"] for p in picks}
-        for item_id in serving.item_ids:
-            if item_id in allowed and item_id not in chosen:
+        for item_id in fill:
+            if item_id in allowed and item_id not in chosen and item_id not in excluded:
                 picks.append({"item_id": item_id, "score": 0.0})
                 if len(picks) == k:
                     break

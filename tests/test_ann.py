@@ -140,3 +140,13 @@ def test_filters_that_leave_a_quarter_of_the_catalog_or_less_are_scored_exactly(
         got = recommend(serving, history, "DE", 10, narrow, exclude)
         want = recommend(serving, history, "DE", 10, narrow, exclude, exact=True)
         assert got == want
+
+
+def test_more_clusters_than_the_k_means_sample_still_builds() -> None:
+    # NODE_IVF_CLUSTERS above the 20,000-vector sample crashed the build (IndexError:
+    # the centroids came from the sample, the counts from the setting), so the node
+    # never swapped in the version.
+    vecs = torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
+    index = build_ivf(vecs, 250, sample=200, iterations=2)
+    assert index.num_clusters <= 200
+    assert int(index.sizes.sum()) == 300

@@ -101,7 +101,10 @@ def test_catalog_and_bootstrap(client: TestClient) -> None:
     catalog = client.get("/v1/catalog")
     assert [i["item_id"] for i in catalog.json()["items"]] == [f"I{i:03d}" for i in range(10)]
     etag = catalog.headers["etag"]
-    assert client.get("/v1/catalog", headers={"If-None-Match": etag}).status_code == 304
+    # RFC 9110: a list, weak tags and `*` match too (each was a full 200 until 2026-11-27).
+    for header in (etag, f'"other", {etag}', f"W/{etag}", "*"):
+        assert client.get("/v1/catalog", headers={"If-None-Match": header}).status_code == 304
+    assert client.get("/v1/catalog", headers={"If-None-Match": '"other"'}).status_code == 200
 
     latest = client.get("/v1/models/latest").json()
     assert latest["version"] == 1 and latest["status"] == "active" and latest["num_items"] == 10
@@ -129,12 +132,9 @@ def test_weights_download(client: TestClient) -> None:
     meta = client.get("/v1/models/1").json()
     assert r.headers["etag"] == f'"{meta["sha256"]}"' and sha256_hex(r.content) == meta["sha256"]
     assert len(r.content) == meta["size_bytes"]
-    assert (
-        client.get(
-            "/v1/models/1/weights", headers={**node, "If-None-Match": r.headers["etag"]}
-        ).status_code
-        == 304
-    )
+    for header in (r.headers["etag"], f'W/{r.headers["etag"]}, "x"', "*"):
+        again = client.get("/v1/models/1/weights", headers={**node, "If-None-Match": header})
+        assert again.status_code == 304
     assert client.get("/v1/models/7/weights", headers=node).status_code == 404
 
 

@@ -231,6 +231,15 @@ def test_before_the_first_model_filters_are_refused_and_inactive_items_left_out(
     body = node.get("/v1/recommend", params={"k": 50}, headers=KEY).json()
     assert body["strategy"] == "popularity" and body["items"]
     assert top not in {i["item_id"] for i in body["items"]}
+    # Events may name items the catalog does not hold: never served (they were until
+    # 2026-11-27), and the answer is filled up to k from the catalog's active items.
+    ghost = [{**events[0], "item_id": "GHOST-1", "user_id": f"g{i}"} for i in range(30)]
+    assert node.post("/v1/events", json=ghost, headers=KEY).json()["unknown_item_ids"] == [
+        "GHOST-1"
+    ]
+    body = node.get("/v1/recommend", params={"k": 59}, headers=KEY).json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == len(set(ids)) == 59 and "GHOST-1" not in ids and top not in ids
 
 
 def test_anonymous_calls_are_served_beside_keys_when_allowed(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Header, Query, Response
 
 from coordinator.catalog import service
-from coordinator.deps import AdminDep, SessionDep, SettingsDep
+from coordinator.deps import AdminDep, SessionDep, SettingsDep, etag_matches
 from coordinator.rounds.service import bootstrap_model_if_needed
 from shared.errors import error_responses
 from shared.schemas import CatalogInfo, CatalogItem, CatalogOut
@@ -53,7 +53,7 @@ def get_catalog(
 ) -> CatalogOut | Response:
     version = service.catalog_version(session)
     etag = f'"catalog-{version}"'
-    if if_none_match is not None and if_none_match.strip() == etag:
+    if etag_matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
     return service.get_catalog(session)

@@ -5,7 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from coordinator.deps import AdminDep, ReaderDep, SessionDep, SettingsDep, VersionPath
+from coordinator.deps import (
+    AdminDep,
+    ReaderDep,
+    SessionDep,
+    SettingsDep,
+    VersionPath,
+    etag_matches,
+)
 from coordinator.models_registry import service
 from coordinator.nodes.service import touch_node
 from coordinator.rounds.service import promote_version
@@ -77,7 +84,7 @@ def get_weights(
     if reader is not None:  # a node: record when it was seen and what it fetched
         touch_node(session, reader, version)
     etag = f'"{row.sha256}"'
-    if if_none_match is not None and if_none_match.strip() in (etag, row.sha256):
+    if etag_matches(if_none_match, etag, row.sha256):
         return Response(status_code=304, headers={"ETag": etag})
     headers = {"ETag": etag, "X-Model-Version": str(version)}
     if row.size_bytes <= service.WEIGHT_CHUNK_BYTES:
