@@ -339,3 +339,47 @@ def test_concurrent_catalog_uploads_all_land(pg_url: str, tmp_path: Path) -> Non
         assert [m["version"] for m in admin.get("/v1/models").json()] == [1]
     finally:
         coord.stop()
+
+
+def test_two_promotes_at_once_leave_one_active_version(pg_url: str) -> None:
+    # With no open round to lock (after COORDINATOR_MAX_ROUNDS, say), two concurrent
+    # promotes each retired the versions active when they started, and both left theirs
+    # active (1 race in 30 here before the advisory lock).
+    from sqlalchemy import select
+
+    from coordinator.db import Database
+    from coordinator.models import ModelVersion
+    from coordinator.models_registry.service import create_version
+    from coordinator.rounds.service import promote_version
+    from coordinator.settings import CoordinatorSettings
+    from shared.model import ModelConfig, init_state
+
+    db = Database(pg_url)
+    db.migrate()
+    settings = CoordinatorSettings(database_url=pg_url, admin_token="x", max_rounds=1)
+    config = ModelConfig(num_items=5, embedding_dim=4)
+    with db.sessions() as s:
+        for status in ("active", "retired", "retired"):
+            create_version(s, init_state(config), config, metrics={}, round_id=None, status=status)
+        s.commit()
+    doubles = 0
+    for _ in range(40):
+        with db.sessions() as s:
+            for row in s.scalars(select(ModelVersion)):
+                row.status = "active" if row.version == 1 else "retired"
+            s.commit()
+
+        def promote(version: int) -> None:
+            with db.sessions() as s:
+                promote_version(s, settings, version)
+
+        threads = [threading.Thread(target=promote, args=(v,)) for v in (2, 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with db.sessions() as s:
+            active = s.scalars(select(ModelVersion.version).where(ModelVersion.status == "active"))
+            doubles += len(list(active)) != 1
+    db.dispose()
+    assert doubles == 0

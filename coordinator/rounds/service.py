@@ -541,8 +541,16 @@ def resume_rounds(session: Session, settings: CoordinatorSettings) -> Round | No
     return r
 
 
+# pg_advisory_xact_lock key of promotes (any constant no other lock uses).
+_PROMOTE_LOCK = 0x70726F6D  # "prom"
+
+
 def promote_version(session: Session, settings: CoordinatorSettings, version: int) -> ModelVersion:
     """Make a version active and rebase the open round on it, in one transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Two promotes at once (no open round to lock, say): each retired the versions
+        # active when it started and both left theirs active. One at a time.
+        session.execute(select(func.pg_advisory_xact_lock(_PROMOTE_LOCK)))
     # A close in progress holds the open round's row lock until it commits its new active
     # version and next round; wait for it, or (PostgreSQL) this promote would retire the
     # versions active before that commit and leave the close's version active beside ours.
