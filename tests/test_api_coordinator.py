@@ -18,16 +18,20 @@ from tests.conftest import tiny_catalog
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
+def small_coordinator(db_url: str, **overrides: object) -> CoordinatorSettings:
+    """A coordinator for API tests: ADMIN's token, a small model, a fast round checker."""
+    defaults: dict[str, object] = {
+        "admin_token": "admin-secret",
+        "min_updates": 2,
+        "round_check_seconds": 0.05,
+        "embedding_dim": 8,
+    }
+    return CoordinatorSettings(database_url=db_url, **{**defaults, **overrides})  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def client(db_url: str) -> Iterator[TestClient]:
-    settings = CoordinatorSettings(
-        database_url=db_url,
-        admin_token="admin-secret",
-        min_updates=2,
-        round_check_seconds=0.05,
-        embedding_dim=8,
-    )
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(small_coordinator(db_url))) as c:
         yield c
 
 
@@ -243,17 +247,10 @@ def test_rounds_resume_when_max_rounds_is_raised(sqlite_url: str) -> None:
     # Nothing opened a round once COORDINATOR_MAX_ROUNDS was reached: raising or
     # unsetting it and restarting left the federation idle for ever.
     def app(max_rounds: int | None) -> TestClient:
-        settings = CoordinatorSettings(
-            database_url=sqlite_url,
-            admin_token="admin-secret",
-            min_updates=1,
-            round_check_seconds=0.05,
-            embedding_dim=8,
-            max_rounds=max_rounds,
-        )
+        settings = small_coordinator(sqlite_url, min_updates=1, max_rounds=max_rounds)
         return TestClient(create_app(settings))
 
-    admin = {"Authorization": "Bearer admin-secret"}
+    admin = ADMIN
     with app(1) as c:
         c.put("/v1/catalog", json=tiny_catalog(20), headers=admin)
         token = c.post("/v1/nodes", json={"node_id": "a", "region": "EU"}, headers=admin)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from regional_node.client import CoordinatorError
+from regional_node.participation import Participant
 from regional_node.trainer import TrainJob, run_train_job
 from shared.privacy_schemas import CohortMember, SecAggState
 from shared.secagg import generate_keypair
@@ -26,6 +27,17 @@ def b64(key: bytes) -> str:
 
 
 EVENTS = tiny_events("eu", users=10, material="gold", seed=1, n_items=30)
+
+
+def _steps(p: Participant, n: int) -> None:
+    """n passes of the node's round loop, then the participant closed."""
+
+    async def main() -> None:
+        for _ in range(n):
+            await p.step()
+        await p.aclose()
+
+    asyncio.run(main())
 
 
 def _two_items_each(users: int) -> list[dict[str, object]]:
@@ -71,12 +83,7 @@ def test_a_cohort_sealed_without_the_node_skips_the_round_quietly(tmp_path: Path
     p, fake, store = participant(tmp_path, EVENTS, secure_aggregation=True)
     fake.publish_error = CoordinatorError(409, "the cohort of round 1 is sealed without 'node-1'")
 
-    async def main() -> None:
-        for _ in range(3):
-            await p.step()
-        await p.aclose()
-
-    asyncio.run(main())
+    _steps(p, 3)
     store.dispose()
     assert fake.calls.count("publish_secagg_key") == 1
     assert "submit_update" not in fake.calls
@@ -89,12 +96,7 @@ def test_a_node_with_nothing_to_train_publishes_no_key(tmp_path: Path) -> None:
     one_user = _two_items_each(1)[:1]
     p, fake, store = participant(tmp_path, one_user, secure_aggregation=True)
 
-    async def main() -> None:
-        for _ in range(3):
-            await p.step()
-        await p.aclose()
-
-    asyncio.run(main())
+    _steps(p, 3)
     store.dispose()
     assert "publish_secagg_key" not in fake.calls and "submit_update" not in fake.calls
     assert p.runtime.rounds_skipped == {1}
@@ -108,11 +110,7 @@ def test_a_masking_that_gives_up_spends_no_privacy_budget(tmp_path: Path) -> Non
     )
     fake.round = open_round(deadline_in=-1)  # past: only the 0.2 s wait is left
 
-    async def main() -> None:
-        await p.step()
-        await p.aclose()
-
-    asyncio.run(main())
+    _steps(p, 1)
     assert p.accountant is not None
     assert p.accountant.releases() == [] and "submit_update" not in fake.calls
     assert p.runtime.rounds_skipped == {1}
@@ -130,11 +128,7 @@ def test_the_node_waits_for_the_cohort_until_the_round_deadline(tmp_path: Path) 
     sealed_at = time.monotonic() + 1.5
     fake.secagg = lambda: fake.sealed_cohort() if time.monotonic() > sealed_at else secagg_state()
 
-    async def main() -> None:
-        await p.step()
-        await p.aclose()
-
-    asyncio.run(main())
+    _steps(p, 1)
     assert p.accountant is not None
     assert fake.calls.count("submit_update") == 1 and len(p.accountant.releases()) == 1
     assert p.runtime.rounds_joined == {1} and p.runtime.dp_epsilon is not None

@@ -11,27 +11,18 @@ from fastapi.testclient import TestClient
 from coordinator.app import create_app
 from coordinator.db import Database
 from coordinator.nodes.service import revoke_node
-from coordinator.settings import CoordinatorSettings
-from shared.privacy_schemas import SecAggState
 from shared.secagg import pairwise_seed
 from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from tests.conftest import tiny_catalog
+from tests.test_api_coordinator import ADMIN, small_coordinator
 from tests.test_secagg import ADMIN as SECAGG_ADMIN
-from tests.test_secagg import _coordinator, _deltas, _join, _setup, _submit
-
-ADMIN = {"Authorization": "Bearer admin-secret"}
+from tests.test_secagg import _c_drops, _coordinator
 
 
 def test_a_node_revoked_while_its_update_streams_in_is_refused(db_url: str) -> None:
     # The token was checked before the body streamed and never again: the revoked
     # node's update was stored and aggregated into the next version.
-    settings = CoordinatorSettings(
-        database_url=db_url,
-        admin_token="admin-secret",
-        min_updates=1,
-        round_check_seconds=0.05,
-        embedding_dim=8,
-    )
+    settings = small_coordinator(db_url, min_updates=1)
     with TestClient(create_app(settings)) as c:
         c.put("/v1/catalog", json=tiny_catalog(20), headers=ADMIN)
         node = c.post("/v1/nodes", json={"node_id": "evil", "region": "EU"}, headers=ADMIN)
@@ -65,21 +56,9 @@ def test_revoking_a_survivor_during_secure_recovery_redoes_the_round(tmp_path: o
     # MIN_UPDATES 2) into an active version wrong by about 1e10.
     url = f"sqlite:///{tmp_path}/c.db"
     with _coordinator(url, deadline=2.0) as client:
-        tokens, base = _setup(client)
-        deltas = _deltas(base)
-        private = _join(client, tokens)
-        assert _submit(client, "a", tokens["a"], deltas["a"], private["a"]) == 200
-        assert _submit(client, "b", tokens["b"], deltas["b"], private["b"]) == 200
+        dropout = _c_drops(client)
+        tokens, private, state = dropout.tokens, dropout.private, dropout.state
         admin = {"Authorization": f"Bearer {SECAGG_ADMIN}"}
-        deadline = time.monotonic() + 20
-        while True:
-            state = SecAggState.model_validate(
-                client.get("/v1/rounds/1/secagg", headers=admin).json()
-            )
-            if state.dropped or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert state.dropped == ["c"]
         assert client.post("/v1/nodes/b/revoke", headers=admin).status_code == 200
         rnd = client.get("/v1/rounds/1").json()
         assert (rnd["state"], rnd["result_version"]) == ("closed", None)  # redone

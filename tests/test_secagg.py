@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -222,23 +223,44 @@ def test_secure_round_aggregates_to_plain_fedavg(db_url: str) -> None:
             assert max(float(v.abs().max()) for v in decoded.values()) > 1e6
 
 
+@dataclass
+class DropoutRound:
+    tokens: dict[str, str]
+    base: dict[str, torch.Tensor]
+    deltas: dict[str, dict[str, torch.Tensor]]
+    private: dict[str, bytes]
+    state: SecAggState  # once the coordinator declared c dropped
+
+
+def _c_drops(client: TestClient, timeout: float = 15) -> DropoutRound:
+    """Round 1 with cohort a, b, c: a and b submit, c never does; returns once the
+    coordinator has declared the dropout (at the 2-s deadline)."""
+    tokens, base = _setup(client)
+    deltas = _deltas(base)
+    private = _join(client, tokens)
+    for n in ("a", "b"):
+        assert _submit(client, n, tokens[n], deltas[n], private[n]) == 200
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    deadline = time.monotonic() + timeout
+    while True:
+        state = SecAggState.model_validate(client.get("/v1/rounds/1/secagg", headers=admin).json())
+        if state.dropped or time.monotonic() > deadline:
+            assert state.dropped == ["c"]
+            return DropoutRound(tokens, base, deltas, private, state)
+        time.sleep(0.1)
+
+
 def test_dropped_node_is_recovered_by_seed_reveals(tmp_path: Path) -> None:
     with _coordinator(f"sqlite:///{tmp_path / 'c.db'}", deadline=2.0) as client:
-        tokens, base = _setup(client)
-        deltas = _deltas(base)
-        private = _join(client, tokens)
-        assert _submit(client, "a", tokens["a"], deltas["a"], private["a"]) == 200
-        assert _submit(client, "b", tokens["b"], deltas["b"], private["b"]) == 200
+        dropout = _c_drops(client)
+        tokens, base, deltas, private, state = (
+            dropout.tokens,
+            dropout.base,
+            dropout.deltas,
+            dropout.private,
+            dropout.state,
+        )
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            state = SecAggState.model_validate(
-                client.get("/v1/rounds/1/secagg", headers=admin).json()
-            )
-            if state.dropped:
-                break
-            time.sleep(0.1)
-        assert state.dropped == ["c"]
         # c comes back too late: refused, so its update can never be unmasked.
         assert _submit(client, "c", tokens["c"], deltas["c"], private["c"]) == 409
         cohort = {m.node_id: m.public_key for m in state.cohort}
