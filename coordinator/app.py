@@ -48,10 +48,15 @@ async def _round_closer(app: FastAPI) -> None:
     """Closes rounds when they reach their target or their deadline; never on the event loop."""
     settings: CoordinatorSettings = app.state.settings
     wakeup: asyncio.Event = app.state.round_wakeup
+    resumed = False  # once per start, here rather than in start-up: the database may be down
     while True:
         await wait_event(wakeup, settings.round_check_seconds)
         wakeup.clear()
         try:
+            if not resumed:
+                if await asyncio.to_thread(_resume_rounds, app.state.db, settings):
+                    app.state.round_signal.notify()
+                resumed = True
             version = await asyncio.to_thread(_close_ready_round, app)
         except Exception:  # keep closing future rounds; the failure is logged
             log.exception("closing the round failed; will retry")
@@ -60,9 +65,9 @@ async def _round_closer(app: FastAPI) -> None:
             app.state.round_signal.notify()  # long-polling nodes learn of the new round now
 
 
-def _resume_rounds(db: Database, settings: CoordinatorSettings) -> None:
+def _resume_rounds(db: Database, settings: CoordinatorSettings) -> bool:
     with db.sessions() as session:
-        resume_rounds(session, settings)
+        return resume_rounds(session, settings) is not None
 
 
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
@@ -75,7 +80,6 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         if settings.migrate_on_start:
             await asyncio.to_thread(db.migrate)
         await asyncio.to_thread(bootstrap_from_settings, db, settings.bootstrap_nodes)
-        await asyncio.to_thread(_resume_rounds, db, settings)
         app.state.db = db
         app.state.round_wakeup = asyncio.Event()
         app.state.round_signal = RoundSignal()

@@ -135,6 +135,9 @@ class Participant:
         self._insights_event_id: int | None = None  # newest event in the last report
         # (base version, fine-tuned weights) of the last round's training, to serve.
         self._personal_pending: tuple[int, bytes] | None = None
+        # (round, newest event id) of a training that found no example: not rerun for
+        # the same round until events arrive.
+        self._nothing_to_train: tuple[int, int | None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -489,19 +492,9 @@ class Participant:
         )
         if not await self._within_budget(round_id):
             return
-        if self.secagg is not None:
-            # A key in the cohort promises an update: never publish one without examples.
-            if not await asyncio.to_thread(self.store.has_training_examples):
-                self._skip_round(round_id, "no training examples yet")
-                return
-            try:
-                await self.secagg.join(round_id)  # before training, so the cohort can seal
-            except CoordinatorError as exc:
-                if exc.status_code != 409:
-                    raise
-                # Sealed without this node, or closed: the round goes on without it.
-                self._skip_round(round_id, exc.detail)
-                return
+        newest_event = await asyncio.to_thread(self.store.last_event_id)
+        if self._nothing_to_train == (round_id, newest_event):
+            return  # the last try found no example: again once events arrive
         log.info(
             "training round %s on version %s",
             round_id,
@@ -512,11 +505,24 @@ class Participant:
         outcome, worker_seconds = await self._run_training(job)
         job_seconds = time.perf_counter() - started
         if outcome is None:
-            self._skip_round(round_id, "no training examples yet")
+            # Not skipped: the round stays open until enough nodes sent, and this node
+            # joins it once its events give an example.
+            self._nothing_to_train = (round_id, newest_event)
+            log.info("no training examples yet; round %s waits for events", round_id)
             return
         metrics = dict(outcome.metrics)
         payload, sha, encoding = outcome.delta, outcome.sha256, outcome.encoding
         if self.secagg is not None:
+            try:
+                # After training: a key in the cohort promises an update, so a node
+                # without examples never sits in a cohort the others wait on.
+                await self.secagg.join(round_id)
+            except CoordinatorError as exc:
+                if exc.status_code != 409:
+                    raise
+                # Sealed without this node, or closed: the round goes on without it.
+                self._skip_round(round_id, exc.detail)
+                return
             try:
                 payload = await self.secagg.mask(
                     round_id, outcome.delta, outcome.num_examples, round_deadline
@@ -713,7 +719,10 @@ class Participant:
         waits for this node's reveal."""
         while True:
             if self.secagg is not None:
-                await self.secagg.answer_reveals()
+                try:
+                    await self.secagg.answer_reveals()
+                except (httpx.HTTPError, CoordinatorError) as exc:  # the watch goes on
+                    log.warning("answering seed reveals failed: %s", exc)
             rnd = await self.wait_for_next_round(self.settings.poll_seconds)
             if rnd is not None and self._wants(rnd):
                 return rnd

@@ -47,11 +47,6 @@ _RECOMMEND_CONTEXT = text(
 # How many of a user's newest events /v1/recommend reads: the history is built from
 # them (all of a user's events up to this many, the same history training sees).
 RECOMMEND_HISTORY_EVENTS = 1000
-# Some user touched two distinct items: there is a next-item example to train on.
-_HAS_EXAMPLE = text(
-    "SELECT 1 FROM events a WHERE EXISTS (SELECT 1 FROM events b "
-    "WHERE b.user_id = a.user_id AND b.item_id <> a.item_id) LIMIT 1"
-)
 _PURCHASED = (
     select(Event.item_id)
     .where(Event.user_id == bindparam("user_id"), Event.event_type == "purchase")
@@ -162,11 +157,6 @@ class EventStore:
                 country = value
         history.reverse()
         return history, purchased, country
-
-    def has_training_examples(self) -> bool:
-        """Whether some user touched two distinct items (one next-item example at least)."""
-        with self.reader.connect() as conn:
-            return conn.execute(_HAS_EXAMPLE).first() is not None
 
     def purchased_items(self, user_id: str) -> set[str]:
         with self.sessions() as session:

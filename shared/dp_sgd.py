@@ -78,7 +78,7 @@ class UserBatch:
     history: torch.Tensor  # (U, M, L) positions into seq, left-padded
     types: torch.Tensor  # (U, M, L) event type ids, 0 = padding
     target: torch.Tensor  # (U, M) positions into seq
-    country: torch.Tensor  # (U,)
+    country: torch.Tensor  # (U, M) country bucket of each example (as of its target)
     count: torch.Tensor  # (U,) examples per user (>= 1)
 
 
@@ -97,11 +97,10 @@ def pack_users(
     history = torch.zeros(n, m, max_history, dtype=torch.long)
     types = torch.zeros(n, m, max_history, dtype=torch.long)
     target = torch.zeros(n, m, dtype=torch.long)
-    country = torch.zeros(n, dtype=torch.long)
+    country = torch.zeros(n, m, dtype=torch.long)
     count = torch.zeros(n, dtype=torch.long)
     for i, (_, s) in enumerate(kept):
         seq[i, : len(s.items)] = torch.tensor(s.items)
-        country[i] = s.country
         steps = list(range(1, len(s.items)))[-m:]
         count[i] = len(steps)
         # Padding examples repeat the first kept one (finite everywhere, masked out).
@@ -112,6 +111,7 @@ def pack_users(
             history[i, j, max_history - k :] = torch.arange(lo, t)
             types[i, j, max_history - k :] = torch.tensor(s.types_window(lo, t))
             target[i, j] = t
+            country[i, j] = s.country_at(t)
     return UserBatch([u for u, _ in kept], seq, history, types, target, country, count)
 
 
@@ -163,7 +163,7 @@ class PerUserGradients:
             history: torch.Tensor,  # (M, L) positions into seq
             types: torch.Tensor,  # (M, L)
             target: torch.Tensor,  # (M,) positions into seq
-            country: torch.Tensor,  # ()
+            country: torch.Tensor,  # (M,)
             mask: torch.Tensor,  # (M,) float, 1 for real examples
             neg: torch.Tensor,  # (N,)
         ) -> torch.Tensor:
@@ -240,7 +240,7 @@ class PerUserGradients:
                 hist,
                 types,
                 target,
-                batch.country[part],
+                batch.country[part, :m],
                 mask,
                 inverse[seq.numel() :],
             )

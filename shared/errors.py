@@ -79,6 +79,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # The database refused or dropped the connection, or a lock could not be had
         # (a deadlock, SQLite's busy timeout): a 503 the caller may retry, not a 500.
         assert isinstance(exc, OperationalError)
+        if not database_unavailable(exc):
+            raise exc  # a bug (SQLite says OperationalError for a missing column too): 500
         log.warning("database unavailable: %s", str(exc).splitlines()[0])
         return JSONResponse(
             {"detail": f"the database is not available ({type(exc.orig).__name__}); retry"},
@@ -89,6 +91,19 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, handle)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(OperationalError, database_down)
+
+
+def database_unavailable(exc: OperationalError) -> bool:
+    """Whether an OperationalError means "the database is not available now" (retry)
+    rather than a bug. PostgreSQL's are connection failures, deadlocks, lock and
+    statement timeouts (a bad column is a ProgrammingError there); SQLite's cover
+    both, so its message decides."""
+    if exc.connection_invalidated:
+        return True
+    if type(exc.orig).__module__.startswith("sqlite3"):
+        text = str(exc.orig).lower()
+        return any(w in text for w in ("locked", "busy", "unable to open", "disk i/o"))
+    return True
 
 
 def _json_safe(value: object) -> object:

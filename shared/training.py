@@ -83,9 +83,15 @@ class UserSequence:
         cutoff = self._cutoff(t)
         if cutoff is None or not self.upgrades:
             return out
-        for pos, log in self.upgrades.items():
-            if lo <= pos < t:
-                out[pos - lo] = _type_before(log, cutoff)
+        if len(self.upgrades) <= t - lo:
+            for pos, log in self.upgrades.items():
+                if lo <= pos < t:
+                    out[pos - lo] = _type_before(log, cutoff)
+        else:  # many upgraded items, a short window: look up the window's own
+            for pos in range(lo, t):
+                upgraded = self.upgrades.get(pos)
+                if upgraded is not None:
+                    out[pos - lo] = _type_before(upgraded, cutoff)
         return out
 
     def country_at(self, t: int) -> int:

@@ -269,9 +269,25 @@ def test_rounds_resume_when_max_rounds_is_raised(sqlite_url: str) -> None:
             time.sleep(0.05)
         assert c.get("/v1/rounds/current").status_code == 404  # the limit: no round 2
     with app(1) as c:  # the same limit after a restart: still none
+        time.sleep(0.5)  # the round checker has looked (it resumes rounds, not start-up)
         assert c.get("/v1/rounds/current").status_code == 404
         assert c.post("/v1/models/1/promote", headers=admin).status_code == 200
         assert c.get("/v1/rounds/current").status_code == 404
     with app(None) as c:  # unset: training resumes on the active version
-        current = c.get("/v1/rounds/current")
-        assert current.status_code == 200 and current.json()["base_version"] == 1
+        deadline = time.monotonic() + 10
+        while (current := c.get("/v1/rounds/current")).status_code == 404:
+            assert time.monotonic() < deadline, "no round resumed"
+            time.sleep(0.05)
+        assert current.json()["base_version"] == 1
+
+
+def test_the_coordinator_starts_while_its_database_is_down() -> None:
+    # It must come up and say so on /readyz (the orchestrator's probe), not crash at
+    # start-up: resuming rounds there did, briefly, on 2026-11-27.
+    settings = small_coordinator(
+        "postgresql+psycopg://postgres@127.0.0.1:1/none", migrate_on_start=False
+    )
+    with TestClient(create_app(settings)) as c:
+        time.sleep(0.2)
+        assert c.get("/readyz").status_code == 503
+        assert c.get("/healthz").status_code == 200

@@ -334,3 +334,31 @@ def test_a_database_outage_is_a_503_the_storefront_may_retry(pg_url: str) -> Non
         assert (
             c.get("/v1/recommend", params={"user_id": "eu-user-0"}, headers=KEY).status_code == 200
         )
+
+
+def test_a_broken_schema_is_a_500_not_a_database_outage(tmp_path: Path) -> None:
+    # SQLite reports a missing column as OperationalError too: answered as "the database
+    # is not available; retry", it hid a bug behind a 503 and logged no traceback.
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    settings = NodeSettings(id="eu-1", region="EU", database_url=url, api_keys="shop-key")
+    with TestClient(create_app(settings, participate=False), raise_server_exceptions=False) as c:
+        store = c.app.state.store  # type: ignore[attr-defined]
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE events RENAME COLUMN country TO gone")
+        r = c.get("/v1/recommend", params={"user_id": "u1"}, headers=KEY)
+        assert r.status_code == 500
+
+
+def test_which_operational_errors_mean_the_database_is_unavailable() -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from shared.errors import database_unavailable
+
+    def sqlite_error(text: str) -> OperationalError:
+        return OperationalError("SELECT 1", {}, sqlite3.OperationalError(text))
+
+    assert database_unavailable(sqlite_error("database is locked"))
+    assert database_unavailable(sqlite_error("unable to open database file"))
+    assert not database_unavailable(sqlite_error("no such column: country"))

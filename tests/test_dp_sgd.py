@@ -21,7 +21,7 @@ from shared.features import build_item_features
 from shared.market import generate_market
 from shared.model import HybridTwoTower, ModelConfig, init_state, sampled_softmax_loss
 from shared.privacy import dp_epsilon, epsilon_of_releases, l2_norm
-from shared.training import TrainConfig, UserSequence, make_examples
+from shared.training import TrainConfig, UserSequence, build_sequences, make_examples
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +408,15 @@ def test_a_saved_state_is_served_again_with_the_recipe_the_run_used(tmp_path: Pa
         with pytest.raises(SystemExit) as exit_info:
             main([*base, *bad])
         assert exit_info.value.code == 2
+
+
+def test_packed_examples_carry_the_country_of_their_time() -> None:
+    # Like make_examples: a user who moved has each example's country as of its target
+    # (pack_users gave every example the latest one).
+    rows = [("u", 1, "view", 1.0, None), ("u", 2, "view", 2.0, "DE"), ("u", 3, "view", 3.0, "FR")]
+    rows.append(("u", 4, "view", 4.0, None))
+    seqs = build_sequences(rows, country_buckets=64)
+    batch = pack_users(seqs, 4, 8)
+    expected = make_examples(seqs.values(), 4).country
+    assert batch.country[0, : int(batch.count[0])].tolist() == expected.tolist()
+    assert len(set(expected.tolist())) == 3  # unknown, DE, FR

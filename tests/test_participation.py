@@ -12,10 +12,14 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
+import pytest
+
 from regional_node.client import CoordinatorError
 from regional_node.participation import Participant
 from regional_node.trainer import TrainJob, run_train_job
 from shared.privacy_schemas import CohortMember, SecAggState
+from shared.schemas import EventIn
 from shared.secagg import generate_keypair
 from shared.training import TrainConfig
 from tests.conftest import tiny_catalog, tiny_events
@@ -90,16 +94,41 @@ def test_a_cohort_sealed_without_the_node_skips_the_round_quietly(tmp_path: Path
     assert p.runtime.rounds_skipped == {1} and p.runtime.last_round_joined is None
 
 
-def test_a_node_with_nothing_to_train_publishes_no_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unknown_items", [False, True])
+def test_a_node_with_nothing_to_train_publishes_no_key_and_joins_once_it_has(
+    tmp_path: Path, unknown_items: bool
+) -> None:
     # A key in the cohort promises an update; a node without examples published one
-    # every poll and never submitted, so every round waited for its dropout.
-    one_user = _two_items_each(1)[:1]
-    p, fake, store = participant(tmp_path, one_user, secure_aggregation=True)
+    # every poll and never submitted, so every round waited for its dropout. Events of
+    # items the catalog does not hold give no example either. And the round must stay
+    # the node's to join: the coordinator keeps it open until enough nodes sent.
+    events = _two_items_each(3) if unknown_items else _two_items_each(1)[:1]
+    if unknown_items:
+        events = [{**e, "item_id": f"X{e['item_id']}"} for e in events]
+    p, fake, store = participant(tmp_path, events, secure_aggregation=True)
+    fake.secagg = fake.sealed_cohort
+    runs: list[int] = []
+    run_training = p._run_training
 
-    _steps(p, 3)
+    async def counted(job):  # type: ignore[no-untyped-def]
+        runs.append(1)
+        return await run_training(job)
+
+    p._run_training = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        for _ in range(3):
+            await p.step()
+        assert "publish_secagg_key" not in fake.calls and "submit_update" not in fake.calls
+        assert len(runs) == 1  # not retrained every poll while no event arrives
+        store.add_events([EventIn.model_validate(e) for e in EVENTS])
+        await p.step()
+        await p.aclose()
+
+    asyncio.run(main())
     store.dispose()
-    assert "publish_secagg_key" not in fake.calls and "submit_update" not in fake.calls
-    assert p.runtime.rounds_skipped == {1}
+    assert fake.calls.count("publish_secagg_key") == 1 and fake.calls.count("submit_update") == 1
+    assert p.runtime.rounds_joined == {1} and not p.runtime.rounds_skipped
 
 
 def test_a_masking_that_gives_up_spends_no_privacy_budget(tmp_path: Path) -> None:
@@ -183,3 +212,31 @@ def test_seed_reveals_are_answered_while_the_node_fine_tunes(tmp_path: Path) -> 
     asyncio.run(main())
     store.dispose()
     assert "reveal" in fake.calls
+
+
+def test_the_fine_tunes_round_watch_outlives_a_failed_reveal(tmp_path: Path) -> None:
+    # One coordinator error while answering reveals ended the watch: for the rest of the
+    # fine-tune the node neither answered reveals nor stopped for a new round.
+    p, fake, store = participant(tmp_path, EVENTS, secure_aggregation=True)
+    failures = [httpx.ConnectError("coordinator restarting")]
+    state = fake.secagg
+
+    def flaky() -> SecAggState:
+        if failures:
+            raise failures.pop()
+        return state()
+
+    async def main() -> None:
+        p._round_seen = 1
+        p.runtime.rounds_joined.add(1)
+        p.secagg._keys[1] = None  # type: ignore[union-attr,assignment]  # a round it is in
+        fake.secagg = flaky
+        watch = asyncio.create_task(p._round_wanting_this_node())
+        await asyncio.sleep(0.2)
+        fake.round = open_round(2)
+        found = await asyncio.wait_for(watch, 5)
+        assert found.round_id == 2 and not failures
+        await p.aclose()
+
+    asyncio.run(main())
+    store.dispose()
