@@ -5,18 +5,22 @@ from __future__ import annotations
 import base64
 import time
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from coordinator.app import create_app
 from coordinator.db import Database
+from coordinator.models import Node
 from coordinator.nodes.service import revoke_node
-from shared.secagg import pairwise_seed
+from coordinator.secagg.service import publish_key
+from shared.errors import Forbidden
+from shared.secagg import generate_keypair, pairwise_seed
 from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from tests.conftest import tiny_catalog
 from tests.test_api_coordinator import ADMIN, small_coordinator
 from tests.test_secagg import ADMIN as SECAGG_ADMIN
-from tests.test_secagg import _c_drops, _coordinator
+from tests.test_secagg import _c_drops, _coordinator, _setup
 
 
 def test_a_node_revoked_while_its_update_streams_in_is_refused(db_url: str) -> None:
@@ -76,3 +80,33 @@ def test_revoking_a_survivor_during_secure_recovery_redoes_the_round(tmp_path: o
         assert current["round_id"] == 2 and current["base_version"] == 1
         versions = client.get("/v1/models", headers=admin).json()
         assert [v["version"] for v in versions] == [1]
+
+
+def test_a_key_upload_of_a_node_revoked_meanwhile_is_refused(tmp_path: object) -> None:
+    # The token was checked before the round lock was taken; a revoke committed in
+    # between still let the key into the cohort (so the round waited on a node that
+    # can never submit).
+    url = f"sqlite:///{tmp_path}/c.db"
+    with _coordinator(url, deadline=30.0) as client:
+        _setup(client)
+        db = Database(url)
+        with db.sessions() as session:
+            stale = session.get(Node, "a")  # as the token check loaded it
+            assert stale is not None
+            session.expunge(stale)
+        with db.sessions() as session:
+            revoke_node(session, client.app.state.settings, "a")  # type: ignore[attr-defined]
+        _, public = generate_keypair()
+        with db.sessions() as session, pytest.raises(Forbidden, match="revoked"):
+            publish_key(
+                session,
+                client.app.state.settings,  # type: ignore[attr-defined]
+                stale,
+                1,
+                base64.b64encode(public).decode(),
+            )
+        db.dispose()
+        state = client.get(
+            "/v1/rounds/1/secagg", headers={"Authorization": f"Bearer {SECAGG_ADMIN}"}
+        )
+        assert state.json()["keys_received"] == 0
