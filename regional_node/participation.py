@@ -70,8 +70,8 @@ class NodeRuntime:
     next_retry_seconds: float | None = None
     rounds_joined: set[int] = field(default_factory=set)
     last_round_joined: int | None = None
-    # Open rounds this node left without an update (nothing to train on, left out of
-    # the secure-aggregation cohort): not retried, and not counted as joined.
+    # Open rounds this node left without an update (left out of the secure-aggregation
+    # cohort, or its masking gave up): not retried, and not counted as joined.
     rounds_skipped: set[int] = field(default_factory=set)
     dp_epsilon: float | None = None
     dp_releases: int = 0
@@ -135,9 +135,9 @@ class Participant:
         self._insights_event_id: int | None = None  # newest event in the last report
         # (base version, fine-tuned weights) of the last round's training, to serve.
         self._personal_pending: tuple[int, bytes] | None = None
-        # (round, newest event id) of a training that found no example: not rerun for
-        # the same round until events arrive.
-        self._nothing_to_train: tuple[int, int | None] | None = None
+        # (round, newest event id, catalog etag) of a training that found no example:
+        # not rerun for the same round until events or a new catalog arrive.
+        self._nothing_to_train: tuple[int, int | None, str | None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -492,9 +492,13 @@ class Participant:
         )
         if not await self._within_budget(round_id):
             return
-        newest_event = await asyncio.to_thread(self.store.last_event_id)
-        if self._nothing_to_train == (round_id, newest_event):
-            return  # the last try found no example: again once events arrive
+        attempt = (
+            round_id,
+            await asyncio.to_thread(self.store.last_event_id),
+            self.runtime.catalog_etag,
+        )
+        if self._nothing_to_train == attempt:
+            return  # the last try found no example: again once events or items arrive
         log.info(
             "training round %s on version %s",
             round_id,
@@ -507,7 +511,7 @@ class Participant:
         if outcome is None:
             # Not skipped: the round stays open until enough nodes sent, and this node
             # joins it once its events give an example.
-            self._nothing_to_train = (round_id, newest_event)
+            self._nothing_to_train = attempt
             log.info("no training examples yet; round %s waits for events", round_id)
             return
         metrics = dict(outcome.metrics)

@@ -65,15 +65,18 @@ class FakeCoordinator:
         self.publish_error: CoordinatorError | None = None
         self.secagg: Callable[[], SecAggState] = secagg_state
         self.keys: dict[str, str] = {}  # node id -> its published key (this round)
+        self.catalog_items: list[dict[str, object]] = tiny_catalog(30)
+        self.catalog_version = 1  # bump it with new `catalog_items`
 
     async def aclose(self) -> None:
         pass
 
     async def catalog(self, etag: str | None = None) -> tuple[CatalogOut | None, str]:
-        if etag == '"c1"':
-            return None, etag
-        items = tiny_catalog(30)
-        return CatalogOut.model_validate({"catalog_version": 1, "items": items}), '"c1"'
+        current = f'"c{self.catalog_version}"'
+        if etag == current:
+            return None, current
+        body = {"catalog_version": self.catalog_version, "items": self.catalog_items}
+        return CatalogOut.model_validate(body), current
 
     async def current_round(self, *, after: int | None = None, wait: float = 0.0) -> RoundOut:
         if after is not None and self.round.round_id <= after:

@@ -121,7 +121,14 @@ def test_a_node_with_nothing_to_train_publishes_no_key_and_joins_once_it_has(
             await p.step()
         assert "publish_secagg_key" not in fake.calls and "submit_update" not in fake.calls
         assert len(runs) == 1  # not retrained every poll while no event arrives
-        store.add_events([EventIn.model_validate(e) for e in EVENTS])
+        if unknown_items:  # the catalog comes to hold the items: examples at last
+            fake.catalog_items = [
+                *fake.catalog_items,
+                *({**fake.catalog_items[0], "item_id": i} for i in {e["item_id"] for e in events}),
+            ]
+            fake.catalog_version = 2
+        else:
+            store.add_events([EventIn.model_validate(e) for e in EVENTS])
         await p.step()
         await p.aclose()
 
