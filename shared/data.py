@@ -37,6 +37,7 @@ from shared.schemas import (
     EVENT_TYPES,
     CatalogItem,
     EventIn,
+    as_utc,
     future_timestamp_problem,
     normalize_country,
 )
@@ -137,12 +138,7 @@ def parse_timestamp(value: str) -> datetime:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
         raise ValueError(f"timestamp {value!r} is neither ISO 8601 nor Unix seconds") from exc
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    try:
-        return parsed.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
-        raise ValueError(f"timestamp {value!r} is out of range in UTC") from None
+    return as_utc(parsed, f"timestamp {value!r} is")
 
 
 def format_timestamp(value: datetime) -> str:

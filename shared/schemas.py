@@ -121,6 +121,17 @@ class CatalogItem(BaseModel):
         return seen
 
 
+def as_utc(value: datetime, what: str = "timestamp") -> datetime:
+    """Aware UTC (naive = UTC). ValueError when the instant is out of range in UTC
+    (0001-01-01T00:00:00+01:00 is before year 1 there)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{what} out of range in UTC") from None
+
+
 # How far past the receiving node's clock an event may be dated: a storefront clock a
 # little ahead is accepted; one event dated years ahead would move the regional
 # insights' window past every real event.
@@ -172,12 +183,7 @@ class EventIn(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        try:
-            value = value.astimezone(UTC)
-        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before year 1 in UTC
-            raise ValueError("timestamp out of range in UTC") from None
+        value = as_utc(value)
         problem = future_timestamp_problem(value)
         if problem:
             raise ValueError(problem)
