@@ -44,10 +44,11 @@ from coordinator.models_registry.service import (
     promote,
 )
 from coordinator.secagg.service import check_masked_update, secure_mean_delta, step_secure_round
+from coordinator.security import refuse_if_revoked
 from coordinator.server_optimizer import save_adam, server_step
 from coordinator.settings import CoordinatorSettings
 from shared.compression import SPARSE_ENCODINGS, SUPPORTED_ENCODINGS, decode_update
-from shared.errors import Conflict, Forbidden, NotFound, Unprocessable
+from shared.errors import Conflict, NotFound, Unprocessable
 from shared.model import ModelConfig, grow_state, init_state
 from shared.schemas import RoundOut, UpdateReceipt, utcnow
 from shared.secagg import SECAGG_ENCODING
@@ -257,11 +258,7 @@ def submit_update(
     if locked.state != "open":
         session.rollback()
         raise Conflict(f"round {round_id} closed while the update was uploading")
-    # Revoked while the body streamed in (a revoke takes this lock too, so this reads it).
-    current = session.get(Node, node.node_id, populate_existing=True)
-    if current is None or current.revoked_at is not None:
-        session.rollback()
-        raise Forbidden(f"node {node.node_id!r} was revoked")
+    refuse_if_revoked(session, node.node_id)  # revoked while the body streamed in
     if settings.secure_aggregation:
         # The round checker may have declared this node dropped while the upload was
         # validated; it did so holding the round lock we now hold, so this reads it.

@@ -29,8 +29,9 @@ from sqlalchemy.orm import Session
 
 from coordinator.models import Node, Round, SecAggKey, SecAggReveal, SecAggRound, Update
 from coordinator.models_registry.service import WeightCache, load_state
+from coordinator.security import refuse_if_revoked
 from coordinator.settings import CoordinatorSettings
-from shared.errors import Conflict, Forbidden, Unprocessable
+from shared.errors import Conflict, Unprocessable
 from shared.privacy_schemas import CohortMember, SecAggState
 from shared.schemas import utcnow
 from shared.secagg import (
@@ -144,11 +145,7 @@ def publish_key(
         raise AssertionError  # unreachable: _open_round raised
     if r.state != "open":
         raise Conflict(f"round {round_id} is closed")
-    # Revoked since its token was checked (a revoke takes this round lock too).
-    current = session.get(Node, node.node_id, populate_existing=True)
-    if current is None or current.revoked_at is not None:
-        session.rollback()
-        raise Forbidden(f"node {node.node_id!r} was revoked")
+    refuse_if_revoked(session, node.node_id)
     row = _row(session, round_id)
     existing = session.get(SecAggKey, (round_id, node.node_id))
     if existing is not None:
