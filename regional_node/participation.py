@@ -73,6 +73,7 @@ class NodeRuntime:
     # Open rounds this node left without an update (left out of the secure-aggregation
     # cohort, or its masking gave up): not retried, and not counted as joined.
     rounds_skipped: set[int] = field(default_factory=set)
+    last_round_skipped: tuple[int, str] | None = None  # (round, why), for /v1/status
     dp_epsilon: float | None = None
     dp_releases: int = 0
     dp_steps: int = 0
@@ -290,6 +291,7 @@ class Participant:
     def _skip_round(self, round_id: int, why: str) -> None:
         log.info("skipping round %s: %s", round_id, why)
         self.runtime.rounds_skipped.add(round_id)
+        self.runtime.last_round_skipped = (round_id, why)
         if self.secagg is not None:
             self.secagg.forget(round_id)
 

@@ -49,6 +49,7 @@ from shared.training import (
     make_examples,
     rank_fine_tuned_regions,
     rank_held_out,
+    select_fine_tune_epochs,
     split_leave_last_out,
     train_local,
 )
@@ -114,6 +115,9 @@ class Setup:
     ema: float | None = None
     save_states: Path | None = None  # each epsilon's final global state goes here
     serve_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
+    # Each region picks its fine-tune's epochs (1 to the recipe's) on its own validation
+    # split (`select_fine_tune_epochs`).
+    serve_select: bool = False
     plain_rounds: int | None = None  # of the non-private run (None: `rounds`)
 
     def rounds_for(self, epsilon: float) -> int:
@@ -216,16 +220,33 @@ def evaluate_served(
     local: TrainConfig,
     seed: int,
     global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE,
+    select: bool = False,
 ) -> dict[str, float]:
     """Each region fine-tunes the global weights on its own data, blends them like a node
     (`global_share` of the global weights) and ranks its own users."""
     config, train, held = market.config, market.train, market.held
+
+    def tune_for(i: int, region: str) -> TrainConfig:
+        tune = dataclasses.replace(local, seed=seed + i)
+        if select:
+            best, curve = select_fine_tune_epochs(
+                HybridTwoTower(config), state, market.features, train[region], tune, global_share
+            )
+            print(
+                f"{region}: {best} fine-tune epochs (validation HR@10 "
+                + " ".join(f"{h:.4f}" for h in curve)
+                + ")",
+                file=sys.stderr,
+            )
+            tune = dataclasses.replace(tune, epochs=best)
+        return tune
+
     regions = (
         (
             make_examples(train[region].values(), config.max_history),
             train[region],
             held[region],
-            dataclasses.replace(local, seed=seed + i),
+            tune_for(i, region),
         )
         for i, region in enumerate(sorted(train))
     )
@@ -247,7 +268,12 @@ def score_state(
     model.load_state_dict(state)
     summary = evaluate(model, market)
     served = evaluate_served(
-        state, market, serve, setup.seed * 10_000 + 99, setup.serve_global_share
+        state,
+        market,
+        serve,
+        setup.seed * 10_000 + 99,
+        setup.serve_global_share,
+        setup.serve_select,
     )
     return summary, served
 
@@ -558,6 +584,12 @@ def main(argv: list[str] | None = None) -> None:
         help="served: share of the global weights (NODE_PERSONALIZE_GLOBAL_SHARE)",
     )
     p.add_argument(
+        "--serve-select",
+        action="store_true",
+        help="served: each region picks 1 to the recipe's epochs on a validation split of "
+        "its own data",
+    )
+    p.add_argument(
         "--save-states", type=Path, help="save each epsilon's final global state here (.pt)"
     )
     p.add_argument(
@@ -667,6 +699,7 @@ def main(argv: list[str] | None = None) -> None:
         serve=serve,
         dp_serve=dataclasses.replace(serve, epochs=args.dp_serve_epochs),
         serve_global_share=args.serve_global_share,
+        serve_select=args.serve_select,
         plain_rounds=args.plain_rounds,
     )
     if args.from_state is not None:

@@ -465,6 +465,15 @@ class NodeStatus(BaseModel):
         "last round, served until that job has run.",
     )
     last_round_joined: int | None
+    last_round_skipped: int | None = Field(
+        default=None,
+        description="The newest open round this node left without sending an update "
+        "(secure aggregation: its cohort was sealed without it, or the masking gave up "
+        "waiting for the cohort); such a round is not retried.",
+    )
+    last_round_skipped_reason: str | None = Field(
+        default=None, description="Why last_round_skipped was left."
+    )
     event_count: int
     coordinator_reachable: bool
     last_error: str | None

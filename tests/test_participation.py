@@ -17,6 +17,7 @@ import pytest
 
 from regional_node.client import CoordinatorError
 from regional_node.participation import Participant
+from regional_node.service import node_status
 from regional_node.trainer import TrainJob, run_train_job
 from shared.privacy_schemas import CohortMember, SecAggState
 from shared.schemas import EventIn
@@ -88,10 +89,13 @@ def test_a_cohort_sealed_without_the_node_skips_the_round_quietly(tmp_path: Path
     fake.publish_error = CoordinatorError(409, "the cohort of round 1 is sealed without 'node-1'")
 
     _steps(p, 3)
+    status = node_status(p.settings, store, p.runtime)  # what /v1/status answers
     store.dispose()
     assert fake.calls.count("publish_secagg_key") == 1
     assert "submit_update" not in fake.calls
     assert p.runtime.rounds_skipped == {1} and p.runtime.last_round_joined is None
+    assert status.last_round_skipped == 1 and status.last_round_joined is None
+    assert status.last_round_skipped_reason == "the cohort of round 1 is sealed without 'node-1'"
 
 
 @pytest.mark.parametrize("unknown_items", [False, True])
