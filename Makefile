@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch is pinned to the CPU build that lies on disk (see README).
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	# torch is pinned; this machine's pip configuration finds its CPU build on local
+	# disk. Elsewhere PyPI's wheel pulls several GB of CUDA libraries: set
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build (README).
+	$(BIN)/python -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev,eval]"
 	@touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """`python -m bench`: every benchmark in turn, in bounded time; JSON into one folder.
 
-`python -m bench [--quick] [--out bench-results] [--only serving,transfer]`
+`python -m bench [--quick] [--out bench/results] [--only serving,transfer]`
 """
 
 from __future__ import annotations

@@ -52,11 +52,14 @@ async def _round_closer(app: FastAPI) -> None:
     while True:
         await wait_event(wakeup, settings.round_check_seconds)
         wakeup.clear()
-        try:
-            if not resumed:
+        if not resumed:
+            try:
                 if await asyncio.to_thread(_resume_rounds, app.state.db, settings):
                     app.state.round_signal.notify()
                 resumed = True
+            except Exception:  # tried again next pass; closing goes on meanwhile
+                log.exception("resuming rounds failed; will retry")
+        try:
             version = await asyncio.to_thread(_close_ready_round, app)
         except Exception:  # keep closing future rounds; the failure is logged
             log.exception("closing the round failed; will retry")

@@ -80,6 +80,13 @@ class SecureAggregationAgent:
             self._keys[round_id] = keys
         await self.client.publish_secagg_key(round_id, keys.public_key_b64)
 
+    def _give_up_at(self, round_deadline: datetime | None) -> float:
+        """Monotonic time to stop waiting for the seal: `wait_seconds` past the deadline."""
+        wait = self.wait_seconds
+        if round_deadline is not None:
+            wait += max(0.0, (round_deadline - datetime.now(UTC)).total_seconds())
+        return time.monotonic() + wait
+
     async def mask(
         self,
         round_id: int,
@@ -90,22 +97,29 @@ class SecureAggregationAgent:
         """Wait for the cohort to seal, then mask. The coordinator seals at TARGET_UPDATES
         keys or at the round's deadline, so the wait lasts `wait_seconds` past that
         deadline (a node that gave up earlier would sit in the cohort without an update,
-        and with one node down every round would be redone)."""
+        and with one node down every round would be redone). A round with too few keys at
+        its deadline gets a later one from the coordinator: the wait follows it, since the
+        key this node published stays and can still be sealed into the cohort."""
         keys = self._keys.get(round_id)
         if keys is None:
             raise SecAggAborted(f"no key for round {round_id}")
-        wait = self.wait_seconds
-        if round_deadline is not None:
-            wait += max(0.0, (round_deadline - datetime.now(UTC)).total_seconds())
-        deadline = time.monotonic() + wait
+        give_up = self._give_up_at(round_deadline)
         while True:
             state = await self.client.secagg_state(round_id)
             if state.round_state != "open":
                 raise SecAggAborted(f"round {round_id} closed (redone or superseded)")
             if state.sealed:
                 break
-            if time.monotonic() > deadline:
-                raise SecAggAborted(f"cohort of round {round_id} not sealed in time")
+            if time.monotonic() > give_up:
+                rnd = await self.client.current_round()
+                later = (
+                    self._give_up_at(rnd.deadline)
+                    if rnd is not None and rnd.round_id == round_id and rnd.state == "open"
+                    else give_up
+                )
+                if later <= give_up:
+                    raise SecAggAborted(f"cohort of round {round_id} not sealed in time")
+                give_up = later
             await asyncio.sleep(self.poll_seconds)
         if self.node_id not in {m.node_id for m in state.cohort}:
             raise SecAggAborted(f"not in the sealed cohort of round {round_id}")

@@ -82,12 +82,13 @@ class EventStore:
         """Insert events, ignoring ones already stored (same user, item, type, time).
 
         All or nothing: the whole batch is one transaction. Returns rows inserted.
-        Rows go in in the order of the duplicate key, so two batches holding the same
-        events in other orders lock them in the same order (on PostgreSQL they
-        deadlocked: a 500).
+        Rows go in in one total order of the duplicate key, time first, so two batches
+        holding the same events in other orders lock them in the same order (on
+        PostgreSQL they deadlocked: a 500) and ids still follow time, which training
+        and serving use to break ties (one user's same-second events go in item order).
         """
         inserted = 0
-        events = sorted(events, key=lambda e: (e.user_id, e.item_id, e.event_type, e.timestamp))
+        events = sorted(events, key=lambda e: (e.timestamp, e.user_id, e.item_id, e.event_type))
         with self.sessions() as session, session.begin():
             for start in range(0, len(events), _INSERT_CHUNK):
                 chunk = events[start : start + _INSERT_CHUNK]

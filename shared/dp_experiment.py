@@ -584,6 +584,12 @@ def main(argv: list[str] | None = None) -> None:
         help="served: share of the global weights (NODE_PERSONALIZE_GLOBAL_SHARE)",
     )
     p.add_argument(
+        "--serve-prox",
+        type=float,
+        default=0.0,
+        help="served: proximal term (mu/2 |w - w_global|^2) of the fine-tune",
+    )
+    p.add_argument(
         "--serve-select",
         action="store_true",
         help="served: each region picks 1 to the recipe's epochs on a validation split of "
@@ -665,6 +671,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.serve_lr,
         batch_size=node["batch_size"].default,
         num_negatives=args.serve_negatives,
+        fedprox_mu=args.serve_prox,
     )
     setup = Setup(
         rounds=args.rounds,

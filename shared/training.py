@@ -339,12 +339,12 @@ def train_local(
             if progress is not None:
                 progress(step, total_steps, float(loss.detach()))
         epoch_loss = epoch_loss / max(batches, 1)
-        if step >= total_steps:
-            break
         if epoch_end is not None:
             model.eval()
             epoch_end(_epoch + 1)
             model.train()
+        if step >= total_steps:
+            break
     model.eval()
     return TrainResult(loss=epoch_loss, num_examples=n, steps=step)
 
@@ -399,6 +399,8 @@ def select_fine_tune_epochs(
     if len(examples) == 0 or not val:
         return config.epochs, curve
     train_local(model, features, examples, config, epoch_end=measure)
+    if not curve:  # no epoch ran (0 epochs or max_steps 0)
+        return config.epochs, curve
     best = max(range(len(curve)), key=lambda i: (curve[i], -i))
     return best + 1, curve
 

@@ -383,3 +383,46 @@ def test_two_promotes_at_once_leave_one_active_version(pg_url: str) -> None:
             doubles += len(list(active)) != 1
     db.dispose()
     assert doubles == 0
+
+
+def test_a_resume_beside_a_promote_leaves_one_open_round(pg_url: str) -> None:
+    # The round closer's resume checked "no open round" without the promotes' lock: a
+    # promote opening a round at the same moment (its transaction not yet committed)
+    # and the resume each opened one, leaving two rounds open.
+    import time
+
+    from sqlalchemy import func, select
+
+    from coordinator.db import Database
+    from coordinator.models import Round
+    from coordinator.models_registry.service import create_version
+    from coordinator.rounds.service import _PROMOTE_LOCK, open_round, resume_rounds
+    from coordinator.settings import CoordinatorSettings
+    from shared.model import ModelConfig, init_state
+
+    db = Database(pg_url)
+    db.migrate()
+    settings = CoordinatorSettings(database_url=pg_url, admin_token="x")
+    config = ModelConfig(num_items=5, embedding_dim=4)
+    with db.sessions() as s:
+        create_version(s, init_state(config), config, metrics={}, round_id=None, status="active")
+        s.commit()
+    resumed: list[object] = []
+    with db.sessions() as promote:  # a promote in flight: holds the lock, opens a round
+        promote.execute(select(func.pg_advisory_xact_lock(_PROMOTE_LOCK)))
+        open_round(promote, settings, 1)
+        promote.flush()
+
+        def resume() -> None:
+            with db.sessions() as s:
+                resumed.append(resume_rounds(s, settings))
+
+        thread = threading.Thread(target=resume)
+        thread.start()
+        time.sleep(0.5)
+        promote.commit()
+    thread.join()
+    with db.sessions() as s:
+        open_rounds = list(s.scalars(select(Round.id).where(Round.state == "open")))
+    db.dispose()
+    assert resumed == [None] and len(open_rounds) == 1

@@ -42,3 +42,18 @@ def test_overlapping_batches_in_other_orders_do_not_deadlock(pg_url: str) -> Non
     store.dispose()
     assert errors == []
     assert sorted(results) == [0, 0, 6000, 6000]  # each event stored once
+
+
+def test_a_batch_is_stored_in_time_order(tmp_path: object) -> None:
+    # Rows were inserted sorted by (user, item, type, time), so ids followed item names;
+    # training and serving break one user's same-time ties by id.
+    store = EventStore(f"sqlite:///{tmp_path}/node.db")
+    store.migrate()
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    batch = [
+        EventIn(user_id="u", item_id=item, event_type="view", timestamp=t0 + timedelta(seconds=s))
+        for item, s in (("I003", 0), ("I001", 2), ("I002", 1))
+    ]
+    assert store.add_events(batch) == 3
+    assert [item for _, item, *_ in store.iter_events()] == ["I003", "I002", "I001"]
+    store.dispose()

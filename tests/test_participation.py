@@ -175,6 +175,27 @@ def test_the_node_waits_for_the_cohort_until_the_round_deadline(tmp_path: Path) 
     store.dispose()
 
 
+def test_the_node_follows_a_deadline_the_coordinator_pushed_back(tmp_path: Path) -> None:
+    # An unsealed round with too few keys at its deadline gets a later one; the node gave
+    # up at the first deadline while its key stayed, so a peer's later key sealed a
+    # cohort with this node in it and no update from it: the round was redone.
+    p, fake, store = participant(tmp_path, EVENTS, secure_aggregation=True, secagg_wait_seconds=0.2)
+    fake.round = open_round(deadline_in=0.1)  # passed by the time training is done
+    first: list[float] = []
+
+    def state() -> SecAggState:
+        first.append(time.monotonic())
+        if len(first) == 1:  # deadline passed with one key: the coordinator pushed it back
+            fake.round = open_round(deadline_in=2.0)
+        return fake.sealed_cohort() if first[-1] > first[0] + 1.0 else secagg_state()
+
+    fake.secagg = state
+    _steps(p, 1)
+    store.dispose()
+    assert fake.calls.count("submit_update") == 1
+    assert p.runtime.rounds_joined == {1} and not p.runtime.rounds_skipped
+
+
 def test_too_few_users_for_a_metric_keep_their_last_items_for_training(tmp_path: Path) -> None:
     # The held-out items were withheld even when too few users were held out for the
     # metric to be sent: three users with two items each trained on nothing.

@@ -20,7 +20,14 @@ from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from tests.conftest import tiny_catalog
 from tests.test_api_coordinator import ADMIN, small_coordinator
 from tests.test_secagg import ADMIN as SECAGG_ADMIN
-from tests.test_secagg import _c_drops, _coordinator, _setup
+from tests.test_secagg import (
+    _c_drops,
+    _coordinator,
+    _fedavg,
+    _setup,
+    _survivors_reveal_c,
+    _wait_version,
+)
 
 
 def test_a_node_revoked_while_its_update_streams_in_is_refused(db_url: str) -> None:
@@ -80,6 +87,22 @@ def test_revoking_a_survivor_during_secure_recovery_redoes_the_round(tmp_path: o
         assert current["round_id"] == 2 and current["base_version"] == 1
         versions = client.get("/v1/models", headers=admin).json()
         assert [v["version"] for v in versions] == [1]
+
+
+def test_revoking_the_dropped_node_does_not_redo_the_recovery(tmp_path: object) -> None:
+    # c dropped and stored no update; the survivors' reveals take its masks out. Revoking
+    # it redid the round anyway, throwing away a and b's updates.
+    url = f"sqlite:///{tmp_path}/c.db"
+    with _coordinator(url, deadline=2.0) as client:
+        dropout = _c_drops(client)
+        admin = {"Authorization": f"Bearer {SECAGG_ADMIN}"}
+        assert client.post("/v1/nodes/c/revoke", headers=admin).status_code == 200
+        assert client.get("/v1/rounds/1").json()["state"] == "open"
+        _survivors_reveal_c(client, dropout)
+        new = _wait_version(client, 2)
+        expected = _fedavg(dropout.base, dropout.deltas, ["a", "b"])
+        for k in dropout.base:
+            assert torch.allclose(new[k], expected[k], atol=1e-6), k
 
 
 def test_a_key_upload_of_a_node_revoked_meanwhile_is_refused(tmp_path: object) -> None:

@@ -250,30 +250,34 @@ def _c_drops(client: TestClient, timeout: float = 15) -> DropoutRound:
         time.sleep(0.1)
 
 
+def _survivors_reveal_c(client: TestClient, dropout: DropoutRound) -> None:
+    """a and b post their pairwise seeds with the dropped c."""
+    cohort = {m.node_id: m.public_key for m in dropout.state.cohort}
+    for s in ("a", "b"):
+        seed = pairwise_seed(
+            dropout.private[s], base64.b64decode(cohort["c"]), round_id=1, node_a=s, node_b="c"
+        )
+        r = client.post(
+            "/v1/rounds/1/secagg/reveals",
+            json={"seeds": {"c": seed.hex()}},
+            headers={"Authorization": f"Bearer {dropout.tokens[s]}"},
+        )
+        assert r.status_code == 200, r.text
+
+
 def test_dropped_node_is_recovered_by_seed_reveals(tmp_path: Path) -> None:
     with _coordinator(f"sqlite:///{tmp_path / 'c.db'}", deadline=2.0) as client:
         dropout = _c_drops(client)
-        tokens, base, deltas, private, state = (
+        tokens, base, deltas, private = (
             dropout.tokens,
             dropout.base,
             dropout.deltas,
             dropout.private,
-            dropout.state,
         )
         admin = {"Authorization": f"Bearer {ADMIN}"}
         # c comes back too late: refused, so its update can never be unmasked.
         assert _submit(client, "c", tokens["c"], deltas["c"], private["c"]) == 409
-        cohort = {m.node_id: m.public_key for m in state.cohort}
-        for s in ("a", "b"):
-            seed = pairwise_seed(
-                private[s], base64.b64decode(cohort["c"]), round_id=1, node_a=s, node_b="c"
-            )
-            r = client.post(
-                "/v1/rounds/1/secagg/reveals",
-                json={"seeds": {"c": seed.hex()}},
-                headers={"Authorization": f"Bearer {tokens[s]}"},
-            )
-            assert r.status_code == 200, r.text
+        _survivors_reveal_c(client, dropout)
         new = _wait_version(client, 2)
         expected = _fedavg(base, deltas, ["a", "b"])
         for k in base:

@@ -215,6 +215,8 @@ def _rejections(weights: bytes) -> list[tuple[str, bytes, dict[str, object], int
         ("too large", b"x" * (MAX_UPDATE_BYTES + 1), {}, 413, "limit"),
         ("bad metrics header", good, {"metrics": "{not json"}, 422, "X-Update-Metrics"),
         ("NaN metric", good, {"metrics": '{"loss": NaN}'}, 422, "finite"),
+        # json.loads raised RecursionError: a 500.
+        ("deep metrics", good, {"metrics": '{"a":' + "[" * 1500 + "]" * 1500 + "}"}, 422, "JSON"),
         # Finite, but its example-weighted sum is inf, which PostgreSQL's JSON cannot
         # hold: every close of the round failed, for ever (until 2026-11-27).
         ("huge metric", good, {"metrics": '{"loss": 1e308}'}, 422, "magnitude"),

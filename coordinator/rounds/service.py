@@ -143,7 +143,9 @@ def parse_metrics_header(raw: str | None) -> dict[str, float]:
         return {}
     try:
         data = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError, or an integer of over 4,300 digits
+    # JSONDecodeError, an integer of over 4,300 digits, or nesting deeper than the parser's
+    # recursion limit (a 3-KB header of brackets)
+    except (ValueError, RecursionError) as exc:
         raise Unprocessable(f"X-Update-Metrics is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or len(data) > 64:
         raise Unprocessable("X-Update-Metrics must be a JSON object of at most 64 numbers")
@@ -525,6 +527,7 @@ def resume_rounds(session: Session, settings: CoordinatorSettings) -> Round | No
     """Open a round on the active version when none is open and COORDINATOR_MAX_ROUNDS
     allows one more: at start-up, after the limit was raised or unset (until 2026-11-27
     a federation that had reached it never trained again)."""
+    _one_round_opener(session)  # a promote that opens a round at the same time waits
     if current_round(session) is not None or not _rounds_left(session, settings):
         session.rollback()
         return None
@@ -538,16 +541,22 @@ def resume_rounds(session: Session, settings: CoordinatorSettings) -> Round | No
     return r
 
 
-# pg_advisory_xact_lock key of promotes (any constant no other lock uses).
+# pg_advisory_xact_lock key of promotes and resumes (any constant no other lock uses).
 _PROMOTE_LOCK = 0x70726F6D  # "prom"
+
+
+def _one_round_opener(session: Session) -> None:
+    """PostgreSQL: one promote or resume at a time (each checks "no open round" and may
+    open one; two at once left two rounds open, or two versions active)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_PROMOTE_LOCK)))
 
 
 def promote_version(session: Session, settings: CoordinatorSettings, version: int) -> ModelVersion:
     """Make a version active and rebase the open round on it, in one transaction."""
-    if session.get_bind().dialect.name == "postgresql":
-        # Two promotes at once (no open round to lock, say): each retired the versions
-        # active when it started and both left theirs active. One at a time.
-        session.execute(select(func.pg_advisory_xact_lock(_PROMOTE_LOCK)))
+    # Two promotes at once (no open round to lock, say): each retired the versions active
+    # when it started and both left theirs active. One at a time.
+    _one_round_opener(session)
     # A close in progress holds the open round's row lock until it commits its new active
     # version and next round; wait for it, or (PostgreSQL) this promote would retire the
     # versions active before that commit and leave the close's version active beside ours.

@@ -299,13 +299,14 @@ def forget_revoked_node(
 ) -> None:
     """A node revoked while round `r` (locked, open) runs: before the seal its key is
     dropped; once it is in the sealed cohort its masks are in every peer's update and
-    cannot be taken out without it, so the round is redone."""
+    cannot be taken out without it, so the round is redone, unless it was already
+    declared dropped: it stored no update, and the survivors' reveals remove its masks."""
     row = session.get(SecAggRound, r.id)
     if row is None or row.cohort is None:
         session.execute(
             delete(SecAggKey).where(SecAggKey.round_id == r.id, SecAggKey.node_id == node_id)
         )
-    elif node_id in row.cohort:
+    elif node_id in row.cohort and node_id not in (row.dropped or []):
         _redo(session, settings, r, now)
 
 
