@@ -112,14 +112,18 @@ class SecureAggregationAgent:
                 break
             if time.monotonic() > give_up:
                 rnd = await self.client.current_round()
-                later = (
-                    self._give_up_at(rnd.deadline)
-                    if rnd is not None and rnd.round_id == round_id and rnd.state == "open"
-                    else give_up
+                pushed_back = (
+                    rnd is not None
+                    and rnd.round_id == round_id
+                    and rnd.state == "open"
+                    and rnd.deadline is not None
+                    and (round_deadline is None or rnd.deadline > round_deadline)
                 )
-                if later <= give_up:
+                if not pushed_back:
                     raise SecAggAborted(f"cohort of round {round_id} not sealed in time")
-                give_up = later
+                assert rnd is not None
+                round_deadline = rnd.deadline
+                give_up = self._give_up_at(round_deadline)
             await asyncio.sleep(self.poll_seconds)
         if self.node_id not in {m.node_id for m in state.cohort}:
             raise SecAggAborted(f"not in the sealed cohort of round {round_id}")
