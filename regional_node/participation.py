@@ -133,12 +133,12 @@ class Participant:
         self._downloads: dict[int, asyncio.Task[Weights]] = {}
         self._round_seen: int | None = None  # newest open round seen (long-poll `after`)
         self._insights_refresh = asyncio.Event()
-        self._insights_event_id: int | None = None  # newest event in the last report
+        self._insights_events: tuple[int | None, int] | None = None  # at the last report
         # (base version, fine-tuned weights) of the last round's training, to serve.
         self._personal_pending: tuple[int, bytes] | None = None
         # (round, newest event id, catalog etag) of a training that found no example:
         # not rerun for the same round until events or a new catalog arrive.
-        self._nothing_to_train: tuple[int, int | None, str | None] | None = None
+        self._nothing_to_train: tuple[int, tuple[int | None, int], str | None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -496,7 +496,7 @@ class Participant:
             return
         attempt = (
             round_id,
-            await asyncio.to_thread(self.store.last_event_id),
+            await asyncio.to_thread(self.store.events_marker),
             self.runtime.catalog_etag,
         )
         if self._nothing_to_train == attempt:
@@ -868,13 +868,13 @@ class Participant:
                 await wait_event(self._insights_refresh, remaining)
                 if not self._insights_refresh.is_set():
                     break  # the interval is over
-                newest = await asyncio.to_thread(self.store.last_event_id)
-                if newest != self._insights_event_id:
+                newest = await asyncio.to_thread(self.store.events_marker)
+                if newest != self._insights_events:
                     break  # a round ended and the report is out of date
 
     async def push_insights(self) -> bool:
         """Compute the regional report here and push only the aggregate to the coordinator."""
-        newest = await asyncio.to_thread(self.store.last_event_id)
+        newest = await asyncio.to_thread(self.store.events_marker)
         report = await asyncio.to_thread(self._report)
         if report is None:
             return False
@@ -884,6 +884,6 @@ class Participant:
             # Insights are best effort: a refusal must not stop training or serving.
             log.warning("insights push refused: %s", exc)
             return True  # retried at the interval, not at every poll
-        self._insights_event_id = newest
+        self._insights_events = newest
         self.runtime.insights_pushed_at = datetime.now(UTC)
         return True

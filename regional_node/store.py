@@ -114,10 +114,13 @@ class EventStore:
         with self.sessions() as session:
             return int(session.scalar(select(func.count()).select_from(Event)) or 0)
 
-    def last_event_id(self) -> int | None:
-        """Id of the newest stored event (changes only when events are inserted)."""
+    def events_marker(self) -> tuple[int | None, int]:
+        """(id of the newest stored event, number of events): changes whenever events are
+        inserted. Not the id alone: on PostgreSQL a batch can commit after one that drew
+        higher ids, which leaves the newest id as it was."""
         with self.reader.connect() as conn:
-            return conn.scalar(select(func.max(Event.id)))
+            newest, count = conn.execute(select(func.max(Event.id), func.count(Event.id))).one()
+        return newest, int(count)
 
     def user_events(self, user_id: str, limit: int) -> list[tuple[str, str, datetime, str | None]]:
         """The user's most recent events, oldest first: (item_id, event_type, ts, country)."""

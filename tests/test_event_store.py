@@ -57,3 +57,29 @@ def test_a_batch_is_stored_in_time_order(tmp_path: object) -> None:
     assert store.add_events(batch) == 3
     assert [item for _, item, *_ in store.iter_events()] == ["I003", "I002", "I001"]
     store.dispose()
+
+
+def test_the_events_marker_sees_a_batch_that_drew_lower_ids(tmp_path: object) -> None:
+    # The node retries an empty training round when the marker changes; keyed on the
+    # newest id alone it missed a PostgreSQL batch that committed after one with higher
+    # ids (here: a row given a lower id directly).
+    from sqlalchemy import insert
+
+    from regional_node.models import Event
+
+    store = EventStore(f"sqlite:///{tmp_path}/node.db")
+    store.migrate()
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    store.add_events([EventIn(user_id="u", item_id="I1", event_type="view", timestamp=t0)])
+    with store.sessions() as session, session.begin():
+        session.execute(
+            insert(Event).values(id=100, user_id="u", item_id="I2", event_type="view", ts=t0)
+        )
+    before = store.events_marker()
+    with store.sessions() as session, session.begin():
+        session.execute(
+            insert(Event).values(id=50, user_id="u", item_id="I3", event_type="view", ts=t0)
+        )
+    after = store.events_marker()
+    store.dispose()
+    assert before == (100, 2) and after == (100, 3)
