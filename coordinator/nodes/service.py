@@ -59,7 +59,12 @@ def revoke_node(session: Session, settings: CoordinatorSettings, node_id: str) -
     if node.revoked_at is None:
         # Under the open round's row lock, which uploads and closes hold while they store
         # or aggregate: a revoke never lands in the middle of either.
-        r = session.scalars(select(Round).where(Round.state == "open").with_for_update()).first()
+        open_round = select(Round).where(Round.state == "open").with_for_update()
+        r = session.scalars(open_round).first()
+        if r is None:
+            # PostgreSQL: a close we waited on may have committed the next round, which
+            # the first statement's snapshot cannot see; a new statement does.
+            r = session.scalars(open_round).first()
         node.revoked_at = utcnow()
         if r is not None:
             # A revoked node may be compromised: its update to the open round no longer counts.
