@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 
 from shared.cli import main
 from shared.market import generate_market
+from shared.metrics import summarize_ranks
+from shared.model import HybridTwoTower, ModelConfig, init_state
 from shared.simulate import (
     ALL_METHODS,
     SimulationConfig,
@@ -19,7 +22,14 @@ from shared.simulate import (
     run_simulation,
     train_federated,
 )
-from shared.training import rank_held_out
+from shared.training import (
+    TrainConfig,
+    fine_tuned_state,
+    make_examples,
+    rank_held_out,
+    select_fine_tune_epochs,
+    split_leave_last_out,
+)
 
 # Small enough for CI, large enough that the margins below are not luck.
 USERS, ITEMS, REGIONS = 1500, 300, 4
@@ -183,3 +193,36 @@ def test_what_a_region_serves_is_its_own_fine_tune_of_the_final_global_model(
     round_model = run_simulation(market_dir, old, data=data).results["federated"]
     assert served["overall"]["users"] == round_model["overall"]["users"] == len(data.held_out)
     assert served != round_model
+
+
+def test_fine_tune_epochs_are_picked_on_the_region_s_own_validation_split(
+    market_dir: Path,
+) -> None:
+    """`select_fine_tune_epochs` (the experiment's --serve-select): the curve holds the
+    validation HR@10 after every epoch, the last one included (it was once skipped), and
+    each point is what a fine-tune of that many epochs gives on its own."""
+    data = load_dataset(market_dir)
+    config = ModelConfig(num_items=data.num_items)
+    torch.manual_seed(3)
+    state = init_state(config)
+    region = data.regions[-1]  # the smallest: quick
+    sequences = {u: data.train[u] for u in data.users_of(region)}
+    tune = TrainConfig(epochs=3, lr=0.01, seed=4)
+    model = HybridTwoTower(config)
+    best, curve = select_fine_tune_epochs(model, state, data.features, sequences, tune, 0.2)
+    assert len(curve) == 3 and best == 1 + curve.index(max(curve))
+    fit, val = split_leave_last_out(sequences)
+    for epochs in (1, 3):
+        served = fine_tuned_state(
+            model,
+            state,
+            data.features,
+            make_examples(fit.values(), config.max_history),
+            dataclasses.replace(tune, epochs=epochs),
+            0.2,
+        )
+        model.load_state_dict(served)
+        hr = summarize_ranks(rank_held_out(model, data.features, fit, val).values())["hr@10"]
+        assert hr == pytest.approx(curve[epochs - 1], abs=1e-9)
+    one_epoch = dataclasses.replace(tune, epochs=1)
+    assert select_fine_tune_epochs(model, state, data.features, sequences, one_epoch, 0.2)[0] == 1
