@@ -9,12 +9,16 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import httpx
 import torch
 
-from regional_node.client import CoordinatorClient
+from regional_node.client import CoordinatorClient, CoordinatorError
 from shared.privacy_schemas import SecAggState
 from shared.secagg import encode_fixed, generate_keypair, mask_update, pairwise_seed
 from shared.serialization import bytes_to_state, state_to_bytes
+
+# Later deadlines of one unsealed round the node waits through (see `mask`).
+MAX_DEADLINE_EXTENSIONS = 3
 
 log = logging.getLogger("fedjewel.node.secagg")
 
@@ -99,11 +103,15 @@ class SecureAggregationAgent:
         deadline (a node that gave up earlier would sit in the cohort without an update,
         and with one node down every round would be redone). A round with too few keys at
         its deadline gets a later one from the coordinator: the wait follows it, since the
-        key this node published stays and can still be sealed into the cohort."""
+        key this node published stays and can still be sealed into the cohort (at most
+        MAX_DEADLINE_EXTENSIONS times: with too few nodes alive the deadline moves for
+        ever, and the node must go back to its loop; sealed in later without an update,
+        it is a dropout that its peers' reveals recover)."""
         keys = self._keys.get(round_id)
         if keys is None:
             raise SecAggAborted(f"no key for round {round_id}")
         give_up = self._give_up_at(round_deadline)
+        extensions = 0
         while True:
             state = await self.client.secagg_state(round_id)
             if state.round_state != "open":
@@ -111,7 +119,12 @@ class SecureAggregationAgent:
             if state.sealed:
                 break
             if time.monotonic() > give_up:
-                rnd = await self.client.current_round()
+                try:
+                    rnd = await self.client.current_round()
+                except (CoordinatorError, httpx.HTTPError) as exc:
+                    log.warning("round %s: could not re-read the round: %s", round_id, exc)
+                    await asyncio.sleep(self.poll_seconds)
+                    continue  # the next state read tells whether the coordinator is back
                 pushed_back = (
                     rnd is not None
                     and rnd.round_id == round_id
@@ -119,9 +132,18 @@ class SecureAggregationAgent:
                     and rnd.deadline is not None
                     and (round_deadline is None or rnd.deadline > round_deadline)
                 )
-                if not pushed_back:
+                if not pushed_back or extensions >= MAX_DEADLINE_EXTENSIONS:
                     raise SecAggAborted(f"cohort of round {round_id} not sealed in time")
                 assert rnd is not None
+                extensions += 1
+                log.info(
+                    "round %s: too few keys by its deadline, the coordinator moved it to %s; "
+                    "waiting on (%d of %d)",
+                    round_id,
+                    rnd.deadline.isoformat(),
+                    extensions,
+                    MAX_DEADLINE_EXTENSIONS,
+                )
                 round_deadline = rnd.deadline
                 give_up = self._give_up_at(round_deadline)
             await asyncio.sleep(self.poll_seconds)

@@ -195,7 +195,8 @@ class NodeSettings(BaseSettings):
         default=120.0,
         gt=0,
         description="How long past the round's deadline to wait for the secure-aggregation "
-        "cohort to seal.",
+        "cohort to seal (past each later deadline the coordinator sets for an unsealed "
+        "round, up to three).",
     )
     insights_enabled: bool = Field(default=True, description="Push regional aggregates.")
     insights_min_users: int = Field(

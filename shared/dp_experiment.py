@@ -434,7 +434,8 @@ def format_served_recipe(
     summary, served = score_state(torch.load(path), setup.serve, setup, market)
     return (
         f"{path}: global HR@10 {summary['hr@10']:.4f}; served "
-        f"({setup.serve.epochs} epochs, lr {setup.serve.lr:g}, "
+        f"({'1 to ' if setup.serve_select else ''}{setup.serve.epochs} epochs"
+        f"{', picked per region' if setup.serve_select else ''}, lr {setup.serve.lr:g}, "
         f"{setup.serve.num_negatives} negatives, global share {setup.serve_global_share:g}) "
         f"HR@10 {served['hr@10']:.4f}"
     )
@@ -584,12 +585,6 @@ def main(argv: list[str] | None = None) -> None:
         help="served: share of the global weights (NODE_PERSONALIZE_GLOBAL_SHARE)",
     )
     p.add_argument(
-        "--serve-prox",
-        type=float,
-        default=0.0,
-        help="served: proximal term (mu/2 |w - w_global|^2) of the fine-tune",
-    )
-    p.add_argument(
         "--serve-select",
         action="store_true",
         help="served: each region picks 1 to the recipe's epochs on a validation split of "
@@ -671,7 +666,6 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.serve_lr,
         batch_size=node["batch_size"].default,
         num_negatives=args.serve_negatives,
-        fedprox_mu=args.serve_prox,
     )
     setup = Setup(
         rounds=args.rounds,

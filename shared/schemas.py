@@ -468,8 +468,9 @@ class NodeStatus(BaseModel):
     last_round_skipped: int | None = Field(
         default=None,
         description="The newest open round this node left without sending an update "
-        "(secure aggregation: its cohort was sealed without it, or the masking gave up "
-        "waiting for the cohort); such a round is not retried.",
+        "(secure aggregation: its key was refused because the cohort was sealed without "
+        "it or the round closed, or the masking gave up: the round closed or was redone, "
+        "or the cohort did not seal in time); such a round is not retried.",
     )
     last_round_skipped_reason: str | None = Field(
         default=None, description="Why last_round_skipped was left."

@@ -262,7 +262,8 @@ def train_local(
 ) -> TrainResult:
     """Train in place with sampled softmax; returns the mean loss of the last epoch.
 
-    `epoch_end(e)` is called after each full epoch `e` (1-based), the model in eval mode.
+    `epoch_end(e)` is called after each epoch `e` (1-based; the last may be cut short by
+    `max_steps`), the model in eval mode.
     """
     n = len(examples)
     if n == 0:
@@ -399,7 +400,7 @@ def select_fine_tune_epochs(
     if len(examples) == 0 or not val:
         return config.epochs, curve
     train_local(model, features, examples, config, epoch_end=measure)
-    if not curve:  # no epoch ran (0 epochs or max_steps 0)
+    if not curve:  # no epoch ran (0 epochs)
         return config.epochs, curve
     best = max(range(len(curve)), key=lambda i: (curve[i], -i))
     return best + 1, curve

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ import pytest
 
 from regional_node.client import CoordinatorError
 from regional_node.participation import Participant
+from regional_node.secagg_agent import MAX_DEADLINE_EXTENSIONS
 from regional_node.service import node_status
 from regional_node.trainer import TrainJob, run_train_job
 from shared.privacy_schemas import CohortMember, SecAggState
@@ -175,13 +177,27 @@ def test_the_node_waits_for_the_cohort_until_the_round_deadline(tmp_path: Path) 
     store.dispose()
 
 
-def test_the_node_follows_a_deadline_the_coordinator_pushed_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reread_fails_once", [False, True])
+def test_the_node_follows_a_deadline_the_coordinator_pushed_back(
+    tmp_path: Path, reread_fails_once: bool
+) -> None:
     # An unsealed round with too few keys at its deadline gets a later one; the node gave
     # up at the first deadline while its key stayed, so a peer's later key sealed a
-    # cohort with this node in it and no update from it: the round was redone.
+    # cohort with this node in it and no update from it: the round was redone. A failed
+    # re-read of the round is polled again, not a failed step.
     p, fake, store = participant(tmp_path, EVENTS, secure_aggregation=True, secagg_wait_seconds=0.2)
     fake.round = open_round(deadline_in=0.1)  # passed by the time training is done
     first: list[float] = []
+    if reread_fails_once:
+        current_round = fake.current_round
+
+        async def flaky(**kwargs):  # type: ignore[no-untyped-def]
+            if first and not getattr(flaky, "failed", False):  # the re-read while masking
+                flaky.failed = True  # type: ignore[attr-defined]
+                raise httpx.ConnectError("coordinator restarting")
+            return await current_round(**kwargs)
+
+        fake.current_round = flaky  # type: ignore[method-assign]
 
     def state() -> SecAggState:
         first.append(time.monotonic())
@@ -194,6 +210,29 @@ def test_the_node_follows_a_deadline_the_coordinator_pushed_back(tmp_path: Path)
     store.dispose()
     assert fake.calls.count("submit_update") == 1
     assert p.runtime.rounds_joined == {1} and not p.runtime.rounds_skipped
+    assert getattr(fake.current_round, "failed", reread_fails_once) == reread_fails_once
+
+
+def test_a_deadline_pushed_back_for_ever_is_followed_only_so_far(tmp_path: Path) -> None:
+    # With too few nodes alive the coordinator moves an unsealed round's deadline for
+    # ever; the node must get back to its loop (catalog, serving, status) at some point.
+    p, fake, store = participant(tmp_path, EVENTS, secure_aggregation=True, secagg_wait_seconds=0.1)
+    fake.round = open_round(deadline_in=0.1)
+    pushes: list[int] = []
+
+    def state() -> SecAggState:
+        if fake.round.deadline < datetime.now(UTC):  # passed: the coordinator moves it
+            fake.round = open_round(deadline_in=0.2)
+            pushes.append(1)
+        return secagg_state()  # never sealed
+
+    fake.secagg = state
+    _steps(p, 1)
+    store.dispose()
+    assert "submit_update" not in fake.calls and p.runtime.rounds_skipped == {1}
+    assert p.runtime.last_round_skipped is not None
+    assert "not sealed in time" in p.runtime.last_round_skipped[1]
+    assert len(pushes) >= MAX_DEADLINE_EXTENSIONS
 
 
 def test_too_few_users_for_a_metric_keep_their_last_items_for_training(tmp_path: Path) -> None:

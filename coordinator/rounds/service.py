@@ -528,11 +528,13 @@ def resume_rounds(session: Session, settings: CoordinatorSettings) -> Round | No
     allows one more: at start-up, after the limit was raised or unset (until 2026-11-27
     a federation that had reached it never trained again)."""
     _one_round_opener(session)  # a promote that opens a round at the same time waits
-    if current_round(session) is not None or not _rounds_left(session, settings):
-        session.rollback()
-        return None
+    # The version first: the first catalog's bootstrap commits version 1 with round 1,
+    # so a later statement that sees the version sees that round too.
     v = active_version(session)
     if v is None:  # no catalog yet: the first upload opens round 1
+        session.rollback()
+        return None
+    if current_round(session) is not None or not _rounds_left(session, settings):
         session.rollback()
         return None
     r = open_round(session, settings, v.version)
