@@ -136,7 +136,7 @@ class Participant:
         self._insights_events: tuple[int | None, int] | None = None  # at the last report
         # (base version, fine-tuned weights) of the last round's training, to serve.
         self._personal_pending: tuple[int, bytes] | None = None
-        # (round, newest event id, catalog etag) of a training that found no example:
+        # (round, events marker, catalog etag) of a training that found no example:
         # not rerun for the same round until events or a new catalog arrive.
         self._nothing_to_train: tuple[int, tuple[int | None, int], str | None] | None = None
 

@@ -109,6 +109,7 @@ def recommend_for(
 
 
 def node_status(settings: NodeSettings, store: EventStore, runtime: NodeRuntime) -> NodeStatus:
+    skipped_round, skipped_why = runtime.last_round_skipped or (None, None)
     return NodeStatus(
         node_id=settings.id,
         region=settings.region,
@@ -116,10 +117,8 @@ def node_status(settings: NodeSettings, store: EventStore, runtime: NodeRuntime)
         model_personalized=bool(runtime.serving and runtime.serving.personalized),
         model_fine_tuned=bool(runtime.serving and runtime.serving.fine_tuned),
         last_round_joined=runtime.last_round_joined,
-        last_round_skipped=runtime.last_round_skipped[0] if runtime.last_round_skipped else None,
-        last_round_skipped_reason=(
-            runtime.last_round_skipped[1] if runtime.last_round_skipped else None
-        ),
+        last_round_skipped=skipped_round,
+        last_round_skipped_reason=skipped_why,
         event_count=store.count(),
         coordinator_reachable=runtime.coordinator_reachable,
         last_error=runtime.last_error,
