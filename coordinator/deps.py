@@ -14,6 +14,7 @@ from coordinator.models import Node
 from coordinator.security import admin_token_matches, node_id_of, token_matches
 from coordinator.settings import CoordinatorSettings
 from shared.errors import Forbidden, Unauthorized
+from shared.schemas import IDENTIFIER_PATTERN
 
 
 def get_settings(request: Request) -> CoordinatorSettings:
@@ -102,6 +103,10 @@ ReaderDep = Annotated[Node | None, Depends(require_reader)]
 MAX_DB_ID = 2**31 - 1
 RoundIdPath = Annotated[int, Path(ge=1, le=MAX_DB_ID, description="A round id.")]
 VersionPath = Annotated[int, Path(ge=1, le=MAX_DB_ID, description="A model version number.")]
+NodeIdPath = Annotated[
+    str,
+    Path(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN, description="A node id."),
+]
 
 
 def etag_matches(if_none_match: str | None, etag: str, *also: str) -> bool:

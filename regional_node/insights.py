@@ -28,6 +28,7 @@ from shared.features import price_band, price_band_label
 from shared.insights_schemas import (
     INSIGHT_DIMENSIONS,
     INSIGHT_KINDS,
+    MAX_INSIGHT_VALUES,
     DimensionInsight,
     InsightCell,
     RegionReport,
@@ -157,6 +158,11 @@ def compute_report(
                     noised(c, k) if len(u) >= min_users else None
                     for c, u, k in zip(counts[cell], users[cell], cell_keys[cell], strict=True)
                 ]
+            if len(window) > MAX_INSIGHT_VALUES:  # the most events first, then by name
+                kept = sorted(window, key=lambda v: (-window[v], v))[:MAX_INSIGHT_VALUES]
+                suppressed += len(window) - len(kept)
+                window = {v: window[v] for v in kept}
+                weekly = {v: weekly[v] for v in kept}
             total = sum(window.values())
             week_totals = [sum(v[w] or 0 for v in weekly.values()) for w in range(weeks)]
             values: dict[str, InsightCell] = {}

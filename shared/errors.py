@@ -71,9 +71,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def invalid(_request: Request, exc: Exception) -> JSONResponse:
         # FastAPI's own 422, except that an input it echoes back which JSON cannot carry
-        # (NaN or Infinity, accepted by the JSON parser) is written as text, not a 500.
+        # is written as text, not a 500: NaN or Infinity (the JSON parser takes them),
+        # bytes that are not UTF-8 (a body sent as text/plain), a lone surrogate ("\ud800").
         assert isinstance(exc, RequestValidationError)
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, 422)
+        errors = jsonable_encoder(_bytes_as_text(exc.errors()))
+        return JSONResponse({"detail": _json_safe(errors)}, 422)
 
     async def database_down(_request: Request, exc: Exception) -> JSONResponse:
         # The database refused or dropped the connection, or a lock could not be had
@@ -106,13 +108,29 @@ def database_unavailable(exc: OperationalError) -> bool:
     return True
 
 
+def _bytes_as_text(value: object) -> object:
+    """`value` with every bytes in it decoded, undecodable bytes replaced (jsonable_encoder
+    would decode them strictly and fail)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, list | tuple):
+        return [_bytes_as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _bytes_as_text(v) for k, v in value.items()}
+    return value
+
+
 def _json_safe(value: object) -> object:
+    """A jsonable value that JSON can carry: non-finite floats as text, strings with a
+    lone surrogate (which UTF-8 cannot encode) with '?' in its place."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
     return value
 
 

@@ -8,9 +8,11 @@ share or trend derived from such counts.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from shared.schemas import storable_text
 
 InsightKind = Literal["view", "purchase"]
 InsightDimension = Literal["category", "material", "gemstone", "price_band"]
@@ -21,6 +23,13 @@ INSIGHT_DIMENSIONS: tuple[InsightDimension, ...] = (
     "gemstone",
     "price_band",
 )
+# Bounds of a report, so that one node cannot bloat the public GET /v1/insights: the
+# weeks a report spans (NODE_INSIGHTS_WEEKS is at most this) and the values reported per
+# kind and dimension (a node reports the ones with the most events and counts the rest
+# as suppressed).
+MAX_INSIGHT_WEEKS = 104
+MAX_INSIGHT_VALUES = 256
+ValueName = Annotated[str, Field(max_length=128), AfterValidator(storable_text)]
 
 
 class InsightCell(BaseModel):
@@ -29,7 +38,8 @@ class InsightCell(BaseModel):
     events: int = Field(ge=0, description="Events in the whole window (noised if configured).")
     share: float = Field(ge=0, le=1, description="events / reported_events of the dimension.")
     weekly_share: list[float | None] = Field(
-        description="Share per week (oldest first); null where the week's cell was suppressed."
+        max_length=MAX_INSIGHT_WEEKS,
+        description="Share per week (oldest first); null where the week's cell was suppressed.",
     )
     trend_per_week: float | None = Field(
         description="Least-squares slope of weekly_share (share points per week)."
@@ -40,9 +50,13 @@ class DimensionInsight(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     reported_events: int = Field(ge=0, description="Sum of the reported cells' events.")
-    weekly_reported_events: list[int]
-    suppressed_cells: int = Field(ge=0, description="Values left out: fewer than min_users.")
-    values: dict[str, InsightCell]
+    weekly_reported_events: list[int] = Field(max_length=MAX_INSIGHT_WEEKS)
+    suppressed_cells: int = Field(
+        ge=0,
+        description="Values left out: fewer than min_users, or beyond the "
+        f"{MAX_INSIGHT_VALUES} with the most events.",
+    )
+    values: dict[ValueName, InsightCell] = Field(max_length=MAX_INSIGHT_VALUES)
 
 
 _EXAMPLE_REPORT: dict[str, Any] = {
@@ -77,13 +91,33 @@ class RegionReport(BaseModel):
         extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [_EXAMPLE_REPORT]}
     )
 
-    region: str = Field(max_length=128)
+    region: Annotated[str, Field(max_length=128), AfterValidator(storable_text)]
     generated_at: datetime
     as_of: datetime = Field(description="End of the window: the region's latest event.")
-    weeks: list[str] = Field(max_length=104, description="Week start dates (Monday, UTC).")
+    weeks: list[Annotated[str, Field(max_length=32), AfterValidator(storable_text)]] = Field(
+        max_length=MAX_INSIGHT_WEEKS, description="Week start dates (Monday, UTC)."
+    )
     min_users: int = Field(ge=1)
     noise_scale: float = Field(ge=0, description="Laplace scale added to counts; 0 = none.")
     kinds: dict[InsightKind, dict[InsightDimension, DimensionInsight]]
+
+    @model_validator(mode="after")
+    def _one_figure_a_week(self) -> RegionReport:
+        weeks = len(self.weeks)
+        for kind, dims in self.kinds.items():
+            for dim, insight in dims.items():
+                if len(insight.weekly_reported_events) != weeks:
+                    raise ValueError(
+                        f"kinds.{kind}.{dim}.weekly_reported_events has "
+                        f"{len(insight.weekly_reported_events)} entries; weeks has {weeks}"
+                    )
+                for value, cell in insight.values.items():
+                    if len(cell.weekly_share) != weeks:
+                        raise ValueError(
+                            f"kinds.{kind}.{dim}.values[{value!r}].weekly_share has "
+                            f"{len(cell.weekly_share)} entries; weeks has {weeks}"
+                        )
+        return self
 
 
 class RegionInsightOut(BaseModel):

@@ -1,12 +1,12 @@
 """Prometheus metrics and liveness for both services: one registry per app, no global state.
 
 `install_observability(app, service=...)` gives the app a `CollectorRegistry`
-(`app.state.metrics_registry`), an ASGI middleware that times every request by
-route *template* (`/v1/rounds/{round_id}`, never the raw path, so label
-cardinality stays bounded), a `GET /metrics` endpoint in the Prometheus text
-format and `GET /healthz`. Service-specific metrics hook into the same middleware through
-`ResponseHook`s (see `coordinator/observability.py`, `regional_node/observability.py`),
-so endpoints stay free of metric code.
+(`app.state.metrics_registry`), an ASGI middleware that times every request by route
+*template* (`/v1/rounds/{round_id}`, never the raw path) and method (an unknown one is
+`OTHER`), so label cardinality stays bounded, a `GET /metrics` endpoint in the
+Prometheus text format and `GET /healthz`. Service-specific metrics hook into the same
+middleware through `ResponseHook`s (see `coordinator/observability.py`,
+`regional_node/observability.py`), so endpoints stay free of metric code.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Latency buckets from 1 ms to 60 s: recommendations are milliseconds, uploads seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 UNMATCHED_ROUTE = "<unmatched>"
+# The server takes any token as a method (each answered 405): others share one label.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "OTHER"
 
 
 class ResponseHook(Protocol):
@@ -63,6 +66,8 @@ class RequestMetricsMiddleware:
         finally:
             seconds = time.perf_counter() - start
             method = str(scope.get("method", ""))
+            if method not in KNOWN_METHODS:
+                method = OTHER_METHOD
             route = route_template(scope)
             self.histogram.labels(method=method, route=route, status=str(status)).observe(seconds)
             for hook in self.hooks:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# A revealed pairwise seed: 32 bytes as 64 hex characters, nothing between them.
+SEED_HEX_PATTERN = r"^[0-9a-fA-F]{64}$"
 
 
 class PublicKeyIn(BaseModel):
@@ -65,8 +68,9 @@ class SecAggState(BaseModel):
 class SeedRevealIn(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"seeds": {"na-1": "0f" * 32}}]})
 
-    seeds: dict[str, str] = Field(
-        description="Dropped node id -> the 32-byte pairwise seed shared with it, hex."
+    seeds: dict[str, Annotated[str, Field(pattern=SEED_HEX_PATTERN)]] = Field(
+        description="Dropped node id -> the 32-byte pairwise seed shared with it, as 64 hex "
+        "characters (no separators)."
     )
 
 

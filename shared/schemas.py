@@ -23,6 +23,23 @@ EventType = Literal["view", "click", "add_to_cart", "purchase"]
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*$"
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENTIFIER_PATTERN)]
 
+
+def storable_text(value: str) -> str:
+    """A text as given, or ValueError when a database cannot store it: a NUL character
+    (PostgreSQL text cannot hold one, SQLite can: both refuse it alike, as a 422) or a
+    lone surrogate such as JSON's "\ud800" (not encodable as UTF-8)."""
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+# Free text stored as it is (a title, a tag): anything a database can store.
+Text = Annotated[str, AfterValidator(storable_text)]
+
 # A country code as events carry it (normalised first): letters, digits, '-'.
 COUNTRY_PATTERN = r"^[A-Z0-9][A-Z0-9\-]*$"
 _COUNTRY_RE = re.compile(COUNTRY_PATTERN)
@@ -88,11 +105,11 @@ class CatalogItem(BaseModel):
     )
 
     item_id: Identifier
-    title: str | None = Field(default=None, max_length=512)
-    category: str | None = Field(default=None, max_length=64)
-    material: str | None = Field(default=None, max_length=64)
-    gemstone: str | None = Field(default=None, max_length=64)
-    style_tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+    title: Text | None = Field(default=None, max_length=512)
+    category: Text | None = Field(default=None, max_length=64)
+    material: Text | None = Field(default=None, max_length=64)
+    gemstone: Text | None = Field(default=None, max_length=64)
+    style_tags: list[Annotated[Text, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=32
     )
     price_usd: float | None = Field(default=None, ge=0, le=10_000_000)

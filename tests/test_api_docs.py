@@ -66,6 +66,10 @@ def _security_schemes(spec: dict[str, Any], op: dict[str, Any]) -> set[str]:
     return {schemes[name]["type"] for req in op.get("security", []) for name in req}
 
 
+# Operations whose path id must be the caller's own node: another id is a 403, never a 404.
+OWN_ID_OPERATIONS = {"post_insights_v1_insights__node_id__post"}
+
+
 def expected_error_codes(spec: dict[str, Any], op: dict[str, Any]) -> set[str]:
     """The error answers an operation can give, judged from its own declared inputs."""
     codes: set[str] = set()
@@ -77,7 +81,9 @@ def expected_error_codes(spec: dict[str, Any], op: dict[str, Any]) -> set[str]:
     if "http" in types:
         codes.add("403")  # coordinator: a node token where the admin token is needed, or revoked
     if any(p["in"] == "path" for p in params):
-        codes |= {"404", "422"}  # no such resource / not a valid id
+        codes.add("422")  # not a valid id
+        if op.get("operationId") not in OWN_ID_OPERATIONS:
+            codes.add("404")  # no such resource
     if params or body:
         codes.add("422")
     if body and "application/octet-stream" in body.get("content", {}):

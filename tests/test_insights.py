@@ -15,7 +15,7 @@ from regional_node.insights import compute_report, least_squares_slope, week_sta
 from regional_node.store import EventStore
 from shared.data import event_record_to_event_in, read_catalog_csv, read_events_csv
 from shared.features import price_band, price_band_label
-from shared.insights_schemas import RegionReport
+from shared.insights_schemas import MAX_INSIGHT_VALUES, RegionReport
 from shared.market import generate_market
 from shared.schemas import CatalogItem
 
@@ -282,6 +282,15 @@ def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # typ
                 headers={**tokens["ea-1"], **ct},
             )
             assert r.status_code == 422, r.text
+        # A report bounded in size, one figure a week: a node cannot bloat the public
+        # GET /v1/insights (a 5 MB report of a million weekly shares was stored).
+        for mangle in _OVERSIZED_OR_MISMATCHED:
+            wire = report.model_dump(mode="json")
+            mangle(wire)
+            r = client.post("/v1/insights/ea-1", json=wire, headers=tokens["ea-1"])
+            assert r.status_code == 422 and r.json()["detail"], r.text
+        r = client.post("/v1/insights/ea%001", content=body, headers={**tokens["ea-1"], **ct})
+        assert r.status_code == 422
         # A node cannot label its figures as another region's: they show under its own.
         r = client.post(
             "/v1/insights/ea-1",
@@ -299,6 +308,49 @@ def test_insights_endpoints(market, stored_rows, tmp_path: Path) -> None:  # typ
     public = settings.model_copy(update={"dashboard_public": True})
     with TestClient(create_app(public)) as client:
         assert client.get("/v1/insights").status_code == 200
+
+
+def _first_dimension(wire: dict) -> dict:  # type: ignore[type-arg]
+    return next(iter(next(iter(wire["kinds"].values())).values()))  # type: ignore[no-any-return]
+
+
+def _first_cell(wire: dict) -> dict:  # type: ignore[type-arg]
+    return next(iter(_first_dimension(wire)["values"].values()))  # type: ignore[no-any-return]
+
+
+def _many_values(wire: dict) -> None:  # type: ignore[type-arg]
+    dim = _first_dimension(wire)
+    cell = _first_cell(wire)
+    dim["values"] = {f"v{i}": cell for i in range(MAX_INSIGHT_VALUES + 1)}
+
+
+_OVERSIZED_OR_MISMATCHED = [
+    lambda w: _first_cell(w)["weekly_share"].append(0.1),  # a week more than `weeks`
+    lambda w: w.update(weeks=[]),  # figures for weeks the report does not have
+    lambda w: _first_dimension(w)["weekly_reported_events"].pop(),
+    lambda w: _first_cell(w).update(weekly_share=[0.1] * 105),
+    _many_values,
+    lambda w: _first_dimension(w)["values"].update({"gold\x00": _first_cell(w)}),
+]
+
+
+def test_a_node_reports_its_values_with_the_most_events_and_counts_the_rest_suppressed() -> None:
+    """A catalog of more categories than a report may carry: the node sends the ones with
+    the most events (the coordinator refuses a longer list) and says how many it left out."""
+    n = MAX_INSIGHT_VALUES + 10
+    catalog = [CatalogItem(item_id=f"i{c}", category=f"cat{c:03d}") for c in range(n)]
+    rows = [
+        (f"u{c}-{k}", f"i{c}", "view", _MONDAY + k)
+        for c in range(n)
+        for k in range(1 + (c >= 10))  # the first ten categories have one view, the rest two
+    ]
+    report = compute_report(rows, catalog, region="EA", weeks=2, min_users=1)
+    assert report is not None
+    category = report.kinds["view"]["category"]
+    assert len(category.values) == MAX_INSIGHT_VALUES
+    assert category.suppressed_cells == 10
+    assert set(category.values) == {f"cat{c:03d}" for c in range(10, n)}
+    assert category.reported_events == 2 * MAX_INSIGHT_VALUES
 
 
 def _with_first_trend(body: str, literal: str) -> str:

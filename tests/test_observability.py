@@ -111,6 +111,22 @@ def test_each_app_has_its_own_registry(tmp_path: Path) -> None:
     assert sample_value(two.state.metrics_registry, LATENCY, labels) == 0
 
 
+def test_made_up_methods_share_one_label(tmp_path: Path) -> None:
+    """The server takes any token as a method (answered 405): were each its own label,
+    anyone could grow /metrics without end."""
+    app = create_coordinator(_coordinator_settings(tmp_path))
+    with TestClient(app) as client:
+        for i in range(5):
+            assert client.request(f"ZZ{i:03d}", "/healthz").status_code == 405
+        assert client.request("DELETE", "/healthz").status_code == 405
+        text = client.get("/metrics").text
+    assert "ZZ0" not in text
+    registry = app.state.metrics_registry
+    other = {"method": "OTHER", "route": "/healthz", "status": "405"}
+    assert sample_value(registry, LATENCY, other) == 5
+    assert sample_value(registry, LATENCY, {**other, "method": "DELETE"}) == 1
+
+
 @pytest.fixture
 def node_client(tmp_path: Path) -> Iterator[TestClient]:
     settings = NodeSettings(

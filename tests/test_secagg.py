@@ -265,8 +265,8 @@ def _survivors_reveal_c(client: TestClient, dropout: DropoutRound) -> None:
         assert r.status_code == 200, r.text
 
 
-def test_dropped_node_is_recovered_by_seed_reveals(tmp_path: Path) -> None:
-    with _coordinator(f"sqlite:///{tmp_path / 'c.db'}", deadline=2.0) as client:
+def test_dropped_node_is_recovered_by_seed_reveals(db_url: str) -> None:
+    with _coordinator(db_url, deadline=2.0) as client:
         dropout = _c_drops(client)
         tokens, base, deltas, private = (
             dropout.tokens,
@@ -277,6 +277,19 @@ def test_dropped_node_is_recovered_by_seed_reveals(tmp_path: Path) -> None:
         admin = {"Authorization": f"Bearer {ADMIN}"}
         # c comes back too late: refused, so its update can never be unmasked.
         assert _submit(client, "c", tokens["c"], deltas["c"], private["c"]) == 409
+        # A seed not written as 64 hex characters is refused and stores nothing. Blanks
+        # between the bytes (which bytes.fromhex takes) once overflowed PostgreSQL's
+        # column (a 500) and were stored as they were on SQLite.
+        seed = bytes(range(32))
+        for bad in (" ".join(f"{b:02x}" for b in seed), seed.hex()[:-1], "zz" * 32, ""):
+            r = client.post(
+                "/v1/rounds/1/secagg/reveals",
+                json={"seeds": {"c": bad}},
+                headers={"Authorization": f"Bearer {tokens['a']}"},
+            )
+            assert r.status_code == 422 and r.json()["detail"], (bad, r.text)
+        state = SecAggState.model_validate(client.get("/v1/rounds/1/secagg", headers=admin).json())
+        assert state.revealed_by == []
         _survivors_reveal_c(client, dropout)
         new = _wait_version(client, 2)
         expected = _fedavg(base, deltas, ["a", "b"])

@@ -266,8 +266,8 @@ def test_every_invalid_update_is_a_json_4xx_and_stores_nothing(
     assert row_counts(db_url)["updates"] == before["updates"] + 1
 
 
-def test_invalid_admin_input_stores_nothing(coord: tuple[TestClient, str]) -> None:
-    client, db_url = coord
+def test_invalid_admin_input_stores_nothing(coord_any_db: tuple[TestClient, str]) -> None:
+    client, db_url = coord_any_db
     before = row_counts(db_url)
     bad_catalogs: list[object] = [
         [],
@@ -276,18 +276,41 @@ def test_invalid_admin_input_stores_nothing(coord: tuple[TestClient, str]) -> No
         [{"item_id": "A", "price_usd": -1}],
         [{"item_id": "A", "unknown_field": 1}],
         {"item_id": "A"},
+        # PostgreSQL text cannot hold a NUL (SQLite can): both refuse it, as a 422
+        [{"item_id": "A", "title": "ring\u0000"}],
+        [{"item_id": "A", "category": "ring\u0000"}],
+        [{"item_id": "A", "style_tags": ["boho\u0000"]}],
     ]
     for bad in bad_catalogs:
         r = client.put("/v1/catalog", json=bad, headers=ADMIN)
         assert r.status_code == 422, (bad, r.text)
         assert "detail" in r.json()
+    # Bodies whose echo in the 422 JSON cannot carry as they are: a lone surrogate (what
+    # a storefront sends when it cuts a string inside an emoji), bytes that are not UTF-8
+    # sent as text (curl -d with a Latin-1 file)
+    raw_bodies = [
+        ('[{"item_id": "A", "title": "ring \\ud83d"}]', "application/json"),
+        ('[{"item_id": "A", "material": "\\udc00gold"}]', "application/json"),
+        (b"\xff\xfering", "text/plain"),
+        (b"\xe9", "application/x-www-form-urlencoded"),
+    ]
+    for body, content_type in raw_bodies:
+        headers = {**ADMIN, "Content-Type": content_type}
+        r = client.put("/v1/catalog", content=body, headers=headers)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["detail"]
+    r = client.post("/v1/nodes", content=b"\xff", headers={**ADMIN, "Content-Type": "text/plain"})
+    assert r.status_code == 422, r.text
     for bad_node in ({"node_id": "", "region": "EU"}, {"node_id": "a b", "region": "EU"}, {}):
         r = client.post("/v1/nodes", json=bad_node, headers=ADMIN)
         assert r.status_code == 422, r.text
     assert client.post("/v1/models/99/promote", headers=ADMIN).status_code == 404
     assert client.post("/v1/models/1/promote", headers=ADMIN).status_code == 409  # active
     assert client.post("/v1/nodes/nobody/revoke", headers=ADMIN).status_code == 404
+    r = client.post("/v1/nodes/a%00b/revoke", headers=ADMIN)  # no node id holds a NUL
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "node_id"]
     assert row_counts(db_url) == before
+    assert client.get("/v1/catalog").json()["items"] == tiny_catalog(20)
 
 
 # --------------------------------------------------------------------------- regional node
@@ -337,6 +360,16 @@ def test_event_validation_limits_and_idempotency(node_client: TestClient) -> Non
     for bad in bad_batches:
         r = node_client.post("/v1/events", json=bad, headers=key)
         assert r.status_code == 422, (bad, r.text)
+        assert r.json()["detail"]
+    lone_surrogate = json.dumps([{**events[0], "user_id": "USER"}]).replace("USER", "\\ud800")
+    for body, content_type in (
+        (lone_surrogate, "application/json"),
+        (b"\xff\xfe", "text/plain"),
+        (b"\xff\xfe", "application/octet-stream"),
+    ):
+        headers = {**key, "Content-Type": content_type}
+        r = node_client.post("/v1/events", content=body, headers=headers)
+        assert r.status_code == 422, (body, r.text)
         assert r.json()["detail"]
     too_many = tiny_events("eu", users=20, material="gold", seed=2)[:51]
     r = node_client.post("/v1/events", json=too_many, headers=key)

@@ -4,7 +4,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from coordinator.deps import BearerDep, NodeDep, SessionDep, SettingsDep, require_reader
+from coordinator.deps import (
+    BearerDep,
+    NodeDep,
+    NodeIdPath,
+    SessionDep,
+    SettingsDep,
+    require_reader,
+)
 from coordinator.insights import service
 from shared.errors import error_responses
 from shared.insights_schemas import InsightsOut, RegionReport
@@ -40,7 +47,9 @@ def get_insights(
     status_code=204,
     summary="Push this node's regional report",
     description="Node token only, for its own node id. Replaces the node's previous report.",
-    responses=error_responses(400, 401, 403, 404, 422),
+    responses=error_responses(400, 401, 403, 422),
 )
-def post_insights(node_id: str, report: RegionReport, node: NodeDep, session: SessionDep) -> None:
+def post_insights(
+    node_id: NodeIdPath, report: RegionReport, node: NodeDep, session: SessionDep
+) -> None:
     service.store_report(session, node, node_id, report)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from coordinator.deps import AdminDep, SessionDep, SettingsDep
+from coordinator.deps import AdminDep, NodeIdPath, SessionDep, SettingsDep
 from coordinator.nodes import service
 from shared.errors import error_responses
 from shared.schemas import NodeCredentials, NodeInfo, NodeRegistration
@@ -40,5 +40,7 @@ def list_nodes(_: AdminDep, session: SessionDep) -> list[NodeInfo]:
     "whose sealed cohort holds the node is redone: its masks cannot be removed without it).",
     responses=error_responses(401, 403, 404, 422),
 )
-def revoke_node(node_id: str, _: AdminDep, session: SessionDep, settings: SettingsDep) -> NodeInfo:
+def revoke_node(
+    node_id: NodeIdPath, _: AdminDep, session: SessionDep, settings: SettingsDep
+) -> NodeInfo:
     return service.revoke_node(session, settings, node_id)
