@@ -155,6 +155,26 @@ def sum_residues(payloads: Iterable[Mapping[str, torch.Tensor]]) -> IntState:
     return total
 
 
+def within_survivors_range(total: Mapping[str, torch.Tensor], survivors: int, cohort: int) -> bool:
+    """Whether every residue of `total` decodes within what the sum of `survivors` honest
+    encodings of a cohort of `cohort` can reach (each below 2**61 / cohort: `encode_fixed`
+    with `summands=cohort`).
+
+    A wrong revealed seed (or a payload masked with other seeds) leaves masks that do
+    not cancel: the residues are then uniform over [0, 2**62), and with fewer survivors
+    than the cohort a share (cohort - survivors) / cohort of them falls outside, so a
+    model of thousands of parameters is caught for certain. With the whole cohort the
+    range is everything: the check says nothing then (nothing was revealed either).
+    """
+    bound = float(survivors) * float(1 << (MODULUS_BITS - 1)) / float(cohort)
+    half = MODULUS // 2
+    for r in total.values():
+        signed = torch.where(r >= half, r - MODULUS, r)
+        if bool((signed.abs().to(torch.float64) >= bound).any()):
+            return False
+    return True
+
+
 def remove_dropout_masks(
     total: Mapping[str, torch.Tensor], reveals: Iterable[tuple[str, str, bytes]]
 ) -> IntState:

@@ -21,13 +21,16 @@ from shared.privacy_schemas import SecAggState
 from shared.secagg import (
     MODULUS,
     SECAGG_ENCODING,
+    add_mod,
     decode_fixed,
     encode_fixed,
     generate_keypair,
+    mask_from_seed,
     mask_update,
     pairwise_seed,
     remove_dropout_masks,
     sum_residues,
+    within_survivors_range,
 )
 from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from tests.conftest import tiny_catalog
@@ -297,6 +300,49 @@ def test_dropped_node_is_recovered_by_seed_reveals(db_url: str) -> None:
             assert torch.allclose(new[k], expected[k], atol=1e-6), k
         meta = client.get("/v1/models/2", headers=admin).json()
         assert meta["metrics"]["num_updates"] == 2 and meta["metrics"]["num_examples"] == 30
+
+
+def test_a_wrong_revealed_seed_makes_no_version_and_the_round_is_redone(
+    tmp_path: Path,
+) -> None:
+    """a reveals a well-formed seed that is not its seed with c. The masks then do not
+    cancel and the decoded sum is noise of up to 2**37: that was made the active version."""
+    with _coordinator(f"sqlite:///{tmp_path / 'c.db'}", deadline=2.0) as client:
+        dropout = _c_drops(client)
+        cohort = {m.node_id: m.public_key for m in dropout.state.cohort}
+        for s in ("a", "b"):
+            seed = pairwise_seed(
+                dropout.private[s], base64.b64decode(cohort["c"]), round_id=1, node_a=s, node_b="c"
+            )
+            told = bytes(b ^ 1 for b in seed) if s == "a" else seed  # a lies by one bit a byte
+            r = client.post(
+                "/v1/rounds/1/secagg/reveals",
+                json={"seeds": {"c": told.hex()}},
+                headers={"Authorization": f"Bearer {dropout.tokens[s]}"},
+            )
+            assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 20
+        while client.get("/v1/rounds/1").json()["state"] == "open":
+            assert time.monotonic() < deadline, "round 1 never closed"
+            time.sleep(0.05)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        assert [m["version"] for m in client.get("/v1/models", headers=admin).json()] == [1]
+        current = client.get("/v1/rounds/current").json()
+        assert current["round_id"] == 2 and current["base_version"] == 1
+        summary = client.get("/v1/dashboard/summary", headers=admin).json()
+        closed = [x["close_reason"] for x in summary["rounds"] if x["round_id"] == 1]
+        assert closed == ["secagg_failed"]
+
+
+def test_within_survivors_range_tells_an_honest_sum_from_leftover_masks() -> None:
+    """2 of a cohort of 3, each at the edge of its range: an honest sum passes; one mask
+    left in it fails (a third of uniform residues fall outside 2/3 of the range)."""
+    edge = {"w": torch.full((1000,), 2**61 / 3 * 0.999999 / 2**24)}
+    honest = sum_residues([encode_fixed(edge, summands=3)] * 2)
+    assert within_survivors_range(honest, survivors=2, cohort=3)
+    leftover = add_mod(honest, mask_from_seed(bytes(32), {"w": (1000,)}))
+    assert not within_survivors_range(leftover, survivors=2, cohort=3)
+    assert within_survivors_range(leftover, survivors=3, cohort=3)  # the whole range
 
 
 def test_an_upload_that_races_the_dropout_decision_is_refused(

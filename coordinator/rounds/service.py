@@ -43,7 +43,13 @@ from coordinator.models_registry.service import (
     load_state,
     promote,
 )
-from coordinator.secagg.service import check_masked_update, secure_mean_delta, step_secure_round
+from coordinator.secagg.service import (
+    MasksDoNotCancel,
+    check_masked_update,
+    redo_round,
+    secure_mean_delta,
+    step_secure_round,
+)
 from coordinator.security import refuse_if_revoked
 from coordinator.server_optimizer import save_adam, server_step
 from coordinator.settings import CoordinatorSettings
@@ -422,7 +428,8 @@ def _close_round(
     now: datetime,
 ) -> int | None:
     """Aggregate the round into a new active version (its number), or end the round
-    without one when the aggregate is not finite (None)."""
+    without one when the aggregate is not finite, or with secure aggregation when the
+    masks left after the dropouts' reveals do not cancel (None)."""
     base_state, config = load_state(session, r.base_version, cache)
     rows = session.execute(
         select(
@@ -438,7 +445,12 @@ def _close_round(
     ).all()
     if settings.secure_aggregation:
         # Only the sum is ever decoded: individual payloads stay masked.
-        delta, total_examples, count = secure_mean_delta(session, r.id, base_state)
+        try:
+            delta, total_examples, count = secure_mean_delta(session, r.id, base_state)
+        except MasksDoNotCancel as exc:  # no version out of a garbage sum: redo the round
+            log.error("%s; redoing it", exc, extra={"round_id": r.id})
+            redo_round(session, settings, r, now)
+            return None
         new_state = apply_delta(base_state, delta)
     elif settings.aggregation in ("fedavg", "fedavg_rows"):
         # Streaming FedAvg: one payload at a time, read in slices into one buffer

@@ -42,6 +42,7 @@ from shared.secagg import (
     decode_fixed,
     remove_dropout_masks,
     sum_residues,
+    within_survivors_range,
 )
 from shared.serialization import bytes_to_state
 
@@ -255,6 +256,11 @@ def check_masked_update(
             raise Unprocessable(f"update rejected: {name!r} has residues outside [0, 2**62)")
 
 
+class MasksDoNotCancel(ValueError):
+    """The survivors' sum, with the revealed masks removed, is not a sum of honest
+    encodings: a survivor revealed a wrong seed (or masked with other seeds)."""
+
+
 def secure_mean_delta(
     session: Session, round_id: int, base_state: StateDict
 ) -> tuple[StateDict, int, int]:
@@ -278,13 +284,22 @@ def secure_mean_delta(
         )
     ).all()
     total = remove_dropout_masks(total, [(a, b, bytes.fromhex(s)) for a, b, s in reveals])
+    row = session.get(SecAggRound, round_id)
+    cohort = len(row.cohort) if row is not None and row.cohort else len(rows)
+    if not within_survivors_range(total, len(rows), cohort):
+        raise MasksDoNotCancel(
+            f"round {round_id}: the unmasked sum of {len(rows)} of {cohort} updates is out of "
+            "their range: a revealed seed or a payload's masks are wrong"
+        )
     n = sum(int(num) for _, num in rows)
     decoded = decode_fixed(total)
     delta = {k: (decoded[k] / n).to(base_state[k].dtype) for k in base_state}
     return delta, n, len(rows)
 
 
-def _redo(session: Session, settings: CoordinatorSettings, r: Round, now: datetime) -> None:
+def redo_round(session: Session, settings: CoordinatorSettings, r: Round, now: datetime) -> None:
+    """Close the secure round `r` without a result (`secagg_failed`) and open it again
+    on the same base version."""
     from coordinator.rounds.service import open_round
 
     r.state = "closed"
@@ -307,7 +322,7 @@ def forget_revoked_node(
             delete(SecAggKey).where(SecAggKey.round_id == r.id, SecAggKey.node_id == node_id)
         )
     elif node_id in row.cohort and node_id not in (row.dropped or []):
-        _redo(session, settings, r, now)
+        redo_round(session, settings, r, now)
 
 
 def step_secure_round(
@@ -350,13 +365,13 @@ def step_secure_round(
             row.recovery_deadline = now + period
             log.warning("round %s: nodes %s dropped; asking for seed reveals", r.id, row.dropped)
         else:
-            _redo(session, settings, r, now)
+            redo_round(session, settings, r, now)
         session.commit()
         return None
     if len(submitted) < settings.min_updates or submitted | set(row.dropped) != cohort:
         # Masks of a member that is neither a survivor nor dropped (its update removed,
         # say) would stay in the sum: only a redo is safe.
-        _redo(session, settings, r, now)
+        redo_round(session, settings, r, now)
         session.commit()
         return None
     needed = {(s, d) for s in submitted for d in row.dropped}
@@ -365,7 +380,7 @@ def step_secure_round(
         session.commit()
         return version
     if row.recovery_deadline is not None and now >= _aware(row.recovery_deadline):
-        _redo(session, settings, r, now)
+        redo_round(session, settings, r, now)
         session.commit()
         return None
     session.rollback()
