@@ -222,6 +222,8 @@ def _rejections(weights: bytes) -> list[tuple[str, bytes, dict[str, object], int
         ("huge metric", good, {"metrics": '{"loss": 1e308}'}, 422, "magnitude"),
         # float() of it raised OverflowError: a 500.
         ("400-digit metric", good, {"metrics": '{"loss": 1' + "0" * 400 + "}"}, 422, "magnitude"),
+        # Cut to 64 characters, two long names were stored as one, the second's value.
+        ("long metric name", good, {"metrics": json.dumps({"x" * 65: 1.0})}, 422, "over 64"),
         ("bad encoding", good, {"encoding": "zstd"}, 422, "encoding"),
         ("payload not in its encoding", good, {"encoding": "topk"}, 422, "missing parameter"),
     ]

@@ -142,6 +142,7 @@ def list_rounds(session: Session, limit: int = 100) -> list[Round]:
 
 
 MAX_METRIC = 1e12  # |value| of one reported metric
+MAX_METRIC_NAME = 64
 
 
 def parse_metrics_header(raw: str | None) -> dict[str, float]:
@@ -164,7 +165,11 @@ def parse_metrics_header(raw: str | None) -> dict[str, float]:
                 f"X-Update-Metrics[{k!r}] must be a finite number of magnitude at most "
                 f"{MAX_METRIC:g}"
             )
-        out[str(k)[:64]] = float(v)
+        if len(k) > MAX_METRIC_NAME:  # cut short, two names could become one
+            raise Unprocessable(
+                f"X-Update-Metrics: the name {k[:20]!r}... is over {MAX_METRIC_NAME} characters"
+            )
+        out[k] = float(v)
     return out
 
 
