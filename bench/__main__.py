@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(BENCHMARKS))
     if unknown:
         p.error(f"unknown benchmarks {unknown}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file; name a folder for the results")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {args.out}: cannot make the folder: {exc}")
     summary: dict[str, object] = {}
     failed = []
     markets = tempfile.TemporaryDirectory(prefix="fedjewel-bench-markets-")

@@ -18,8 +18,11 @@ def _fmt(value: float) -> str:
 def markdown(paths: list[Path]) -> str:
     lines = ["| benchmark | figure | value | goal | met |", "|---|---|---|---|---|"]
     for path in paths:
-        data = json.loads(path.read_text())
-        if "figures" not in data:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+            raise ValueError(f"{path}: {exc}") from exc
+        if not isinstance(data, dict) or "figures" not in data:
             continue
         for f in data["figures"]:
             value = _fmt(float(f["value"])) + (f" {f['unit']}" if f["unit"] else "")
@@ -38,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     files: list[Path] = []
     for path in args.paths:
         files += sorted(path.glob("*.json")) if path.is_dir() else [path]
-    print(markdown([f for f in files if f.name != "summary.json"]))
+    try:
+        print(markdown([f for f in files if f.name != "summary.json"]))
+    except (ValueError, KeyError, TypeError) as exc:  # unreadable, or not a bench result
+        p.error(f"cannot read the results: {exc}")
 
 
 if __name__ == "__main__":

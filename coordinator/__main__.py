@@ -8,7 +8,7 @@ import uvicorn
 
 from coordinator.app import create_app
 from coordinator.settings import CoordinatorSettings
-from shared.errors import settings_or_exit
+from shared.errors import database_or_exit, port_number, settings_or_exit
 from shared.logging_setup import configure_logging
 
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
         "(see README).",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     parser.add_argument(
         "--migrate-only",
         action="store_true",
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = settings_or_exit(CoordinatorSettings, "coordinator")
     configure_logging(json_logs=settings.log_json)
+    database_or_exit(settings.database_url, "coordinator")
     if args.migrate_only:
         from coordinator.db import Database
         from coordinator.nodes.bootstrap import bootstrap_from_settings

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from regional_node.settings import NodeSettings
-from shared.errors import settings_or_exit
+from shared.errors import database_or_exit, port_number, settings_or_exit
 from shared.logging_setup import configure_logging
 
 
@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the HTTP service (default)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--port", type=port_number, default=8100)
     # Given after `serve` too; SUPPRESS keeps a value given before `serve` when not.
     serve.add_argument("--host", default=argparse.SUPPRESS)
-    serve.add_argument("--port", type=int, default=argparse.SUPPRESS)
+    serve.add_argument("--port", type=port_number, default=argparse.SUPPRESS)
     imp = sub.add_parser("import-events", help="import an events.csv into this node's store")
     imp.add_argument("file")
     return parser
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(json_logs=settings.log_json)
     if args.command == "import-events":
         sys.exit(import_events(args.file, settings))
+    database_or_exit(settings.database_url, "regional node")
     import uvicorn
 
     from regional_node.app import create_app

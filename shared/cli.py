@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -223,9 +224,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             return 2
         overrides["personal_epochs"] = args.personal_epochs or None
     if args.personal_lr is not None:
-        if args.personal_lr <= 0:
-            console.print("[red]--personal-lr must be positive")
-            return 2
         overrides["personal_lr"] = args.personal_lr
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in ALL_METHODS]
@@ -299,8 +297,19 @@ def _simulate_argument_problem(args: argparse.Namespace, rounds: int) -> str | N
     ):
         if value is not None and value < least:
             return f"{flag} must be at least {least}, not {value}"
-    if args.lr is not None and not args.lr > 0:
-        return f"--lr must be positive, not {args.lr}"
+    for flag, value in (
+        ("--lr", args.lr),
+        ("--personal-lr", args.personal_lr),
+        ("--dp-server-lr", args.dp_server_lr),
+    ):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            return f"{flag} must be a positive number, not {value}"
+    if args.fedprox_mu is not None and not (
+        args.fedprox_mu >= 0 and math.isfinite(args.fedprox_mu)
+    ):
+        return f"--fedprox-mu must be 0 or a positive number, not {args.fedprox_mu}"
+    if args.dp_sampling_rate is not None and not 0 < args.dp_sampling_rate <= 1:
+        return f"--dp-sampling-rate must be in (0, 1], not {args.dp_sampling_rate}"
     if args.dp_epsilon:
         for text in args.dp_epsilon.split(","):
             try:
@@ -313,6 +322,51 @@ def _simulate_argument_problem(args: argparse.Namespace, rounds: int) -> str | N
         folder = Path(args.json).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             return f"--json: cannot write into {folder} (checked before the run)"
+        if Path(args.json).is_dir():
+            return f"--json: {args.json} is a directory; name a file"
+    return _experiment_flag_problem(args)
+
+
+def _experiment_flag_problem(args: argparse.Namespace) -> str | None:
+    """--attack and --dp-epsilon run experiments of their own: flags they would ignore, or
+    a data folder they cannot read, are refused before any work (or None)."""
+    from shared.simulate import ALL_METHODS
+
+    dp_flags = {
+        "--dp-sampling-rate": args.dp_sampling_rate is not None,
+        "--dp-server-lr": args.dp_server_lr is not None,
+        "--dp-algorithm": args.dp_algorithm is not None,
+        "--dp-steps": args.dp_steps is not None,
+    }
+    if not args.dp_epsilon:
+        given = [f for f, on in dp_flags.items() if on]
+        if given:
+            return f"{', '.join(given)} only apply with --dp-epsilon"
+    if not (args.attack or args.dp_epsilon):
+        return None
+    if args.attack and args.dp_epsilon:
+        return "--attack and --dp-epsilon are two experiments; run one at a time"
+    mode = "--attack" if args.attack else "--dp-epsilon"
+    ignored = {
+        "--json": args.json is not None,
+        "--methods": args.methods != ",".join(ALL_METHODS),
+        "--embedding-dim": args.embedding_dim is not None,
+        "--lr": args.lr is not None,
+        "--num-negatives": args.num_negatives is not None,
+        "--batch-size": args.batch_size is not None,
+        "--fedprox-mu": args.fedprox_mu is not None,
+        "--no-personalize": args.no_personalize,
+        "--personal-global-share": args.personal_global_share is not None,
+        "--personal-epochs": args.personal_epochs is not None,
+        "--personal-lr": args.personal_lr is not None,
+        "--aggregation": args.dp_epsilon is not None and args.aggregation is not None,
+    }
+    given = [f for f, on in ignored.items() if on]
+    if given:
+        return f"{mode} runs its own experiment, which does not take {', '.join(given)}"
+    catalog = Path(args.data) / "catalog.csv"
+    if not catalog.is_file():
+        return f"cannot load {args.data}: no catalog.csv there (generate-market makes one)"
     return None
 
 
@@ -351,6 +405,9 @@ def import_catalog(
         console.print(f"[red]rejected {path}: nothing imported[/red]\n{exc}", highlight=False)
         return 2
     body = [item.model_dump(mode="json") for item in items]
+    if not admin_token.isascii() or not admin_token.isprintable():
+        console.print("[red]--admin-token must be printable ASCII (it goes in an HTTP header)")
+        return 2
     try:
         with console.status(f"uploading {len(items)} items to {url} ..."):
             resp = (client or httpx).put(
@@ -359,6 +416,9 @@ def import_catalog(
                 headers={"Authorization": f"Bearer {admin_token}"},
                 timeout=timeout,
             )
+    except httpx.InvalidURL as exc:
+        console.print(f"[red]--url {url!r} is not a usable URL: {exc}")
+        return 2
     except httpx.HTTPError as exc:
         console.print(f"[red]coordinator unreachable at {url}: {exc}")
         return 1
@@ -369,7 +429,13 @@ def import_catalog(
             detail = resp.text
         console.print(f"[red]coordinator refused the catalog ({resp.status_code}): {detail}")
         return 1
-    info = resp.json()
+    try:
+        info = resp.json()
+    except ValueError:  # a proxy's page, say: the upload went through, its answer is not ours
+        console.print(
+            f"[red]the answer from {url} is not the coordinator's JSON: {resp.text[:200]}"
+        )
+        return 1
     out.print(
         f"catalog imported from {path}: {len(items)} items in the file, "
         f"{info.get('added', 0)} added, {info.get('updated', 0)} updated; the coordinator now "

@@ -138,19 +138,33 @@ def stop_demo(workdir: Path, console: Console, timeout: float = 15.0) -> int:
     if not pids_path.exists():
         console.print(f"no demo running (no {pids_path})")
         return 0
-    services = json.loads(pids_path.read_text())["services"]
-    alive = [s for s in services if _is_our_process(int(s["pid"]), s["module"])]
-    for s in alive:
+    try:
+        listed = json.loads(pids_path.read_text())["services"]
+        # A service that never started is listed with no pid.
+        services = [
+            (str(s["name"]), str(s["module"]), int(s["pid"]))
+            for s in listed
+            if s.get("pid") is not None
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        console.print(
+            f"[red]cannot read {pids_path} ({type(exc).__name__}: {exc}); stop the demo's "
+            "services by hand (their command lines hold `-m coordinator` or `-m regional_node`)"
+            " and remove the file"
+        )
+        return 0
+    alive = [(name, module, pid) for name, module, pid in services if _is_our_process(pid, module)]
+    for _, _, pid in alive:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(s["pid"]), signal.SIGTERM)  # each service leads its own group
+            os.killpg(pid, signal.SIGTERM)  # each service leads its own group
     deadline = time.monotonic() + timeout
-    for s in alive:
-        while _is_our_process(int(s["pid"]), s["module"]) and time.monotonic() < deadline:
+    for name, module, pid in alive:
+        while _is_our_process(pid, module) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _is_our_process(int(s["pid"]), s["module"]):
+        if _is_our_process(pid, module):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(int(s["pid"]), signal.SIGKILL)
-        console.print(f"stopped {s['name']} (pid {s['pid']})")
+                os.killpg(pid, signal.SIGKILL)
+        console.print(f"stopped {name} (pid {pid})")
     pids_path.unlink()
     return len(alive)
 

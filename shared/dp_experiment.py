@@ -29,7 +29,7 @@ import torch
 from coordinator.aggregation import apply_delta, compute_delta, make_strategy
 from coordinator.settings import DEFAULT_AGGREGATION
 from regional_node.settings import NodeSettings
-from shared.data import read_catalog_csv, read_events_csv
+from shared.data import DataFormatError, read_catalog_csv, read_events_csv
 from shared.dp_sgd import DPSGDConfig, PerUserGradients, dp_sgd_update, pack_users
 from shared.dp_training import DPConfig, ServerAdam, ServerMomentum, dp_fedavg_update
 from shared.features import ItemFeatures, build_item_features
@@ -442,7 +442,16 @@ def format_served_recipe(
 
 
 def parse_epsilons(text: str) -> list[float]:
-    return [math.inf if t.strip().lower() in ("inf", "∞") else float(t) for t in text.split(",")]
+    """ "1,4,8,inf" -> [1.0, 4.0, 8.0, inf]; ValueError naming what is not a number."""
+    out = []
+    for t in text.split(","):
+        try:
+            out.append(math.inf if t.strip().lower() in ("inf", "∞") else float(t))
+        except ValueError:
+            raise ValueError(
+                f"--epsilons takes numbers or inf, e.g. 1,4,8,inf, not {t!r}"
+            ) from None
+    return out
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -638,6 +647,22 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--serve-global-share must be in [0, 1]")
         if args.from_state is not None and not args.from_state.is_file():
             raise ValueError(f"--from-state {args.from_state}: no such file")
+        epsilons = parse_epsilons(args.epsilons)
+        if not all(e > 0 for e in epsilons):
+            raise ValueError(f"--epsilons must all be positive, not {args.epsilons!r}")
+        if not 0 < args.delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), not {args.delta}")
+        for flag, value, least in (
+            ("--threads", args.threads, 1),
+            ("--jobs", args.jobs, 1),
+            ("--epochs", args.epochs, 1),
+            ("--dp-epochs", args.dp_epochs, 1),
+            ("--groups", args.groups, 0),
+        ):
+            if value is not None and value < least:
+                raise ValueError(f"{flag} must be at least {least}, not {value}")
+        if args.data.exists() and not args.data.is_dir():
+            raise ValueError(f"--data {args.data} is a file; name a market folder")
         dpsgd = DPSGDConfig(
             clip_norm=args.clip_norm,
             noise_multiplier=0.0,  # each epsilon's run sets its own
@@ -652,9 +677,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         p.error(str(exc))
 
-    catalog, train, held, config = load_regions(
-        args.data, users=args.users, items=args.items, seed=args.seed
-    )
+    try:
+        catalog, train, held, config = load_regions(
+            args.data, users=args.users, items=args.items, seed=args.seed
+        )
+    except (DataFormatError, OSError, UnicodeDecodeError) as exc:
+        p.error(f"cannot load the market in {args.data}: {exc}")
     if args.embedding_dim is not None:
         config = ModelConfig.model_validate(
             config.model_dump() | {"embedding_dim": args.embedding_dim}
@@ -733,7 +761,6 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.serve_negatives} negatives, global share {args.serve_global_share}",
         flush=True,
     )
-    epsilons = parse_epsilons(args.epsilons)
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(run_one, e, setup, market, args.threads) for e in epsilons]

@@ -161,3 +161,41 @@ def settings_or_exit(make: Callable[[], SettingsT], service: str) -> SettingsT:
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         sys.exit(f"{service}: invalid configuration: {msgs}")
+
+
+def database_or_exit(url: str, service: str) -> None:
+    """Exit with one line when the service's database cannot be reached or the URL is not
+    one (a SQLAlchemy traceback, and uvicorn's "Application startup failed", otherwise)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        sys.exit(f"{service}: the database URL {url!r} is not a URL SQLAlchemy can read")
+    try:
+        engine = create_engine(url)
+    except (ArgumentError, ImportError) as exc:  # an unknown dialect or driver
+        sys.exit(f"{service}: cannot use the database {shown}: {exc}")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        sys.exit(f"{service}: cannot reach the database {shown}: {reason}")
+    finally:
+        engine.dispose()
+
+
+def port_number(text: str) -> int:
+    """argparse type of a TCP port: 0-65535 (0: any free port)."""
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {port}")
+    return port

@@ -81,3 +81,27 @@ def test_seed_lists_are_parsed_or_refused() -> None:
     for bad in ("", "1,x", ","):
         with pytest.raises(argparse.ArgumentTypeError):
             seed_list(bad)
+
+
+def test_report_and_runner_refuse_unusable_paths_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was a traceback."""
+    from bench.__main__ import main as bench_main
+    from bench.report import main as report_main
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'{"benchmark": "caf\xe9"}')
+    for path in (tmp_path / "missing.json", bad_json, latin1):
+        with pytest.raises(SystemExit) as info:
+            report_main([str(path)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "cannot read the results" in err and path.name in err
+    a_file = tmp_path / "results"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as info:
+        bench_main(["--out", str(a_file), "--only", "serving"])
+    assert info.value.code == 2 and "is a file" in capsys.readouterr().err

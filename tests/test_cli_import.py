@@ -138,6 +138,11 @@ def test_catalog_import_is_all_or_nothing_and_idempotent(
     # A wrong token is the coordinator's 4xx, reported and not retried.
     assert import_catalog(good, base, "wrong", client=coordinator) == 1
     assert "refused" in capsys.readouterr().err
+    # A token no header can carry and a URL that is none were tracebacks.
+    assert import_catalog(good, base, "é", client=coordinator) == 2
+    assert "printable ASCII" in capsys.readouterr().err
+    assert import_catalog(good, "http://[::1", ADMIN) == 2
+    assert "not a usable URL" in capsys.readouterr().err
 
 
 def test_simulate_runs_the_poisoning_and_dp_experiments(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -234,6 +239,50 @@ def test_a_bad_setting_stops_a_service_with_one_line(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite:////nonexistent-dir/c.db", "cannot reach the database sqlite:////nonexistent-dir"),
+        ("bogus", "is not a URL SQLAlchemy can read"),
+        ("postgresql+psycopg://fedjewel:secret@127.0.0.1:1/x", "cannot reach the database"),
+        ("nosuchdialect://x/y", "cannot use the database"),
+    ],
+)
+def test_a_database_a_service_cannot_use_stops_it_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, url: str, says: str
+) -> None:
+    """These were a SQLAlchemy traceback (and uvicorn's "Application startup failed")."""
+    from coordinator.__main__ import main as coordinator_main
+    from regional_node.__main__ import main as node_main
+
+    monkeypatch.setenv("COORDINATOR_DATABASE_URL", url)
+    for argv in (["--migrate-only"], []):
+        with pytest.raises(SystemExit) as info:
+            coordinator_main(argv)
+        message = str(info.value.code)
+        assert message.startswith("coordinator: ") and says in message, message
+        assert "secret" not in message  # the password is not shown
+    monkeypatch.setenv("NODE_DATABASE_URL", url)
+    monkeypatch.setenv("NODE_ALLOW_ANONYMOUS", "true")
+    with pytest.raises(SystemExit) as info:
+        node_main(["serve"])
+    assert str(info.value.code).startswith("regional node: ") and says in str(info.value.code)
+
+
+@pytest.mark.parametrize("port", ["70000", "-5", "http"])
+def test_a_port_out_of_range_is_refused_by_both_services(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coordinator.__main__ import main as coordinator_main
+    from regional_node.__main__ import build_parser
+
+    for parse in (coordinator_main, build_parser().parse_args):
+        with pytest.raises(SystemExit) as info:
+            parse(["--port", port])
+        assert info.value.code == 2
+        assert "port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("extra", "says"),
     [
         (["--rounds", "0"], "--rounds must be at least 1"),
@@ -241,10 +290,25 @@ def test_a_bad_setting_stops_a_service_with_one_line(monkeypatch: pytest.MonkeyP
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--threads", "-1"], "--threads must be at least 1"),
         (["--embedding-dim", "0"], "--embedding-dim must be at least 4"),
-        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be a positive number"),
         (["--methods", ","], "--methods names none"),
         (["--dp-epsilon", "abc"], "--dp-epsilon takes numbers"),
         (["--json", "/nonexistent-dir/x.json"], "checked before the run"),
+        # These ran on: inf ended in a traceback after the run, or ranked every item alike
+        # (HR 0.000); a negative mu was taken as 0.
+        (["--lr", "inf"], "--lr must be a positive number"),
+        (["--personal-lr", "inf"], "--personal-lr must be a positive number"),
+        (["--fedprox-mu", "-1"], "--fedprox-mu must be 0 or a positive number"),
+        (["--fedprox-mu", "nan"], "--fedprox-mu must be 0 or a positive number"),
+        (["--json", "."], "is a directory"),  # failed after the whole run, results lost
+        # The experiments ignored these: no JSON written, another model than asked for.
+        (["--dp-epsilon", "8", "--json", "x.json"], "does not take --json, --methods"),
+        (["--attack", "signflip", "--lr", "0.1"], "does not take --methods, --lr"),
+        (["--dp-epsilon", "8", "--aggregation", "median"], "does not take --methods, --agg"),
+        (["--attack", "signflip", "--dp-epsilon", "8"], "one at a time"),
+        (["--dp-steps", "2"], "only apply with --dp-epsilon"),
+        (["--dp-epsilon", "8", "--dp-server-lr", "-1"], "--dp-server-lr must be a positive"),
+        (["--dp-epsilon", "8", "--dp-sampling-rate", "0"], "--dp-sampling-rate must be in"),
     ],
 )
 def test_simulate_refuses_arguments_that_make_no_sense_before_any_work(
@@ -258,6 +322,59 @@ def test_simulate_refuses_arguments_that_make_no_sense_before_any_work(
     assert _run(["simulate", "--data", str(tmp_path), "--methods", "popularity", *extra]) == 2
     err = _err(capsys)
     assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--epsilons", "abc"], "--epsilons takes numbers or inf"),
+        (["--epsilons", "8,-1"], "must all be positive"),
+        (["--delta", "0"], "--delta must be in (0, 1)"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--groups", "-3"], "--groups must be at least 0"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_the_dp_experiment_refuses_bad_arguments_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], says: str
+) -> None:
+    """Tracebacks, some after the market was loaded or generated; some ran silently."""
+    from shared import dp_experiment
+
+    with pytest.raises(SystemExit) as info:
+        dp_experiment.main(["--data", str(tmp_path / "m"), *extra])
+    assert info.value.code == 2
+    assert says in _err(capsys)
+    assert not (tmp_path / "m").exists()  # nothing generated
+
+
+def test_the_dp_experiment_says_when_it_cannot_load_the_market(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared import dp_experiment
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "catalog.csv").write_text("")
+    for data, says in ((a_file, "is a file"), (tmp_path / "empty", "cannot load the market")):
+        with pytest.raises(SystemExit) as info:
+            dp_experiment.main(["--data", str(data), "--epsilons", "inf", "--rounds", "1"])
+        assert info.value.code == 2
+        assert says in _err(capsys)
+
+
+@pytest.mark.parametrize("mode", [["--dp-epsilon", "8"], ["--attack", "signflip"]])
+def test_the_experiments_refuse_a_folder_without_a_market(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: list[str]
+) -> None:
+    """A typo in --data once generated a 6,000-user market there (--dp-epsilon) or ended
+    in a traceback (--attack)."""
+    typo = tmp_path / "typo"
+    assert _run(["simulate", "--data", str(typo), *mode]) == 2
+    err = _err(capsys)
+    assert "no catalog.csv" in err and "Traceback" not in err
+    assert not typo.exists()
 
 
 def test_the_client_takes_one_session_item_as_a_string() -> None:

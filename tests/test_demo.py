@@ -58,6 +58,22 @@ def test_stop_refuses_pids_that_are_not_demo_services(tmp_path: Path) -> None:
     assert stop_demo(tmp_path, Console(quiet=True)) == 0
 
 
+def test_stop_reads_a_service_that_never_started_and_says_when_it_cannot_read_the_list(
+    tmp_path: Path,
+) -> None:
+    """A service with no pid (written when it never started) and a damaged file were a
+    TypeError and a JSONDecodeError traceback."""
+    never = {"name": "node-eu", "module": "regional_node", "pid": None, "url": "", "log": ""}
+    (tmp_path / "pids.json").write_text(json.dumps({"admin_token": "x", "services": [never]}))
+    assert stop_demo(tmp_path, Console(quiet=True)) == 0
+    assert not (tmp_path / "pids.json").exists()
+    (tmp_path / "pids.json").write_text('{"services": [')
+    console = Console(record=True, width=200)
+    assert stop_demo(tmp_path, console) == 0
+    assert "cannot read" in console.export_text()
+    assert (tmp_path / "pids.json").exists()  # left for whoever stops the services
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
