@@ -118,6 +118,8 @@ class Setup:
     # Each region picks its fine-tune's epochs (1 to the recipe's) on its own validation
     # split (`select_fine_tune_epochs`).
     serve_select: bool = False
+    # Each region serves the mean of this many fine-tunes (a model soup; 1: one fine-tune).
+    serve_soup: int = 1
     plain_rounds: int | None = None  # of the non-private run (None: `rounds`)
 
     def rounds_for(self, epsilon: float) -> int:
@@ -221,6 +223,7 @@ def evaluate_served(
     seed: int,
     global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE,
     select: bool = False,
+    soup: int = 1,
 ) -> dict[str, float]:
     """Each region fine-tunes the global weights on its own data, blends them like a node
     (`global_share` of the global weights) and ranks its own users."""
@@ -251,7 +254,7 @@ def evaluate_served(
         for i, region in enumerate(sorted(train))
     )
     ranks = rank_fine_tuned_regions(
-        state, HybridTwoTower(config), market.features, regions, global_share
+        state, HybridTwoTower(config), market.features, regions, global_share, soup
     )
     return summarize_ranks(ranks.values(), k=10)
 
@@ -274,6 +277,7 @@ def score_state(
         setup.seed * 10_000 + 99,
         setup.serve_global_share,
         setup.serve_select,
+        setup.serve_soup,
     )
     return summary, served
 
@@ -435,7 +439,9 @@ def format_served_recipe(
     return (
         f"{path}: global HR@10 {summary['hr@10']:.4f}; served "
         f"({'1 to ' if setup.serve_select else ''}{setup.serve.epochs} epochs"
-        f"{', picked per region' if setup.serve_select else ''}, lr {setup.serve.lr:g}, "
+        f"{', picked per region' if setup.serve_select else ''}"
+        f"{f', a soup of {setup.serve_soup}' if setup.serve_soup > 1 else ''}, "
+        f"lr {setup.serve.lr:g}, "
         f"{setup.serve.num_negatives} negatives, global share {setup.serve_global_share:g}) "
         f"HR@10 {served['hr@10']:.4f}"
     )
@@ -600,6 +606,13 @@ def main(argv: list[str] | None = None) -> None:
         "its own data",
     )
     p.add_argument(
+        "--serve-soup",
+        type=int,
+        default=1,
+        help="served: each region serves the mean of this many fine-tunes that differ in "
+        "their seed (a model soup)",
+    )
+    p.add_argument(
         "--save-states", type=Path, help="save each epsilon's final global state here (.pt)"
     )
     p.add_argument(
@@ -639,8 +652,10 @@ def main(argv: list[str] | None = None) -> None:
         ServerMomentum(momentum=args.server_momentum)
         if args.ema is not None:
             StateAverage(args.ema)
-        if min(args.serve_epochs, args.dp_serve_epochs, args.serve_negatives) < 1:
-            raise ValueError("--serve-epochs, --dp-serve-epochs, --serve-negatives must be >= 1")
+        if min(args.serve_epochs, args.dp_serve_epochs, args.serve_negatives, args.serve_soup) < 1:
+            raise ValueError(
+                "--serve-epochs, --dp-serve-epochs, --serve-negatives, --serve-soup must be >= 1"
+            )
         if args.serve_lr <= 0:
             raise ValueError("--serve-lr must be positive")
         if not 0 <= args.serve_global_share <= 1:
@@ -729,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
         dp_serve=dataclasses.replace(serve, epochs=args.dp_serve_epochs),
         serve_global_share=args.serve_global_share,
         serve_select=args.serve_select,
+        serve_soup=args.serve_soup,
         plain_rounds=args.plain_rounds,
     )
     if args.from_state is not None:
@@ -758,7 +774,8 @@ def main(argv: list[str] | None = None) -> None:
         + f", dp lr {args.dp_lr} {args.dp_optimizer}, "
         f"frozen {list(setup.frozen)}; served: {args.serve_epochs} fine-tune epochs "
         f"({args.dp_serve_epochs} after DP) at lr {args.serve_lr:g}, "
-        f"{args.serve_negatives} negatives, global share {args.serve_global_share}",
+        f"{args.serve_negatives} negatives, global share {args.serve_global_share}"
+        + (f", a soup of {args.serve_soup}" if args.serve_soup > 1 else ""),
         flush=True,
     )
     if args.jobs > 1:

@@ -13,6 +13,7 @@ later is not known yet (and serving builds its history by the same rule,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -350,6 +351,9 @@ def train_local(
     return TrainResult(loss=epoch_loss, num_examples=n, steps=step)
 
 
+SOUP_SEED_STRIDE = 1000  # fine-tune i of a soup is seeded config.seed + i * this
+
+
 def fine_tuned_state(
     model: HybridTwoTower,
     state: dict[str, torch.Tensor],
@@ -357,17 +361,31 @@ def fine_tuned_state(
     examples: Examples,
     config: TrainConfig,
     base_share: float,
+    soup: int = 1,
 ) -> dict[str, torch.Tensor]:
     """What a personalizing node serves from the global `state`: `model` (of the state's
     config) fine-tuned on the region's `examples`, blended with `base_share` of `state`.
 
+    `soup` > 1: the mean of that many fine-tunes from `state` that differ only in their
+    seed (negatives and batch order), a "model soup" (Wortsman et al., 2022), blended.
     With no examples the global state itself. `model` is left holding the result.
     """
+    if soup < 1:
+        raise ValueError(f"soup must be at least 1, not {soup}")
     model.load_state_dict(state)
     if len(examples) == 0:
         return state
-    train_local(model, features, examples, config)
-    served = blend_states(model.state_dict(), state, base_share)
+    tuned: list[dict[str, torch.Tensor]] = []
+    for i in range(soup):
+        model.load_state_dict(state)
+        seeded = dataclasses.replace(config, seed=config.seed + i * SOUP_SEED_STRIDE)
+        train_local(model, features, examples, seeded)
+        tuned.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    local = {
+        k: torch.stack([t[k] for t in tuned]).mean(0) if v.is_floating_point() else v
+        for k, v in tuned[0].items()
+    }
+    served = blend_states(local, state, base_share)
     model.load_state_dict(served)
     return served
 
@@ -412,6 +430,7 @@ def rank_fine_tuned_regions(
     features: ItemFeatures,
     regions: Iterable[tuple[Examples, dict[str, UserSequence], dict[str, int], TrainConfig]],
     base_share: float,
+    soup: int = 1,
 ) -> dict[str, int]:
     """Each region's users ranked by what its node serves: the global `state` fine-tuned on
     the region's (examples, with its own config) and blended (`fine_tuned_state`).
@@ -421,7 +440,7 @@ def rank_fine_tuned_regions(
     """
     ranks: dict[str, int] = {}
     for examples, train, held, tune in regions:
-        fine_tuned_state(model, state, features, examples, tune, base_share)
+        fine_tuned_state(model, state, features, examples, tune, base_share, soup)
         ranks.update(rank_held_out(model, features, train, held))
     return ranks
 

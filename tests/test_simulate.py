@@ -23,6 +23,7 @@ from shared.simulate import (
     train_federated,
 )
 from shared.training import (
+    SOUP_SEED_STRIDE,
     TrainConfig,
     fine_tuned_state,
     make_examples,
@@ -226,3 +227,34 @@ def test_fine_tune_epochs_are_picked_on_the_region_s_own_validation_split(
         assert hr == pytest.approx(curve[epochs - 1], abs=1e-9)
     one_epoch = dataclasses.replace(tune, epochs=1)
     assert select_fine_tune_epochs(model, state, data.features, sequences, one_epoch, 0.2)[0] == 1
+
+
+def test_a_soup_serves_the_mean_of_fine_tunes_that_differ_in_their_seed(
+    market_dir: Path,
+) -> None:
+    """`fine_tuned_state(soup=k)` (the experiment's --serve-soup): the blend of the mean of
+    k fine-tunes seeded SOUP_SEED_STRIDE apart; a soup of one is the plain fine-tune."""
+    data = load_dataset(market_dir)
+    config = ModelConfig(num_items=data.num_items)
+    state = init_state(config)
+    region = data.regions[-1]
+    examples = make_examples([data.train[u] for u in data.users_of(region)], config.max_history)
+    tune = TrainConfig(epochs=1, lr=0.01, seed=4)
+    model = HybridTwoTower(config)
+    singles = [
+        fine_tuned_state(
+            model, state, data.features, examples, dataclasses.replace(tune, seed=s), 0.0
+        )
+        for s in (4, 4 + SOUP_SEED_STRIDE)
+    ]
+    assert not torch.equal(singles[0]["item_id.weight"], singles[1]["item_id.weight"])
+    one = fine_tuned_state(model, state, data.features, examples, tune, 0.0, soup=1)
+    assert all(torch.equal(one[k], singles[0][k]) for k in one)
+    soup = fine_tuned_state(model, state, data.features, examples, tune, 0.2, soup=2)
+    for k, v in soup.items():
+        if v.is_floating_point():
+            mean = (singles[0][k] + singles[1][k]) / 2
+            assert torch.allclose(v, 0.8 * mean + 0.2 * state[k], atol=1e-6), k
+    assert all(torch.equal(model.state_dict()[k], soup[k]) for k in soup)
+    with pytest.raises(ValueError, match="soup"):
+        fine_tuned_state(model, state, data.features, examples, tune, 0.2, soup=0)
