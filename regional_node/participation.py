@@ -606,6 +606,7 @@ class Participant:
         residual: bytes | None = None,
         epochs: int | None = None,
         lr: float | None = None,
+        soup: int = 1,
     ) -> TrainJob:
         s = self.settings
         return TrainJob(
@@ -633,6 +634,7 @@ class Participant:
             residual=residual,
             keep_local=keep_local,
             personal_base_share=s.personalize_global_share,
+            soup=soup,
         )
 
     # Personalization (docs/evaluation.md) -------------------------------------------------
@@ -641,7 +643,8 @@ class Participant:
         """Fine-tune the served global version on this region's events, once per version
         (and catalog), with its own schedule: NODE_PERSONALIZE_EPOCHS (a DP node:
         NODE_DP_PERSONALIZE_EPOCHS) at NODE_PERSONALIZE_LEARNING_RATE, gentler than a
-        round's training (docs/evaluation.md, item 5).
+        round's training (docs/evaluation.md, item 5); the mean of NODE_PERSONALIZE_SOUP
+        (NODE_DP_PERSONALIZE_SOUP) such fine-tunes.
 
         Right after a round the node serves that round's local model; this replaces it
         once no round is open (`round_open`: one is, and this node already sent its
@@ -678,6 +681,8 @@ class Participant:
             # gets more passes (docs/privacy.md, "What the nodes serve").
             epochs=s.dp_personalize_epochs if s.dp_enabled else s.personalize_epochs,
             lr=s.personalize_learning_rate,
+            # ... and the mean of several fine-tunes (a model soup) evens out more of it.
+            soup=s.dp_personalize_soup if s.dp_enabled else s.personalize_soup,
         )
         try:
             outcome, _seconds = await self._run_preemptible(replace(job, preemptible=True))

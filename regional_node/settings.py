@@ -64,6 +64,20 @@ class NodeSettings(BaseSettings):
         "NODE_PERSONALIZE_EPOCHS). The global model carries DP noise; the fine-tune's weights "
         "never leave the region. docs/privacy.md has the measurements behind the default.",
     )
+    personalize_soup: int = Field(
+        default=1,
+        ge=1,
+        le=10,
+        description="Fine-tunes (differing in their seed) averaged into the served model, a "
+        "model soup (DP nodes: NODE_DP_PERSONALIZE_SOUP); each one costs a fine-tune's time.",
+    )
+    dp_personalize_soup: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="With NODE_DP_ENABLED: fine-tunes averaged into the served model (instead "
+        "of NODE_PERSONALIZE_SOUP). docs/privacy.md has the measurements behind the default.",
+    )
     train_threads: int = Field(default=1, ge=1, le=64, description="torch threads of the trainer")
     train_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness of the training worker process."

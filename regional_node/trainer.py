@@ -10,7 +10,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,10 +26,12 @@ from shared.model import HybridTwoTower, ModelConfig, blend_states
 from shared.schemas import CatalogItem
 from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from shared.training import (
+    SOUP_SEED_STRIDE,
     TrainConfig,
     UserSequence,
     build_sequences,
     make_examples,
+    mean_state,
     rank_held_out,
     split_leave_last_out,
     train_local,
@@ -59,6 +61,9 @@ class TrainJob:
     preemptible: bool = False
     # Share of the base (global) weights blended into the returned local weights.
     personal_base_share: float = 0.0
+    # Trainings from the base weights, seeded SOUP_SEED_STRIDE apart, whose mean is the
+    # result (a model soup; the personalization fine-tune only).
+    soup: int = 1
 
 
 @dataclass(frozen=True)
@@ -150,16 +155,23 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     examples = make_examples(train_seqs.values(), config.max_history)
     if len(examples) == 0:
         return None
-    result = train_local(
-        model,
-        features,
-        examples,
-        job.train_config,
-        progress=_stop_if_asked if job.preemptible else None,
-    )
+    if job.soup < 1:
+        raise ValueError(f"soup must be at least 1, not {job.soup}")
+    trained: list[dict[str, torch.Tensor]] = []
+    for i in range(job.soup):
+        model.load_state_dict(base_state)
+        config_i = replace(job.train_config, seed=job.train_config.seed + i * SOUP_SEED_STRIDE)
+        result = train_local(
+            model,
+            features,
+            examples,
+            config_i,
+            progress=_stop_if_asked if job.preemptible else None,
+        )
+        trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     if users_with_examples(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
         metrics["train_loss"] = result.loss
-    new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    new_state = mean_state(trained)
     delta = compute_delta(new_state, base_state)
     residual: bytes | None = None
     if job.encoding == "dense":

@@ -748,6 +748,7 @@ def main(argv: list[str] | None = None) -> None:
         plain_rounds=args.plain_rounds,
     )
     if args.from_state is not None:
+        torch.set_num_threads(args.threads)
         try:
             print(format_served_recipe(args.from_state, setup, market))
         except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # not a fitting state

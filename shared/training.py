@@ -354,6 +354,17 @@ def train_local(
 SOUP_SEED_STRIDE = 1000  # fine-tune i of a soup is seeded config.seed + i * this
 
 
+def mean_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensor-by-tensor mean of states of one model (a soup); integer tensors, which
+    training does not change, are the first state's."""
+    if not states:
+        raise ValueError("no states to average")
+    return {
+        k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
+
+
 def fine_tuned_state(
     model: HybridTwoTower,
     state: dict[str, torch.Tensor],
@@ -381,11 +392,7 @@ def fine_tuned_state(
         seeded = dataclasses.replace(config, seed=config.seed + i * SOUP_SEED_STRIDE)
         train_local(model, features, examples, seeded)
         tuned.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    local = {
-        k: torch.stack([t[k] for t in tuned]).mean(0) if v.is_floating_point() else v
-        for k, v in tuned[0].items()
-    }
-    served = blend_states(local, state, base_share)
+    served = blend_states(mean_state(tuned), state, base_share)
     model.load_state_dict(served)
     return served
 

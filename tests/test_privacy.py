@@ -29,7 +29,7 @@ from shared.privacy import (
 )
 from shared.schemas import CatalogItem, EventIn
 from shared.serialization import bytes_to_state, state_to_bytes
-from shared.training import TrainConfig, UserSequence
+from shared.training import SOUP_SEED_STRIDE, TrainConfig, UserSequence
 from tests.conftest import tiny_catalog, tiny_events
 
 
@@ -331,8 +331,9 @@ def _personalize_jobs(
 
 @pytest.mark.parametrize("dp_enabled", [False, True])
 def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: bool) -> None:
-    """The fine-tune of the served version runs NODE_DP_PERSONALIZE_EPOCHS on a DP node
-    (its global model carries noise), NODE_PERSONALIZE_EPOCHS otherwise, both at
+    """The fine-tune of the served version runs NODE_DP_PERSONALIZE_EPOCHS and averages
+    NODE_DP_PERSONALIZE_SOUP fine-tunes on a DP node (its global model carries noise),
+    NODE_PERSONALIZE_EPOCHS and NODE_PERSONALIZE_SOUP otherwise, both at
     NODE_PERSONALIZE_LEARNING_RATE (not the rounds' epochs and rate); the job trains
     without DP (nothing of it leaves the node) and keeps the weights to serve."""
     [job] = _personalize_jobs(
@@ -344,8 +345,11 @@ def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: b
         personalize_learning_rate=0.004,
         dp_enabled=dp_enabled,
         dp_personalize_epochs=7,
+        personalize_soup=2,
+        dp_personalize_soup=4,
     )
     assert job.train_config.epochs == (7 if dp_enabled else 3)
+    assert job.soup == (4 if dp_enabled else 2)
     assert job.train_config.lr == 0.004 and job.train_config.optimizer == "adam"
     assert job.dp is None and job.keep_local and job.base_weights == b"weights"
 
@@ -371,6 +375,28 @@ def test_the_round_model_a_node_serves_is_replaced_by_its_own_fine_tune(
     )
     assert len(started) == jobs
     assert all(job.preemptible and job.keep_local for job in started)
+
+
+def test_a_soup_job_keeps_the_mean_of_fine_tunes_seeded_apart(tmp_path: Path) -> None:
+    """TrainJob.soup: the kept (served) weights are the blend of the mean of that many
+    trainings from the base, seeded SOUP_SEED_STRIDE apart."""
+    job = dataclasses.replace(_job(tmp_path, 1), keep_local=True, personal_base_share=0.25)
+    singles = []
+    first = job.train_config.seed
+    for seed in (first, first + SOUP_SEED_STRIDE):
+        config = dataclasses.replace(job.train_config, seed=seed)
+        outcome = run_train_job(dataclasses.replace(job, train_config=config, soup=1))
+        assert outcome is not None and outcome.local_state is not None
+        singles.append(bytes_to_state(outcome.local_state))  # 0.75 x trained + 0.25 x base
+    assert not torch.equal(singles[0]["item_id.weight"], singles[1]["item_id.weight"])
+    soup = run_train_job(dataclasses.replace(job, soup=2))
+    assert soup is not None and soup.local_state is not None
+    kept = bytes_to_state(soup.local_state)
+    for name, value in kept.items():
+        if value.is_floating_point():  # blending is linear: the mean of the blends
+            assert torch.allclose(value, (singles[0][name] + singles[1][name]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="soup"):
+        run_train_job(dataclasses.replace(job, soup=0))
 
 
 def test_a_preemptible_job_stops_between_steps_when_the_node_asks(tmp_path: Path) -> None:
