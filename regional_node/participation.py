@@ -607,6 +607,7 @@ class Participant:
         epochs: int | None = None,
         lr: float | None = None,
         soup: int = 1,
+        select_epochs: bool = False,
     ) -> TrainJob:
         s = self.settings
         return TrainJob(
@@ -635,6 +636,7 @@ class Participant:
             keep_local=keep_local,
             personal_base_share=s.personalize_global_share,
             soup=soup,
+            select_epochs=select_epochs,
         )
 
     # Personalization (docs/evaluation.md) -------------------------------------------------
@@ -644,7 +646,8 @@ class Participant:
         (and catalog), with its own schedule: NODE_PERSONALIZE_EPOCHS (a DP node:
         NODE_DP_PERSONALIZE_EPOCHS) at NODE_PERSONALIZE_LEARNING_RATE, gentler than a
         round's training (docs/evaluation.md, item 5); the mean of NODE_PERSONALIZE_SOUP
-        (NODE_DP_PERSONALIZE_SOUP) such fine-tunes.
+        (NODE_DP_PERSONALIZE_SOUP) such fine-tunes; with NODE_PERSONALIZE_SELECT
+        (NODE_DP_PERSONALIZE_SELECT) their length is picked on a validation split first.
 
         Right after a round the node serves that round's local model; this replaces it
         once no round is open (`round_open`: one is, and this node already sent its
@@ -681,8 +684,10 @@ class Participant:
             # gets more passes (docs/privacy.md, "What the nodes serve").
             epochs=s.dp_personalize_epochs if s.dp_enabled else s.personalize_epochs,
             lr=s.personalize_learning_rate,
-            # ... and the mean of several fine-tunes (a model soup) evens out more of it.
+            # ... and the mean of several fine-tunes (a model soup) evens out more of it;
+            # how long to fine-tune depends on the region: picked on its own validation split.
             soup=s.dp_personalize_soup if s.dp_enabled else s.personalize_soup,
+            select_epochs=s.dp_personalize_select if s.dp_enabled else s.personalize_select,
         )
         try:
             outcome, _seconds = await self._run_preemptible(replace(job, preemptible=True))
@@ -695,6 +700,14 @@ class Participant:
             )
             return
         if outcome is not None and outcome.local_state is not None:
+            picked = outcome.metrics.get("fine_tune_epochs")
+            if picked is not None:
+                log.info(
+                    "fine-tune of version %s: %d epochs, picked on this region's validation split",
+                    serving.version,
+                    int(picked),
+                    extra={"model_version": serving.version},
+                )
             await self._serve_personalized(serving.version, outcome.local_state, fine_tuned=True)
 
     async def _run_preemptible(self, job: TrainJob) -> tuple[TrainOutcome | None, float]:

@@ -33,6 +33,7 @@ from shared.training import (
     make_examples,
     mean_state,
     rank_held_out,
+    select_fine_tune_epochs,
     split_leave_last_out,
     train_local,
 )
@@ -64,6 +65,9 @@ class TrainJob:
     # Trainings from the base weights, seeded SOUP_SEED_STRIDE apart, whose mean is the
     # result (a model soup; the personalization fine-tune only).
     soup: int = 1
+    # First pick the epochs (1 to train_config.epochs) on a validation split of the
+    # region's own events (select_fine_tune_epochs; the personalization fine-tune only).
+    select_epochs: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,17 +161,19 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
         return None
     if job.soup < 1:
         raise ValueError(f"soup must be at least 1, not {job.soup}")
+    progress = _stop_if_asked if job.preemptible else None
+    tune = job.train_config
+    if job.select_epochs:
+        best, _curve = select_fine_tune_epochs(
+            model, base_state, features, train_seqs, tune, job.personal_base_share, progress
+        )
+        tune = replace(tune, epochs=best)
+        metrics["fine_tune_epochs"] = float(best)
     trained: list[dict[str, torch.Tensor]] = []
     for i in range(job.soup):
         model.load_state_dict(base_state)
-        config_i = replace(job.train_config, seed=job.train_config.seed + i * SOUP_SEED_STRIDE)
-        result = train_local(
-            model,
-            features,
-            examples,
-            config_i,
-            progress=_stop_if_asked if job.preemptible else None,
-        )
+        config_i = replace(tune, seed=tune.seed + i * SOUP_SEED_STRIDE)
+        result = train_local(model, features, examples, config_i, progress=progress)
         trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     if users_with_examples(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
         metrics["train_loss"] = result.loss

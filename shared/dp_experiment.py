@@ -78,6 +78,25 @@ RECIPES: dict[str, dict[str, object]] = {
 
 
 @dataclass(frozen=True)
+class ServeRecipe:
+    """How a node fine-tunes the global version it serves: `tune` (NODE_PERSONALIZE_EPOCHS,
+    NODE_PERSONALIZE_LEARNING_RATE, NODE_NUM_NEGATIVES), the length picked on a validation
+    split (`select`, NODE_PERSONALIZE_SELECT) and the mean of `soup` fine-tunes
+    (NODE_PERSONALIZE_SOUP); a DP node's NODE_DP_PERSONALIZE_* counterparts."""
+
+    tune: TrainConfig
+    select: bool = False
+    soup: int = 1
+
+    def describe(self) -> str:
+        return (
+            f"{'1 to ' if self.select else ''}{self.tune.epochs} epochs"
+            f"{', picked per region' if self.select else ''}"
+            f"{f', a soup of {self.soup}' if self.soup > 1 else ''}"
+        )
+
+
+@dataclass(frozen=True)
 class Setup:
     rounds: int  # of the DP runs
     delta: float
@@ -87,11 +106,10 @@ class Setup:
     train: TrainConfig
     dp_train: TrainConfig
     seed: int
-    # How a node fine-tunes the global model it serves (NODE_PERSONALIZE_EPOCHS,
-    # NODE_PERSONALIZE_LEARNING_RATE, NODE_NUM_NEGATIVES, with NODE_PERSONALIZE_GLOBAL_SHARE
-    # below); after DP runs, for NODE_DP_PERSONALIZE_EPOCHS.
-    serve: TrainConfig
-    dp_serve: TrainConfig
+    # How a plain node fine-tunes the global model it serves (with
+    # NODE_PERSONALIZE_GLOBAL_SHARE below); after DP runs, how a DP node does.
+    serve: ServeRecipe
+    dp_serve: ServeRecipe
     server_lr: float = 1.0
     server_momentum: float = 0.0
     # "adam": FedAdam on the coordinator (ServerAdam) with this lr and tau, applied to
@@ -115,11 +133,6 @@ class Setup:
     ema: float | None = None
     save_states: Path | None = None  # each epsilon's final global state goes here
     serve_global_share: float = DEFAULT_PERSONAL_GLOBAL_SHARE
-    # Each region picks its fine-tune's epochs (1 to the recipe's) on its own validation
-    # split (`select_fine_tune_epochs`).
-    serve_select: bool = False
-    # Each region serves the mean of this many fine-tunes (a model soup; 1: one fine-tune).
-    serve_soup: int = 1
     plain_rounds: int | None = None  # of the non-private run (None: `rounds`)
 
     def rounds_for(self, epsilon: float) -> int:
@@ -261,7 +274,7 @@ def evaluate_served(
 
 def score_state(
     state: dict[str, torch.Tensor],
-    serve: TrainConfig,
+    serve: ServeRecipe,
     setup: Setup,
     market: Market,
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -273,11 +286,11 @@ def score_state(
     served = evaluate_served(
         state,
         market,
-        serve,
+        serve.tune,
         setup.seed * 10_000 + 99,
         setup.serve_global_share,
-        setup.serve_select,
-        setup.serve_soup,
+        serve.select,
+        serve.soup,
     )
     return summary, served
 
@@ -438,12 +451,9 @@ def format_served_recipe(
     summary, served = score_state(torch.load(path), setup.serve, setup, market)
     return (
         f"{path}: global HR@10 {summary['hr@10']:.4f}; served "
-        f"({'1 to ' if setup.serve_select else ''}{setup.serve.epochs} epochs"
-        f"{', picked per region' if setup.serve_select else ''}"
-        f"{f', a soup of {setup.serve_soup}' if setup.serve_soup > 1 else ''}, "
-        f"lr {setup.serve.lr:g}, "
-        f"{setup.serve.num_negatives} negatives, global share {setup.serve_global_share:g}) "
-        f"HR@10 {served['hr@10']:.4f}"
+        f"({setup.serve.describe()}, lr {setup.serve.tune.lr:g}, "
+        f"{setup.serve.tune.num_negatives} negatives, global share "
+        f"{setup.serve_global_share:g}) HR@10 {served['hr@10']:.4f}"
     )
 
 
@@ -579,7 +589,8 @@ def main(argv: list[str] | None = None) -> None:
         "--dp-serve-epochs",
         type=int,
         default=node["dp_personalize_epochs"].default,
-        help="served, DP runs: epochs of the fine-tune (NODE_DP_PERSONALIZE_EPOCHS)",
+        help="served, DP runs: epochs of the fine-tune, the most with --dp-serve-select "
+        "(NODE_DP_PERSONALIZE_EPOCHS)",
     )
     p.add_argument(
         "--serve-negatives",
@@ -601,16 +612,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--serve-select",
-        action="store_true",
-        help="served: each region picks 1 to the recipe's epochs on a validation split of "
-        "its own data",
+        action=argparse.BooleanOptionalAction,
+        default=node["personalize_select"].default,
+        help="served, non-private and --from-state: each region picks 1 to --serve-epochs "
+        "on a validation split of its own data (NODE_PERSONALIZE_SELECT)",
+    )
+    p.add_argument(
+        "--dp-serve-select",
+        action=argparse.BooleanOptionalAction,
+        default=node["dp_personalize_select"].default,
+        help="served, DP runs: the same, 1 to --dp-serve-epochs (NODE_DP_PERSONALIZE_SELECT)",
     )
     p.add_argument(
         "--serve-soup",
         type=int,
-        default=1,
-        help="served: each region serves the mean of this many fine-tunes that differ in "
-        "their seed (a model soup)",
+        default=node["personalize_soup"].default,
+        help="served, non-private and --from-state: each region serves the mean of this many "
+        "fine-tunes that differ in their seed, a model soup (NODE_PERSONALIZE_SOUP)",
+    )
+    p.add_argument(
+        "--dp-serve-soup",
+        type=int,
+        default=node["dp_personalize_soup"].default,
+        help="served, DP runs: the same (NODE_DP_PERSONALIZE_SOUP)",
     )
     p.add_argument(
         "--save-states", type=Path, help="save each epsilon's final global state here (.pt)"
@@ -652,9 +676,17 @@ def main(argv: list[str] | None = None) -> None:
         ServerMomentum(momentum=args.server_momentum)
         if args.ema is not None:
             StateAverage(args.ema)
-        if min(args.serve_epochs, args.dp_serve_epochs, args.serve_negatives, args.serve_soup) < 1:
+        serve_counts = (
+            args.serve_epochs,
+            args.dp_serve_epochs,
+            args.serve_negatives,
+            args.serve_soup,
+            args.dp_serve_soup,
+        )
+        if min(serve_counts) < 1:
             raise ValueError(
-                "--serve-epochs, --dp-serve-epochs, --serve-negatives, --serve-soup must be >= 1"
+                "--serve-epochs, --dp-serve-epochs, --serve-negatives, --serve-soup, "
+                "--dp-serve-soup must be >= 1"
             )
         if args.serve_lr <= 0:
             raise ValueError("--serve-lr must be positive")
@@ -740,11 +772,13 @@ def main(argv: list[str] | None = None) -> None:
         server_adam_bias_correction=args.server_adam_bias_correction,
         ema=args.ema,
         save_states=args.save_states,
-        serve=serve,
-        dp_serve=dataclasses.replace(serve, epochs=args.dp_serve_epochs),
+        serve=ServeRecipe(serve, select=args.serve_select, soup=args.serve_soup),
+        dp_serve=ServeRecipe(
+            dataclasses.replace(serve, epochs=args.dp_serve_epochs),
+            select=args.dp_serve_select,
+            soup=args.dp_serve_soup,
+        ),
         serve_global_share=args.serve_global_share,
-        serve_select=args.serve_select,
-        serve_soup=args.serve_soup,
         plain_rounds=args.plain_rounds,
     )
     if args.from_state is not None:
@@ -773,10 +807,9 @@ def main(argv: list[str] | None = None) -> None:
         f"algorithm {args.algorithm}"
         + (f" ({args.dp_steps} steps a round)" if sgd else f", dp epochs {setup.dp_train.epochs}")
         + f", dp lr {args.dp_lr} {args.dp_optimizer}, "
-        f"frozen {list(setup.frozen)}; served: {args.serve_epochs} fine-tune epochs "
-        f"({args.dp_serve_epochs} after DP) at lr {args.serve_lr:g}, "
-        f"{args.serve_negatives} negatives, global share {args.serve_global_share}"
-        + (f", a soup of {args.serve_soup}" if args.serve_soup > 1 else ""),
+        f"frozen {list(setup.frozen)}; served: {setup.serve.describe()} "
+        f"(after DP {setup.dp_serve.describe()}) at lr {args.serve_lr:g}, "
+        f"{args.serve_negatives} negatives, global share {args.serve_global_share}",
         flush=True,
     )
     if args.jobs > 1:

@@ -404,12 +404,15 @@ def select_fine_tune_epochs(
     sequences: dict[str, UserSequence],
     config: TrainConfig,
     base_share: float,
+    progress: ProgressFn | None = None,
 ) -> tuple[int, list[float]]:
     """How many epochs (1 to `config.epochs`) of fine-tuning the global `state` serve a
     region best, judged on its own data: each user's last training item is held out, the
     rest fine-tuned, and HR@10 of the blended model measured after every epoch.
 
-    Returns (best epochs, HR@10 after each epoch); ties go to fewer epochs.
+    Returns (best epochs, HR@10 after each epoch); ties go to fewer epochs. With no user
+    to hold out, (config.epochs, []). `progress` is `train_local`'s (a node stops a
+    preemptible fine-tune from it).
     """
     fit, val = split_leave_last_out(sequences)
     examples = make_examples(fit.values(), model.config.max_history)
@@ -424,7 +427,7 @@ def select_fine_tune_epochs(
     model.load_state_dict(state)
     if len(examples) == 0 or not val:
         return config.epochs, curve
-    train_local(model, features, examples, config, epoch_end=measure)
+    train_local(model, features, examples, config, progress=progress, epoch_end=measure)
     if not curve:  # no epoch ran (0 epochs)
         return config.epochs, curve
     best = max(range(len(curve)), key=lambda i: (curve[i], -i))

@@ -357,6 +357,7 @@ def test_dp_experiment_evaluates_the_average_and_saves_the_states(tmp_path: Path
         ["--server-adam-beta2", "-0.1"],
         ["--serve-epochs", "0"],
         ["--dp-serve-epochs", "0"],
+        ["--dp-serve-soup", "0"],
         ["--serve-global-share", "1.5"],
         ["--serve-lr", "0"],
     ):
@@ -392,14 +393,19 @@ def test_a_saved_state_is_served_again_with_the_recipe_the_run_used(tmp_path: Pa
         line = out.strip().splitlines()[-1]
         return line.split("global HR@10 ")[1][:6], line.rsplit("HR@10 ", 1)[1]
 
-    # The DP row was served after --dp-serve-epochs (3): that recipe gives its figures back.
-    assert again("--serve-epochs", "3") == (cells[4], cells[7])
-    glob, served = again("--serve-epochs", "3", "--serve-global-share", "1")
+    # The DP row was served like a DP node by default: up to --dp-serve-epochs (3) picked
+    # per region, a soup of 3 (NODE_DP_PERSONALIZE_SELECT, _SOUP). That recipe, given as
+    # the --serve-* one, gives its figures back.
+    assert "after DP 1 to 3 epochs, picked per region, a soup of 3" in printed.out
+    dp_recipe = ("--serve-epochs", "3", "--serve-select", "--serve-soup", "3")
+    assert again(*dp_recipe) == (cells[4], cells[7])
+    assert again("--serve-epochs", "3")[1] != cells[7]  # one fine-tune, 3 epochs
+    glob, served = again(*dp_recipe, "--serve-global-share", "1")
     assert glob == cells[4]
     # Share 1 serves the global weights themselves.
     assert served == cells[4] != cells[7]
     # The fine-tune's learning rate is a recipe knob too.
-    assert again("--serve-epochs", "3", "--serve-lr", "0.05") != (cells[4], cells[7])
+    assert again(*dp_recipe, "--serve-lr", "0.05") != (cells[4], cells[7])
     for bad in (
         ["--from-state", str(tmp_path / "missing.pt")],
         ["--from-state", str(state), "--embedding-dim", "4"],  # another width's state

@@ -347,9 +347,12 @@ def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: b
         dp_personalize_epochs=7,
         personalize_soup=2,
         dp_personalize_soup=4,
+        personalize_select=True,
+        dp_personalize_select=False,
     )
     assert job.train_config.epochs == (7 if dp_enabled else 3)
     assert job.soup == (4 if dp_enabled else 2)
+    assert job.select_epochs is not dp_enabled
     assert job.train_config.lr == 0.004 and job.train_config.optimizer == "adam"
     assert job.dp is None and job.keep_local and job.base_weights == b"weights"
 
@@ -399,6 +402,29 @@ def test_a_soup_job_keeps_the_mean_of_fine_tunes_seeded_apart(tmp_path: Path) ->
         run_train_job(dataclasses.replace(job, soup=0))
 
 
+def test_a_job_that_selects_its_epochs_trains_as_long_as_it_picked(tmp_path: Path) -> None:
+    """TrainJob.select_epochs: the validation split picks 1 to train_config.epochs; the
+    kept weights are then a plain fine-tune of that many epochs on every event."""
+    job = dataclasses.replace(
+        _job(tmp_path, 1),
+        holdout_eval=False,
+        keep_local=True,
+        personal_base_share=0.2,
+        train_config=TrainConfig(epochs=4, batch_size=32, num_negatives=16, lr=0.05),
+    )
+    picked = run_train_job(dataclasses.replace(job, select_epochs=True))
+    assert picked is not None and picked.local_state is not None
+    epochs = int(picked.metrics["fine_tune_epochs"])
+    assert 1 <= epochs <= 4
+    fixed = run_train_job(
+        dataclasses.replace(job, train_config=dataclasses.replace(job.train_config, epochs=epochs))
+    )
+    assert fixed is not None and fixed.local_state is not None
+    assert "fine_tune_epochs" not in fixed.metrics
+    kept, plain = bytes_to_state(picked.local_state), bytes_to_state(fixed.local_state)
+    assert all(torch.equal(kept[k], plain[k]) for k in kept)
+
+
 def test_a_preemptible_job_stops_between_steps_when_the_node_asks(tmp_path: Path) -> None:
     """The worker's stop flag ends a preemptible job (the fine-tune) with FineTuneStopped;
     a round's job, not preemptible, trains through it."""
@@ -414,6 +440,10 @@ def test_a_preemptible_job_stops_between_steps_when_the_node_asks(tmp_path: Path
         flag.set()
         with pytest.raises(trainer.FineTuneStopped):
             run_train_job(dataclasses.replace(job, preemptible=True))
+        with pytest.raises(trainer.FineTuneStopped):  # while it picks its epochs too
+            run_train_job(
+                dataclasses.replace(job, preemptible=True, select_epochs=True, holdout_eval=False)
+            )
         assert run_train_job(job) is not None
     finally:
         trainer.init_worker(None)
