@@ -287,16 +287,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _simulate_argument_problem(args: argparse.Namespace, rounds: int) -> str | None:
     """What is wrong with simulate's arguments, checked before any work (or None)."""
-    for flag, value, least in (
-        ("--rounds", rounds, 1),
-        ("--local-epochs", args.local_epochs, 1),
-        ("--batch-size", args.batch_size, 1),
-        ("--threads", args.threads, 1),
-        ("--num-negatives", args.num_negatives, 1),
-        ("--embedding-dim", args.embedding_dim, 4),
-    ):
-        if value is not None and value < least:
-            return f"{flag} must be at least {least}, not {value}"
+    from shared.errors import below_minimum  # (fastapi: not on every command's path)
+
+    too_small = below_minimum(
+        [
+            ("--rounds", rounds, 1),
+            ("--local-epochs", args.local_epochs, 1),
+            ("--batch-size", args.batch_size, 1),
+            ("--threads", args.threads, 1),
+            ("--num-negatives", args.num_negatives, 1),
+            ("--embedding-dim", args.embedding_dim, 4),
+        ]
+    )
+    if too_small:
+        return too_small
     for flag, value in (
         ("--lr", args.lr),
         ("--personal-lr", args.personal_lr),

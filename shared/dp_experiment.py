@@ -32,6 +32,7 @@ from regional_node.settings import NodeSettings
 from shared.data import DataFormatError, read_catalog_csv, read_events_csv
 from shared.dp_sgd import DPSGDConfig, PerUserGradients, dp_sgd_update, pack_users
 from shared.dp_training import DPConfig, ServerAdam, ServerMomentum, dp_fedavg_update
+from shared.errors import below_minimum
 from shared.features import ItemFeatures, build_item_features
 from shared.market import generate_market
 from shared.metrics import summarize_ranks
@@ -699,15 +700,17 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--epsilons must all be positive, not {args.epsilons!r}")
         if not 0 < args.delta < 1:
             raise ValueError(f"--delta must be in (0, 1), not {args.delta}")
-        for flag, value, least in (
-            ("--threads", args.threads, 1),
-            ("--jobs", args.jobs, 1),
-            ("--epochs", args.epochs, 1),
-            ("--dp-epochs", args.dp_epochs, 1),
-            ("--groups", args.groups, 0),
-        ):
-            if value is not None and value < least:
-                raise ValueError(f"{flag} must be at least {least}, not {value}")
+        too_small = below_minimum(
+            [
+                ("--threads", args.threads, 1),
+                ("--jobs", args.jobs, 1),
+                ("--epochs", args.epochs, 1),
+                ("--dp-epochs", args.dp_epochs, 1),
+                ("--groups", args.groups, 0),
+            ]
+        )
+        if too_small:
+            raise ValueError(too_small)
         if args.data.exists() and not args.data.is_dir():
             raise ValueError(f"--data {args.data} is a file; name a market folder")
         dpsgd = DPSGDConfig(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -199,3 +199,12 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, not {port}")
     return port
+
+
+def below_minimum(checks: Iterable[tuple[str, int | None, int]]) -> str | None:
+    """The first (flag, value, least) whose value is given and under `least`, said as
+    "FLAG must be at least LEAST, not VALUE" (or None)."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            return f"{flag} must be at least {least}, not {value}"
+    return None
