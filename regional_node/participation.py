@@ -607,7 +607,7 @@ class Participant:
         epochs: int | None = None,
         lr: float | None = None,
         soup: int = 1,
-        select_epochs: bool = False,
+        select_up_to: int = 0,
     ) -> TrainJob:
         s = self.settings
         return TrainJob(
@@ -636,7 +636,7 @@ class Participant:
             keep_local=keep_local,
             personal_base_share=s.personalize_global_share,
             soup=soup,
-            select_epochs=select_epochs,
+            select_up_to=select_up_to,
         )
 
     # Personalization (docs/evaluation.md) -------------------------------------------------
@@ -647,7 +647,8 @@ class Participant:
         NODE_DP_PERSONALIZE_EPOCHS) at NODE_PERSONALIZE_LEARNING_RATE, gentler than a
         round's training (docs/evaluation.md, item 5); the mean of NODE_PERSONALIZE_SOUP
         (NODE_DP_PERSONALIZE_SOUP) such fine-tunes; with NODE_PERSONALIZE_SELECT
-        (NODE_DP_PERSONALIZE_SELECT) their length is picked on a validation split first.
+        (NODE_DP_PERSONALIZE_SELECT) their length, up to NODE_PERSONALIZE_MAX_EPOCHS
+        (NODE_DP_PERSONALIZE_MAX_EPOCHS), is picked on a validation split first.
 
         Right after a round the node serves that round's local model; this replaces it
         once no round is open (`round_open`: one is, and this node already sent its
@@ -687,7 +688,7 @@ class Participant:
             # ... and the mean of several fine-tunes (a model soup) evens out more of it;
             # how long to fine-tune depends on the region: picked on its own validation split.
             soup=s.dp_personalize_soup if s.dp_enabled else s.personalize_soup,
-            select_epochs=s.dp_personalize_select if s.dp_enabled else s.personalize_select,
+            select_up_to=self._fine_tune_pick_limit(),
         )
         try:
             outcome, _seconds = await self._run_preemptible(replace(job, preemptible=True))
@@ -709,6 +710,14 @@ class Participant:
                     extra={"model_version": serving.version},
                 )
             await self._serve_personalized(serving.version, outcome.local_state, fine_tuned=True)
+
+    def _fine_tune_pick_limit(self) -> int:
+        """The most epochs the personalization fine-tune may pick on a validation split;
+        0: it runs its fixed length."""
+        s = self.settings
+        if s.dp_enabled:
+            return s.dp_personalize_max_epochs if s.dp_personalize_select else 0
+        return s.personalize_max_epochs if s.personalize_select else 0
 
     async def _run_preemptible(self, job: TrainJob) -> tuple[TrainOutcome | None, float]:
         """`_run_training`, stopped (FineTuneStopped) as soon as a round wants this node."""

@@ -58,25 +58,38 @@ class NodeSettings(BaseSettings):
     )
     personalize_select: bool = Field(
         default=False,
-        description="Pick the fine-tune's length, 1 to NODE_PERSONALIZE_EPOCHS epochs, on a "
+        description="Pick the fine-tune's length, 1 to NODE_PERSONALIZE_MAX_EPOCHS, on a "
         "validation split of this region's events (each user's last item held out), then "
-        "fine-tune on all of them that long (DP nodes: NODE_DP_PERSONALIZE_SELECT). Costs up "
-        "to NODE_PERSONALIZE_EPOCHS more epochs.",
+        "fine-tune on all of them that long; NODE_PERSONALIZE_EPOCHS when no user can be held "
+        "out (DP nodes: NODE_DP_PERSONALIZE_SELECT).",
     )
-    dp_personalize_epochs: int = Field(
-        default=20,
+    personalize_max_epochs: int = Field(
+        default=10,
         ge=1,
         le=100,
-        description="With NODE_DP_ENABLED: epochs of the personalization fine-tune, the most "
-        "with NODE_DP_PERSONALIZE_SELECT (instead of NODE_PERSONALIZE_EPOCHS). The global model "
-        "carries DP noise; the fine-tune's weights never leave the region. docs/privacy.md has "
-        "the measurements behind the default.",
+        description="With NODE_PERSONALIZE_SELECT: the longest fine-tune it may pick.",
+    )
+    dp_personalize_epochs: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="With NODE_DP_ENABLED: epochs of the personalization fine-tune (instead of "
+        "NODE_PERSONALIZE_EPOCHS), or with NODE_DP_PERSONALIZE_SELECT when no user can be held "
+        "out. The global model carries DP noise; the fine-tune's weights never leave the "
+        "region. docs/privacy.md has the measurements behind the default.",
     )
     dp_personalize_select: bool = Field(
         default=True,
-        description="With NODE_DP_ENABLED: pick the fine-tune's length on a validation split "
-        "(instead of NODE_PERSONALIZE_SELECT). docs/privacy.md has the measurements behind the "
-        "default.",
+        description="With NODE_DP_ENABLED: pick the fine-tune's length, 1 to "
+        "NODE_DP_PERSONALIZE_MAX_EPOCHS, on a validation split (instead of "
+        "NODE_PERSONALIZE_SELECT). docs/privacy.md has the measurements behind the default.",
+    )
+    dp_personalize_max_epochs: int = Field(
+        default=20,
+        ge=1,
+        le=100,
+        description="With NODE_DP_ENABLED and NODE_DP_PERSONALIZE_SELECT: the longest "
+        "fine-tune it may pick.",
     )
     personalize_soup: int = Field(
         default=1,

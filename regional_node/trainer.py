@@ -65,9 +65,10 @@ class TrainJob:
     # Trainings from the base weights, seeded SOUP_SEED_STRIDE apart, whose mean is the
     # result (a model soup; the personalization fine-tune only).
     soup: int = 1
-    # First pick the epochs (1 to train_config.epochs) on a validation split of the
-    # region's own events (select_fine_tune_epochs; the personalization fine-tune only).
-    select_epochs: bool = False
+    # > 0: first pick the epochs (1 to this many) on a validation split of the region's
+    # own events (select_fine_tune_epochs; the personalization fine-tune only). With no
+    # user to hold out, train_config.epochs.
+    select_up_to: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,12 +164,14 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
         raise ValueError(f"soup must be at least 1, not {job.soup}")
     progress = _stop_if_asked if job.preemptible else None
     tune = job.train_config
-    if job.select_epochs:
-        best, _curve = select_fine_tune_epochs(
-            model, base_state, features, train_seqs, tune, job.personal_base_share, progress
+    if job.select_up_to > 0:
+        longest = replace(tune, epochs=job.select_up_to)
+        best, curve = select_fine_tune_epochs(
+            model, base_state, features, train_seqs, longest, job.personal_base_share, progress
         )
-        tune = replace(tune, epochs=best)
-        metrics["fine_tune_epochs"] = float(best)
+        if curve:  # else no user could be held out: the fixed length
+            tune = replace(tune, epochs=best)
+            metrics["fine_tune_epochs"] = float(best)
     trained: list[dict[str, torch.Tensor]] = []
     for i in range(job.soup):
         model.load_state_dict(base_state)

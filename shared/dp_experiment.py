@@ -583,15 +583,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--serve-epochs",
         type=int,
-        default=node["personalize_epochs"].default,
-        help="served, non-private: epochs of each node's fine-tune (NODE_PERSONALIZE_EPOCHS)",
+        help="served, non-private and --from-state: epochs of each node's fine-tune, the most "
+        "with --serve-select (default NODE_PERSONALIZE_EPOCHS, with --serve-select "
+        "NODE_PERSONALIZE_MAX_EPOCHS)",
     )
     p.add_argument(
         "--dp-serve-epochs",
         type=int,
-        default=node["dp_personalize_epochs"].default,
-        help="served, DP runs: epochs of the fine-tune, the most with --dp-serve-select "
-        "(NODE_DP_PERSONALIZE_EPOCHS)",
+        help="served, DP runs: the same (default NODE_DP_PERSONALIZE_EPOCHS, with "
+        "--dp-serve-select NODE_DP_PERSONALIZE_MAX_EPOCHS)",
     )
     p.add_argument(
         "--serve-negatives",
@@ -655,6 +655,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.recipe is not None:
         p.set_defaults(**RECIPES[args.recipe])
         args = p.parse_args(argv)
+    # A node that picks its fine-tune's length picks it up to its MAX_EPOCHS.
+    if args.serve_epochs is None:
+        args.serve_epochs = node[
+            "personalize_max_epochs" if args.serve_select else "personalize_epochs"
+        ].default
+    if args.dp_serve_epochs is None:
+        args.dp_serve_epochs = node[
+            "dp_personalize_max_epochs" if args.dp_serve_select else "dp_personalize_epochs"
+        ].default
     if args.rounds < 1 or (args.plain_rounds is not None and args.plain_rounds < 1):
         p.error("--rounds and --plain-rounds must be >= 1")
     sgd = args.algorithm == "dpsgd"

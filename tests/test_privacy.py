@@ -348,13 +348,22 @@ def test_a_dp_node_personalizes_with_its_dp_epochs(tmp_path: Path, dp_enabled: b
         personalize_soup=2,
         dp_personalize_soup=4,
         personalize_select=True,
+        personalize_max_epochs=9,
         dp_personalize_select=False,
+        dp_personalize_max_epochs=11,
     )
     assert job.train_config.epochs == (7 if dp_enabled else 3)
     assert job.soup == (4 if dp_enabled else 2)
-    assert job.select_epochs is not dp_enabled
+    assert job.select_up_to == (0 if dp_enabled else 9)  # 0: the fixed length
     assert job.train_config.lr == 0.004 and job.train_config.optimizer == "adam"
     assert job.dp is None and job.keep_local and job.base_weights == b"weights"
+
+
+def test_a_dp_node_picks_its_fine_tune_s_length_by_default(tmp_path: Path) -> None:
+    [job] = _personalize_jobs(
+        tmp_path, {"personalized": False, "fine_tuned": False}, dp_enabled=True
+    )
+    assert job.select_up_to == 20 and job.train_config.epochs == 10 and job.soup == 3
 
 
 @pytest.mark.parametrize(
@@ -403,8 +412,8 @@ def test_a_soup_job_keeps_the_mean_of_fine_tunes_seeded_apart(tmp_path: Path) ->
 
 
 def test_a_job_that_selects_its_epochs_trains_as_long_as_it_picked(tmp_path: Path) -> None:
-    """TrainJob.select_epochs: the validation split picks 1 to train_config.epochs; the
-    kept weights are then a plain fine-tune of that many epochs on every event."""
+    """TrainJob.select_up_to: the validation split picks 1 to that many epochs; the kept
+    weights are then a plain fine-tune of that many epochs on every event."""
     job = dataclasses.replace(
         _job(tmp_path, 1),
         holdout_eval=False,
@@ -412,7 +421,7 @@ def test_a_job_that_selects_its_epochs_trains_as_long_as_it_picked(tmp_path: Pat
         personal_base_share=0.2,
         train_config=TrainConfig(epochs=4, batch_size=32, num_negatives=16, lr=0.05),
     )
-    picked = run_train_job(dataclasses.replace(job, select_epochs=True))
+    picked = run_train_job(dataclasses.replace(job, select_up_to=4))
     assert picked is not None and picked.local_state is not None
     epochs = int(picked.metrics["fine_tune_epochs"])
     assert 1 <= epochs <= 4
@@ -423,6 +432,44 @@ def test_a_job_that_selects_its_epochs_trains_as_long_as_it_picked(tmp_path: Pat
     assert "fine_tune_epochs" not in fixed.metrics
     kept, plain = bytes_to_state(picked.local_state), bytes_to_state(fixed.local_state)
     assert all(torch.equal(kept[k], plain[k]) for k in kept)
+
+
+def test_with_no_user_to_hold_out_a_job_that_selects_runs_its_fixed_length(
+    tmp_path: Path,
+) -> None:
+    """Every user has two items: holding out the last leaves nothing to fine-tune on. The
+    pick once fell back to its longest length (the most aggressive) and was logged as a
+    pick; now the job runs train_config.epochs and reports no pick."""
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    store = EventStore(url)
+    store.migrate()
+    store.add_events(
+        [
+            EventIn.model_validate(
+                {
+                    "user_id": f"u{u}",
+                    "item_id": item,
+                    "event_type": "view",
+                    "timestamp": f"2026-10-0{i + 1}T10:00:00+00:00",
+                }
+            )
+            for u in range(6)
+            for i, item in enumerate(("I001", f"I00{u + 2}"))
+        ]
+    )
+    store.dispose()
+    job = dataclasses.replace(
+        _job(tmp_path, 1),
+        database_url=url,
+        holdout_eval=False,
+        keep_local=True,
+        train_config=TrainConfig(epochs=2, batch_size=32, num_negatives=16),
+    )
+    selecting = run_train_job(dataclasses.replace(job, select_up_to=20))
+    fixed = run_train_job(job)
+    assert selecting is not None and fixed is not None
+    assert "fine_tune_epochs" not in selecting.metrics
+    assert selecting.local_state == fixed.local_state
 
 
 def test_a_preemptible_job_stops_between_steps_when_the_node_asks(tmp_path: Path) -> None:
@@ -442,7 +489,7 @@ def test_a_preemptible_job_stops_between_steps_when_the_node_asks(tmp_path: Path
             run_train_job(dataclasses.replace(job, preemptible=True))
         with pytest.raises(trainer.FineTuneStopped):  # while it picks its epochs too
             run_train_job(
-                dataclasses.replace(job, preemptible=True, select_epochs=True, holdout_eval=False)
+                dataclasses.replace(job, preemptible=True, select_up_to=3, holdout_eval=False)
             )
         assert run_train_job(job) is not None
     finally:
