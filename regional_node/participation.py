@@ -672,6 +672,7 @@ class Participant:
         if rt.personalize_tried == attempt:
             return  # nothing to learn from yet, or it failed: wait for new data or a version
         rt.personalize_tried = attempt
+        epochs, soup, select_up_to = self._fine_tune_recipe()
         job = self._train_job(
             await self._catalog_blob(catalog),
             weights.data,
@@ -681,14 +682,10 @@ class Participant:
             encoding="dense",
             keep_local=True,
             holdout_eval=False,  # nothing is reported: train on every event
-            # A DP node's global model carries noise: its own data (which stays here)
-            # gets more passes (docs/privacy.md, "What the nodes serve").
-            epochs=s.dp_personalize_epochs if s.dp_enabled else s.personalize_epochs,
             lr=s.personalize_learning_rate,
-            # ... and the mean of several fine-tunes (a model soup) evens out more of it;
-            # how long to fine-tune depends on the region: picked on its own validation split.
-            soup=s.dp_personalize_soup if s.dp_enabled else s.personalize_soup,
-            select_up_to=self._fine_tune_pick_limit(),
+            epochs=epochs,
+            soup=soup,
+            select_up_to=select_up_to,
         )
         try:
             outcome, _seconds = await self._run_preemptible(replace(job, preemptible=True))
@@ -711,13 +708,18 @@ class Participant:
                 )
             await self._serve_personalized(serving.version, outcome.local_state, fine_tuned=True)
 
-    def _fine_tune_pick_limit(self) -> int:
-        """The most epochs the personalization fine-tune may pick on a validation split;
-        0: it runs its fixed length."""
+    def _fine_tune_recipe(self) -> tuple[int, int, int]:
+        """The personalization fine-tune's (epochs, soup, select_up_to: the most epochs it
+        may pick on a validation split, 0 to run its fixed length). A DP node's global
+        model carries noise: its own data (which stays here) gets more passes, the mean of
+        several fine-tunes (a model soup) evens out more of it, and how long to fine-tune
+        is picked per region (docs/privacy.md, "A soup of fine-tunes")."""
         s = self.settings
         if s.dp_enabled:
-            return s.dp_personalize_max_epochs if s.dp_personalize_select else 0
-        return s.personalize_max_epochs if s.personalize_select else 0
+            pick = s.dp_personalize_max_epochs if s.dp_personalize_select else 0
+            return s.dp_personalize_epochs, s.dp_personalize_soup, pick
+        pick = s.personalize_max_epochs if s.personalize_select else 0
+        return s.personalize_epochs, s.personalize_soup, pick
 
     async def _run_preemptible(self, job: TrainJob) -> tuple[TrainOutcome | None, float]:
         """`_run_training`, stopped (FineTuneStopped) as soon as a round wants this node."""

@@ -26,16 +26,14 @@ from shared.model import HybridTwoTower, ModelConfig, blend_states
 from shared.schemas import CatalogItem
 from shared.serialization import bytes_to_state, sha256_hex, state_to_bytes
 from shared.training import (
-    SOUP_SEED_STRIDE,
     TrainConfig,
     UserSequence,
     build_sequences,
     make_examples,
-    mean_state,
     rank_held_out,
     select_fine_tune_epochs,
     split_leave_last_out,
-    train_local,
+    train_soup,
 )
 
 
@@ -160,8 +158,6 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
     examples = make_examples(train_seqs.values(), config.max_history)
     if len(examples) == 0:
         return None
-    if job.soup < 1:
-        raise ValueError(f"soup must be at least 1, not {job.soup}")
     progress = _stop_if_asked if job.preemptible else None
     tune = job.train_config
     if job.select_up_to > 0:
@@ -172,15 +168,11 @@ def run_train_job(job: TrainJob) -> TrainOutcome | None:
         if curve:  # else no user could be held out: the fixed length
             tune = replace(tune, epochs=best)
             metrics["fine_tune_epochs"] = float(best)
-    trained: list[dict[str, torch.Tensor]] = []
-    for i in range(job.soup):
-        model.load_state_dict(base_state)
-        config_i = replace(tune, seed=tune.seed + i * SOUP_SEED_STRIDE)
-        result = train_local(model, features, examples, config_i, progress=progress)
-        trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    new_state, result = train_soup(
+        model, base_state, features, examples, tune, job.soup, progress=progress
+    )
     if users_with_examples(train_seqs) >= job.min_users_for_metrics and math.isfinite(result.loss):
         metrics["train_loss"] = result.loss
-    new_state = mean_state(trained)
     delta = compute_delta(new_state, base_state)
     residual: bytes | None = None
     if job.encoding == "dense":

@@ -686,18 +686,6 @@ def main(argv: list[str] | None = None) -> None:
         ServerMomentum(momentum=args.server_momentum)
         if args.ema is not None:
             StateAverage(args.ema)
-        serve_counts = (
-            args.serve_epochs,
-            args.dp_serve_epochs,
-            args.serve_negatives,
-            args.serve_soup,
-            args.dp_serve_soup,
-        )
-        if min(serve_counts) < 1:
-            raise ValueError(
-                "--serve-epochs, --dp-serve-epochs, --serve-negatives, --serve-soup, "
-                "--dp-serve-soup must be >= 1"
-            )
         if args.serve_lr <= 0:
             raise ValueError("--serve-lr must be positive")
         if not 0 <= args.serve_global_share <= 1:
@@ -716,6 +704,11 @@ def main(argv: list[str] | None = None) -> None:
                 ("--epochs", args.epochs, 1),
                 ("--dp-epochs", args.dp_epochs, 1),
                 ("--groups", args.groups, 0),
+                ("--serve-epochs", args.serve_epochs, 1),
+                ("--dp-serve-epochs", args.dp_serve_epochs, 1),
+                ("--serve-negatives", args.serve_negatives, 1),
+                ("--serve-soup", args.serve_soup, 1),
+                ("--dp-serve-soup", args.dp_serve_soup, 1),
             ]
         )
         if too_small:

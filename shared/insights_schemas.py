@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.schemas import storable_text
+from shared.schemas import Text
 
 InsightKind = Literal["view", "purchase"]
 InsightDimension = Literal["category", "material", "gemstone", "price_band"]
@@ -29,7 +29,7 @@ INSIGHT_DIMENSIONS: tuple[InsightDimension, ...] = (
 # as suppressed).
 MAX_INSIGHT_WEEKS = 104
 MAX_INSIGHT_VALUES = 256
-ValueName = Annotated[str, Field(max_length=128), AfterValidator(storable_text)]
+StoredName = Annotated[Text, Field(max_length=128)]
 
 
 class InsightCell(BaseModel):
@@ -56,7 +56,7 @@ class DimensionInsight(BaseModel):
         description="Values left out: fewer than min_users, or beyond the "
         f"{MAX_INSIGHT_VALUES} with the most events.",
     )
-    values: dict[ValueName, InsightCell] = Field(max_length=MAX_INSIGHT_VALUES)
+    values: dict[StoredName, InsightCell] = Field(max_length=MAX_INSIGHT_VALUES)
 
 
 _EXAMPLE_REPORT: dict[str, Any] = {
@@ -91,10 +91,10 @@ class RegionReport(BaseModel):
         extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [_EXAMPLE_REPORT]}
     )
 
-    region: Annotated[str, Field(max_length=128), AfterValidator(storable_text)]
+    region: StoredName
     generated_at: datetime
     as_of: datetime = Field(description="End of the window: the region's latest event.")
-    weeks: list[Annotated[str, Field(max_length=32), AfterValidator(storable_text)]] = Field(
+    weeks: list[Annotated[Text, Field(max_length=32)]] = Field(
         max_length=MAX_INSIGHT_WEEKS, description="Week start dates (Monday, UTC)."
     )
     min_users: int = Field(ge=1)

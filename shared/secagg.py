@@ -110,12 +110,15 @@ def decode_fixed(
     residues: Mapping[str, torch.Tensor], scale_bits: int = DEFAULT_SCALE_BITS
 ) -> dict[str, torch.Tensor]:
     """Residues back to float64, reading [2**61, 2**62) as negative."""
-    out: dict[str, torch.Tensor] = {}
-    half = MODULUS // 2
-    for name, r in residues.items():
-        signed = torch.where(r >= half, r - MODULUS, r)
-        out[name] = signed.to(torch.float64) / float(1 << scale_bits)
-    return out
+    return {
+        name: signed_residues(r).to(torch.float64) / float(1 << scale_bits)
+        for name, r in residues.items()
+    }
+
+
+def signed_residues(r: torch.Tensor) -> torch.Tensor:
+    """Residues mod 2**62 as the signed integers they encode: [2**61, 2**62) negative."""
+    return torch.where(r >= MODULUS // 2, r - MODULUS, r)
 
 
 def add_mod(
@@ -167,12 +170,10 @@ def within_survivors_range(total: Mapping[str, torch.Tensor], survivors: int, co
     range is everything: the check says nothing then (nothing was revealed either).
     """
     bound = float(survivors) * float(1 << (MODULUS_BITS - 1)) / float(cohort)
-    half = MODULUS // 2
-    for r in total.values():
-        signed = torch.where(r >= half, r - MODULUS, r)
-        if bool((signed.abs().to(torch.float64) >= bound).any()):
-            return False
-    return True
+    return all(
+        not bool((signed_residues(r).abs().to(torch.float64) >= bound).any())
+        for r in total.values()
+    )
 
 
 def remove_dropout_masks(

@@ -386,15 +386,32 @@ def fine_tuned_state(
     model.load_state_dict(state)
     if len(examples) == 0:
         return state
-    tuned: list[dict[str, torch.Tensor]] = []
+    tuned, _result = train_soup(model, state, features, examples, config, soup)
+    served = blend_states(tuned, state, base_share)
+    model.load_state_dict(served)
+    return served
+
+
+def train_soup(
+    model: HybridTwoTower,
+    state: dict[str, torch.Tensor],
+    features: ItemFeatures,
+    examples: Examples,
+    config: TrainConfig,
+    soup: int,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """(the mean of `soup` trainings of `model` from `state`, seeded SOUP_SEED_STRIDE
+    apart; the last training's result). A soup of 1 is one plain training."""
+    if soup < 1:
+        raise ValueError(f"soup must be at least 1, not {soup}")
+    trained: list[dict[str, torch.Tensor]] = []
     for i in range(soup):
         model.load_state_dict(state)
         seeded = dataclasses.replace(config, seed=config.seed + i * SOUP_SEED_STRIDE)
-        train_local(model, features, examples, seeded)
-        tuned.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    served = blend_states(mean_state(tuned), state, base_share)
-    model.load_state_dict(served)
-    return served
+        result = train_local(model, features, examples, seeded, progress=progress)
+        trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return mean_state(trained), result
 
 
 def select_fine_tune_epochs(
